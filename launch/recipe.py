@@ -1,0 +1,357 @@
+"""The recipe: one YAML file, one stage, validated before anything starts.
+
+``load_recipe(path, overrides)`` reads the YAML with ``yaml.safe_load``, applies dotted
+command-line overrides (``algorithm.kl.coef=0.01``), validates everything with pydantic
+(unknown keys rejected) and raises one :class:`RecipeError` listing every problem with the
+file, the dotted field path and what was expected. Sections mirror DESIGN.md; stage-specific
+sections (``sft``, ``qat``) are optional and checked against ``run.stage``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medrl.align.records import UserError
+
+Stage = Literal["grpo", "sft", "reward_model", "vision_pretrain", "qat", "eval"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    stage: Stage = "grpo"
+    max_steps: int = Field(10, ge=1, description="optimiser steps for the whole run")
+
+
+class ModelConfig(Section):
+    policy: str = Field("tiny:qwen2", description="local HF folder, run folder, or tiny:<arch>")
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class FieldMap(Section):
+    """Which dataset column holds what; every other column passes through into Sample.row."""
+
+    prompt: str | None = None  # a ready prompt (open question); takes precedence over question
+    question: str = "question"
+    options: str | None = "options"
+    answer: str | None = "answer"
+    images: str | None = None
+    volume: str | None = None
+    rubric: str | None = None
+    id: str | None = None
+
+
+class VolumeConfig(Section):
+    """How a 3D volume becomes a bounded set of 2D slices for a VLM."""
+
+    num_slices: int = Field(8, ge=1, le=64)
+    axis: Literal[0, 1, 2] = 0
+    window_center: float | None = 40.0  # Hounsfield units (soft tissue); None: min-max scaling
+    window_width: float | None = 400.0
+
+
+class DataConfig(Section):
+    path: str = Field(..., description="JSON, JSONL, Parquet file or saved HF dataset folder")
+    format: Literal["auto", "json", "jsonl", "parquet", "hf_disk"] = "auto"
+    split: str | None = None
+    fields: FieldMap = FieldMap()
+    template: Literal["mcq", "open", "chat"] = "mcq"
+    system_prompt: str | None = None
+    shuffle: bool = True
+    max_samples: int | None = Field(None, ge=1)
+    eval_path: str | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    volume: VolumeConfig = VolumeConfig()
+
+
+class RolloutConfig(Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    num_workers: int = Field(1, ge=1)
+    prompts_per_step: int = Field(2, ge=1)
+    group_size: int = Field(4, ge=1, description="completions per prompt (the GRPO group)")
+    max_new_tokens: int = Field(64, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    stop: list[str] = []
+    verify_sync_every: int = Field(0, ge=0, description="0: never; N: check engine == learner")
+    kv_cache_memory_mb: int = Field(256, ge=16)
+    num_threads: int | None = Field(None, ge=1)
+
+
+class RewardSpec(Section):
+    name: str = Field(..., description="registered name, package.module:fn or path.py:fn")
+    alias: str | None = None  # metric name when the same reward is used twice
+    weight: float = 1.0
+    kwargs: dict[str, Any] = {}
+    actor: bool = False  # run in its own Ray actor (model-based rewards)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class RewardsConfig(Section):
+    functions: list[RewardSpec] = []
+    normalize: Literal["none", "group"] = "none"
+    veto: str | None = None  # "<reward>" or "<reward>.<dim>": when it fires, reward = floor
+    veto_threshold: float = 0.5  # the veto fires when the vetoing score is below this
+    floor: float = 0.0
+    on_error: Literal["raise", "skip_sample"] = "raise"
+
+
+class KLConfig(Section):
+    coef: float = Field(0.0, ge=0.0)
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    where: Literal["loss", "reward"] = "loss"
+
+
+class AlgorithmConfig(Section):
+    name: Literal["grpo"] = "grpo"
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_eps: float = Field(1e-6, gt=0.0)
+    filter_zero_variance: bool = False
+    clip_low: float = Field(0.2, ge=0.0)
+    clip_high: float = Field(0.2, ge=0.0)
+    loss_agg: Literal["token_mean", "seq_mean", "seq_sum_norm"] = "token_mean"
+    kl: KLConfig = KLConfig()
+    ppo_epochs: int = Field(1, ge=1)
+    old_logprobs: Literal["rollout", "recompute"] = "recompute"
+    async_: bool = Field(False, alias="async", description="one-step off-policy overlap")
+    max_staleness: int = Field(1, ge=0)
+
+
+class LoRAConfig(Section):
+    r: int = Field(8, ge=1)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class LearnerConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    micro_batch_size: int = Field(4, ge=1)
+    optimizer: Literal["adamw", "deepspeed_adam"] = "adamw"
+    lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    gradient_checkpointing: bool = False
+    logprob_chunk_size: int = Field(1024, ge=1, description="tokens per log-softmax chunk")
+    ref_model: Literal["auto", "cpu", "none"] = "auto"
+    lora: LoRAConfig | None = None
+
+
+class ClusterConfig(Section):
+    address: str | None = None  # None: start an embedded local cluster
+    dashboard_host: str = "127.0.0.1"
+    include_dashboard: bool = False
+    num_cpus: int | None = Field(None, ge=1)
+    colocate: bool = False
+    rollout_cpus: float = 1.0
+    learner_cpus: float = 1.0
+    rollout_gpus: float = 0.0
+    learner_gpus: float = 0.0
+    max_restarts: int = Field(2, ge=0)
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="0: only at the end")
+    keep_last: int | None = Field(None, ge=1)
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+    log_completions: bool = False  # patient text in logs only when asked for
+    every: int = Field(1, ge=1)
+
+
+class SFTConfig(Section):
+    epochs: int | None = Field(None, ge=1)  # None: run.max_steps decides
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(1024, ge=8)
+    eval_every: int = Field(0, ge=0)
+    weight_field: str | None = None  # per-sentence labels -> token weights
+    abnormal_weight: float = Field(1.10, gt=0.0)
+    response_field: str = "response"
+
+
+class QATConfig(Section):
+    format: Literal["hif8", "e4m3"] = "hif8"
+    warmup_steps: int = Field(500, ge=0, description="full-precision steps before fake-quant")
+    qat_lr: float = Field(1e-5, gt=0.0)
+    amax_history: int = Field(64, ge=1)
+    amax_reduction: Literal["max", "most_recent"] = "max"
+    clip_warn_threshold: float = Field(0.01, ge=0.0, le=1.0)
+    probe_path: str | None = None  # knowledge probe (MCQ) for the forgetting metric
+    probe_every: int = Field(0, ge=0)
+    probe_max_samples: int = Field(64, ge=1)
+    export_fake_quant: bool = False
+
+
+class Recipe(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    learner: LearnerConfig = LearnerConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sft: SFTConfig | None = None
+    qat: QATConfig | None = None
+
+    @model_validator(mode="after")
+    def _stage_sections(self) -> "Recipe":
+        if self.run.stage == "grpo" and not self.rewards.functions:
+            raise ValueError("a grpo recipe needs at least one reward in rewards.functions")
+        if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
+            raise ValueError("rollout.min_new_tokens must not exceed rollout.max_new_tokens")
+        return self
+
+
+class RecipeError(UserError):
+    """Every problem in a recipe, one per line."""
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `medrl schema` lists every key)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif "expected" in (e.get("ctx") or {}):
+            msg = f"{msg} (got {e.get('input')!r})"
+        else:
+            msg = f"{msg} (got {e.get('input')!r})" if e["type"] != "value_error" else msg
+        lines.append(f"  - {loc}: {msg}")
+    return f"{source}: {len(lines)} problem(s) in the recipe:\n" + "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value).
+
+    Lists and mappings are read as YAML flow (``[a, b]``, ``{k: v}``); ``null``/``none`` is None;
+    anything else stays a string and pydantic types it from the schema (``"0.01"`` -> float).
+    """
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key.path=value, e.g. algorithm.kl.coef=0.01")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise RecipeError(f"override {text!r}: empty part in the key path {key!r}")
+    raw = raw.strip()
+    if raw.lower() in ("null", "none", "~"):
+        return path, None
+    if raw[:1] in "[{":
+        try:
+            return path, yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override {text!r}: the value is not valid YAML flow ({exc})") from exc
+    return path, raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each dotted override in the raw recipe mapping (before validation)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found. Check the path, or start from "
+                          "recipes/quickstart.yaml.") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}).") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the recipe must be a mapping of sections "
+                          f"(run, model, data, ...), not a {type(data).__name__}.")
+    return data
+
+
+def resolve_path(recipe_dir: Path, value: str) -> Path:
+    """A path from the recipe: absolute, ``~``, or relative to the recipe's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (recipe_dir / p)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate. Raises :class:`RecipeError` naming every problem."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(str(path), err)) from None
+    except (TypeError, ValueError) as exc:  # a value pydantic could not even inspect
+        raise RecipeError(f"{path}: {exc}") from None
+    problems = _check_files(recipe, path.parent)
+    if problems:
+        raise RecipeError(f"{path}: {len(problems)} problem(s) in the recipe:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+    return recipe
+
+
+def _check_files(recipe: Recipe, recipe_dir: Path) -> list[str]:
+    """Files named by the recipe must exist before a run starts."""
+    problems = []
+    for field, value in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path),
+                         ("qat.probe_path", recipe.qat.probe_path if recipe.qat else None)):
+        if value and not resolve_path(recipe_dir, value).exists():
+            problems.append(f"{field}: {value!r} does not exist (relative paths are read from "
+                            f"the recipe's folder {recipe_dir})")
+    policy = recipe.model.policy
+    if not policy.startswith("tiny:") and not resolve_path(recipe_dir, policy).exists() \
+            and not Path(policy).expanduser().exists():
+        problems.append(f"model.policy: {policy!r} is not a local folder; no model hub is "
+                        "reachable: use a local Hugging Face folder, a run folder, or tiny:qwen2")
+    return problems
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (what ``medrl resume`` reads back)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def json_schema() -> dict:
+    return Recipe.model_json_schema(by_alias=True)

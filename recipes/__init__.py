@@ -1,0 +1,1 @@
+"""Recipe YAMLs users copy and edit; shipped inside the wheel."""
