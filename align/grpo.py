@@ -1,0 +1,298 @@
+"""GRPO maths: group-relative advantages, the clipped policy loss, and per-sequence KL.
+
+Pure tensor functions with plain arguments; the learner and the driver loop call them. Bad
+arguments raise ``ValueError`` naming the argument, because they are programming errors of
+the caller rather than recipe mistakes.
+
+Conventions (``B`` sequences, ``T`` completion tokens per sequence, right-padded):
+
+- ``mask`` is ``[B, T]`` of 0/1 (bool, int or float): 1 marks a completion token that enters
+  the loss. Values at masked positions of every other ``[B, T]`` argument are ignored, even
+  NaN (padding may hold anything).
+- The objective is maximised; the returned loss is its negative.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
+
+import torch
+
+SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+# A group whose reward std is at most this share of its largest |reward| (or of 1, whichever
+# is larger) counts as zero-variance: float noise must not turn into a learning signal.
+ZERO_STD_RTOL = 1e-6
+
+
+class GroupAdvantages(NamedTuple):
+    """Result of :func:`group_advantages`.
+
+    advantages: float Tensor[N], in input order (0 for every sample of a zero-variance group).
+    zero_variance: bool Tensor[N], True for samples whose group has zero reward std.
+    num_groups: number of distinct group ids.
+    num_zero_variance_groups: how many of them have zero reward std.
+    """
+
+    advantages: torch.Tensor
+    zero_variance: torch.Tensor
+    num_groups: int
+    num_zero_variance_groups: int
+
+
+def group_advantages(rewards: torch.Tensor | Sequence[float], group_ids: Sequence[Hashable], *,
+                     scale: str = "group", eps: float = 1e-6) -> GroupAdvantages:
+    """Group-relative advantages A_i = (r_i - mean_g) / (std_g + eps).
+
+    rewards: Tensor[N] or list of N floats (finite). group_ids: N hashable ids, one per
+    sample, in any order; groups may differ in size.
+    scale: ``"group"`` divides by the group's std, ``"batch"`` by the std of all N rewards,
+    ``"none"`` only subtracts the group mean (Dr. GRPO).
+
+    The std is the unbiased one (Bessel's correction, N-1), as TRL's GRPOTrainer computes it,
+    so advantages agree with TRL for the same eps. A group of one sample has zero variance.
+    Zero variance is judged on the std (relative tolerance ``ZERO_STD_RTOL``), never on the
+    mean, so continuous rewards work; such groups get advantage exactly 0 under every scale.
+    The result has the rewards' dtype when they are a floating tensor, float32 otherwise;
+    the arithmetic runs in float64.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale: {scale!r} is not one of {', '.join(SCALES)}.")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps: must be a finite number >= 0, got {eps!r}.")
+    out_dtype = (rewards.dtype if isinstance(rewards, torch.Tensor) and rewards.is_floating_point()
+                 else torch.float32)
+    device = rewards.device if isinstance(rewards, torch.Tensor) else None
+    r = torch.as_tensor(rewards, dtype=torch.float64, device=device).detach()
+    if r.dim() != 1:
+        raise ValueError(f"rewards: expected a 1-D tensor or list, got shape {tuple(r.shape)}.")
+    ids = list(group_ids)
+    if len(ids) != r.numel():
+        raise ValueError(f"group_ids: has {len(ids)} entries but rewards has {r.numel()}; "
+                         "give one group id per reward.")
+    bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"rewards: non-finite value(s) at index {bad[:5]} "
+                         f"({r[bad[0]].item()!r} first); rewards must be finite numbers.")
+    n = r.numel()
+    if n == 0:
+        empty = torch.zeros(0, dtype=out_dtype, device=device)
+        return GroupAdvantages(empty, torch.zeros(0, dtype=torch.bool, device=device), 0, 0)
+
+    # Map ids to 0..G-1 in order of first appearance, then reduce per group with index_add.
+    index_of: dict[Hashable, int] = {}
+    try:
+        g = torch.tensor([index_of.setdefault(i, len(index_of)) for i in ids], device=r.device)
+    except TypeError as exc:  # an unhashable id
+        raise ValueError(f"group_ids: every id must be hashable ({exc}).") from exc
+    num_groups = len(index_of)
+    count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(
+        0, g, torch.ones_like(r))
+    mean = torch.zeros_like(count).index_add_(0, g, r) / count
+    centred = r - mean[g]
+    sq = torch.zeros_like(count).index_add_(0, g, centred * centred)
+    std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(sq))
+    peak = torch.zeros_like(count).scatter_reduce_(0, g, r.abs(), "amax", include_self=False)
+    zero_group = std <= ZERO_STD_RTOL * peak.clamp(min=1.0)
+
+    if scale == "group":
+        adv = centred / (std[g] + eps)
+    elif scale == "batch":
+        batch_std = r.std(correction=1) if n > 1 else r.new_zeros(())
+        adv = centred / (batch_std + eps)
+    else:
+        adv = centred
+    zero = zero_group[g]
+    adv = torch.where(zero, torch.zeros_like(adv), adv)
+    return GroupAdvantages(adv.to(out_dtype), zero, num_groups, int(zero_group.sum().item()))
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                 estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3).
+
+    With d = log pi_ref - log pi: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 (>= 0, unbiased).
+    Shapes broadcast; no masking here.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator: {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}.")
+    d = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    return torch.exp(d) - d - 1
+
+
+def _check_2d(name: str, x: torch.Tensor | None, shape: torch.Size) -> None:
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor of shape {tuple(shape)}, "
+                         f"got {type(x).__name__}.")
+    if x.shape != shape:
+        raise ValueError(f"{name}: shape {tuple(x.shape)} does not match logprobs' {tuple(shape)}.")
+
+
+def _check_finite(name: str, x: torch.Tensor, keep: torch.Tensor) -> None:
+    bad = keep & ~torch.isfinite(x.detach())
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name}: non-finite value at unmasked position {where} "
+                         f"({x[tuple(where)].item()!r}); check the forward pass or the rollout.")
+
+
+def _check_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    _check_2d("mask", mask, shape)
+    m = mask.detach()
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("mask: values must be 0 or 1 (use token_weights for soft weights).")
+    keep = m.bool()
+    if not bool(keep.any()):
+        raise ValueError("mask: every position is masked, so the loss has no tokens; drop empty "
+                         "batches before calling policy_loss.")
+    return keep
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, ref_logprobs: torch.Tensor | None = None,
+                clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0,
+                kl_estimator: str = "k3", agg: str = "token_mean",
+                token_weights: torch.Tensor | None = None,
+                entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped GRPO surrogate loss and its metrics.
+
+    logprobs: Tensor[B, T], log pi_theta of the completion tokens (carries the gradient).
+    old_logprobs: Tensor[B, T], log pi_old of the same tokens (the policy that sampled them).
+    advantages: Tensor[B] (one per sequence) or Tensor[B, T] (per token).
+    mask: Tensor[B, T] of 0/1. ref_logprobs: Tensor[B, T], needed when kl_coef != 0.
+    token_weights: Tensor[B, T], multiplies the clipped surrogate of each token (process-level
+    masks, abnormality weights). The KL penalty is not weighted: it regularises every token
+    the same, whatever the reward thinks of it. entropy: Tensor[B, T], only reported.
+
+    Per token: ratio = exp(logprobs - old_logprobs),
+      obj = w * min(ratio*A, clip(ratio, 1-clip_low, 1+clip_high)*A) - kl_coef * KL,
+    KL by ``kl_estimator`` (see :func:`kl_per_token`). loss = -agg(obj) with
+      token_mean   = sum(obj*mask) / sum(mask)                       (DAPO),
+      seq_mean     = mean_b( sum_t(obj*mask) / max(1, sum_t mask) )  (DeepSeekMath GRPO),
+      seq_sum_norm = sum(obj*mask) / (B * T), T = the mask's width   (Dr. GRPO).
+    Under seq_mean a sequence without tokens contributes 0 but still counts in the mean over B,
+    as in TRL.
+
+    Returns (loss: 0-dim tensor, metrics: dict of floats). Metrics, over unmasked tokens:
+    clip_frac_low (ratio < 1-clip_low with A < 0: gradient cut), clip_frac_high (ratio >
+    1+clip_high with A > 0), clip_frac (either), approx_kl (KL(pi_old || pi_theta), k3 from
+    the sampled tokens), kl (vs the reference, with the chosen estimator, when given),
+    ratio_min/max/mean, masked_token_share (share of the B x T positions the mask excludes),
+    tokens (number of unmasked tokens), entropy (mean, when given).
+    """
+    if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
+        shape = tuple(logprobs.shape) if isinstance(logprobs, torch.Tensor) else type(logprobs)
+        raise ValueError(f"logprobs: expected a [B, T] tensor, got {shape}.")
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg: {agg!r} is not one of {', '.join(AGGREGATIONS)}.")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator: {kl_estimator!r} is not one of "
+                         f"{', '.join(KL_ESTIMATORS)}.")
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high), ("kl_coef", kl_coef)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}.")
+    if clip_low >= 1:
+        raise ValueError(f"clip_low: must be < 1 (the ratio floor is 1 - clip_low), "
+                         f"got {clip_low}.")
+    if kl_coef != 0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs: required when kl_coef != 0.")
+    shape = logprobs.shape
+    B, T = shape
+    _check_2d("old_logprobs", old_logprobs, shape)
+    _check_2d("ref_logprobs", ref_logprobs, shape)
+    _check_2d("token_weights", token_weights, shape)
+    _check_2d("entropy", entropy, shape)
+    if not isinstance(advantages, torch.Tensor):
+        raise ValueError(f"advantages: expected a tensor, got {type(advantages).__name__}.")
+    if advantages.shape == (B,):
+        advantages = advantages.unsqueeze(1).expand(B, T)
+    elif advantages.shape != shape:
+        raise ValueError(f"advantages: shape {tuple(advantages.shape)} is neither [B]=({B},) nor "
+                         f"[B, T]={tuple(shape)}.")
+    keep = _check_mask(mask, shape)
+    named = [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
+             ("ref_logprobs", ref_logprobs), ("token_weights", token_weights)]
+    for name, x in named:
+        if x is not None:
+            _check_finite(name, x, keep)
+
+    # Zero the ignored positions first, so NaN padding cannot leak into values or gradients.
+    def clean(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    lp, old, adv = clean(logprobs), clean(old_logprobs).detach(), clean(advantages).detach()
+    ratio = torch.exp(lp - old)
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    obj = torch.minimum(ratio * adv, clipped * adv)
+    if token_weights is not None:
+        obj = obj * clean(token_weights).detach()
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_per_token(lp, clean(ref_logprobs).detach(), kl_estimator)
+        if kl_coef != 0:
+            obj = obj - kl_coef * kl
+
+    maskf = keep.to(obj.dtype)
+    if agg == "token_mean":
+        total = (obj * maskf).sum() / maskf.sum()
+    elif agg == "seq_mean":
+        total = ((obj * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)).mean()
+    else:
+        total = (obj * maskf).sum() / (B * T)
+    loss = -total
+
+    with torch.no_grad():
+        n = keep.sum()
+        r = ratio.detach()
+        low = (r < 1 - clip_low) & (adv < 0) & keep
+        high = (r > 1 + clip_high) & (adv > 0) & keep
+        log_r = (lp.detach() - old)
+        metrics = {
+            "clip_frac_low": (low.sum() / n).item(),
+            "clip_frac_high": (high.sum() / n).item(),
+            "clip_frac": ((low | high).sum() / n).item(),
+            "approx_kl": (((r - 1) - log_r)[keep].mean()).item(),
+            "ratio_min": r[keep].min().item(),
+            "ratio_max": r[keep].max().item(),
+            "ratio_mean": r[keep].mean().item(),
+            "masked_token_share": 1.0 - (n / keep.numel()).item(),
+            "tokens": float(n.item()),
+        }
+        if kl is not None:
+            metrics["kl"] = kl.detach()[keep].mean().item()
+        if entropy is not None:
+            metrics["entropy"] = entropy.detach()[keep].mean().item()
+    return loss, metrics
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                estimator: str = "k3") -> torch.Tensor:
+    """Mean per-token KL(pi || pi_ref) of each sequence: Tensor[B] (0 for a sequence with no
+    tokens). For KL in the reward: the loop subtracts coef * sequence_kl from each reward.
+
+    logprobs, ref_logprobs, mask: Tensor[B, T]. Differentiable; detach for use as a reward.
+    """
+    if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
+        raise ValueError("logprobs: expected a [B, T] tensor.")
+    _check_2d("ref_logprobs", ref_logprobs, logprobs.shape)
+    _check_2d("mask", mask, logprobs.shape)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator: {estimator!r} is not one of {', '.join(KL_ESTIMATORS)}.")
+    keep = mask.detach().bool()
+    for name, x in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs)):
+        _check_finite(name, x, keep)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    kl = kl_per_token(torch.where(keep, logprobs, zero), torch.where(keep, ref_logprobs, zero),
+                      estimator)
+    maskf = keep.to(kl.dtype)
+    return (kl * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)
