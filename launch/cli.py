@@ -15,11 +15,11 @@ import typer
 from rich.console import Console
 
 from medrl.align.records import UserError
+from medrl.launch.driver import RunFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="medrl: distributed GRPO alignment for medical LLMs and VLMs.")
 console = Console(stderr=True)
-out = Console()
 
 
 def user_error(exc: UserError) -> typer.Exit:
@@ -39,8 +39,59 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
         checked = check_recipe(resolved, recipe.parent)
     except UserError as exc:
         raise user_error(exc) from None
-    out.print(dump_recipe(resolved), end="", highlight=False, markup=False)
+    typer.echo(dump_recipe(resolved), nl=False)
     console.print(f"[green]ok[/green]: {recipe} is valid ({'; '.join(checked)})", highlight=False)
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
+        overrides: Optional[List[str]] = typer.Argument(None, help="key.path=value ..."),
+        force: bool = typer.Option(False, "--force", help="replace a non-empty run folder")):
+    """Start a run: a new folder under run.output_dir, then the recipe's stage."""
+    from medrl.launch.recipe import load_recipe
+    from medrl.launch.rundir import absolute_recipe, create_run_dir
+    from medrl.launch.stages import check_recipe, run_stage
+
+    try:
+        resolved = load_recipe(recipe, overrides or [])
+        check_recipe(resolved, recipe.parent)
+        resolved = absolute_recipe(resolved, recipe.parent)
+        run_dir = create_run_dir(resolved, force=force)
+        run_stage(resolved, run_dir)
+    except UserError as exc:
+        raise user_error(exc) from None
+    except RunFailed as exc:
+        raise run_failed(exc) from exc
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(..., help="a run folder made by `medrl run`"),
+           overrides: Optional[List[str]] = typer.Argument(
+               None, help="key.path=value ..., e.g. run.max_steps=200 to extend the run"),
+           step: Optional[int] = typer.Option(None, "--step", help="checkpoint step (default: latest)")):
+    """Continue a run from its latest (or a chosen) complete checkpoint, exactly.
+
+    Overrides change the saved recipe for the rest of the run (and are saved back into it);
+    anything but run.max_steps may make the continuation differ from an uninterrupted run.
+    """
+    from medrl.align.checkpoint import latest_checkpoint
+    from medrl.launch.rundir import load_run_recipe
+    from medrl.launch.stages import run_stage
+
+    try:
+        resolved = load_run_recipe(run_dir, overrides or [])
+        ckpt = latest_checkpoint(run_dir, step=step)
+        run_stage(resolved, run_dir, resume_from=ckpt)
+    except UserError as exc:
+        raise user_error(exc) from None
+    except RunFailed as exc:
+        raise run_failed(exc) from exc
+
+
+def run_failed(exc: RunFailed) -> typer.Exit:
+    """A component failed mid-run (not the user's fault): say so, and where to resume."""
+    console.print(f"[bold red]run stopped:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
 
 
 @app.command()
@@ -48,7 +99,7 @@ def schema():
     """Print the recipe JSON Schema (point your editor's YAML plugin at it)."""
     from medrl.launch.recipe import json_schema
 
-    out.print(json.dumps(json_schema(), indent=2), highlight=False, markup=False)
+    typer.echo(json.dumps(json_schema(), indent=2))
 
 
 def main() -> None:

@@ -49,6 +49,8 @@ class FieldMap(Section):
     volume: str | None = None
     rubric: str | None = None
     id: str | None = None
+    context: str | None = None  # a passage (text or list of texts) shown before the question
+    messages: str = "messages"  # the chat template's column: a list of {role, content}
 
 
 class VolumeConfig(Section):

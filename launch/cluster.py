@@ -1,0 +1,70 @@
+"""Ray: an embedded local cluster by default, or an existing one at ``cluster.address``.
+
+The embedded cluster listens on loopback only and starts no dashboard unless the recipe asks
+for one (``cluster.include_dashboard``, bound to ``cluster.dashboard_host``, 127.0.0.1 by
+default). Ray's CPU count is a scheduling resource, not a thread count: the embedded cluster
+gets at least as many logical CPUs as the recipe's actors ask for, so a 2-core laptop can run
+one rollout worker, one learner and a reward actor side by side.
+"""
+
+from __future__ import annotations
+
+import os
+
+from medrl.launch.recipe import Recipe
+
+# Environment every actor needs: DeepSpeed on CPU picks its CPU accelerator, vLLM runs its
+# engine in the actor's own process (its multiprocessing mode ignores Ray's CPU allocation),
+# no hub access, zero-copy tensors through the object store for weight sync.
+ACTOR_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+}
+
+
+def cpus_needed(recipe: Recipe) -> float:
+    """Logical CPUs the recipe's actors reserve."""
+    c = recipe.cluster
+    rewards = sum(r.num_cpus for r in recipe.rewards.functions if r.actor)
+    return (recipe.rollout.num_workers * c.rollout_cpus
+            + recipe.learner.num_workers * c.learner_cpus + rewards)
+
+
+def start_ray(recipe: Recipe) -> None:
+    """Join ``cluster.address`` or start an embedded loopback-only cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = dict(ACTOR_ENV)
+    if not _has_cuda():
+        env["DS_ACCELERATOR"] = "cpu"
+    runtime_env = {"env_vars": env}
+    c = recipe.cluster
+    if c.address:
+        ray.init(address=c.address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    num_cpus = c.num_cpus or max(os.cpu_count() or 1, int(cpus_needed(recipe) + 0.999))
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=c.include_dashboard,
+        dashboard_host=c.dashboard_host,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        _node_ip_address="127.0.0.1",
+    )
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,264 @@
+"""The GRPO driver loop: generate -> score -> advantage -> learn -> sync -> checkpoint.
+
+This module alone joins the rollout workers (``medrl.rollouts``), the rewards
+(``medrl.rewards``) and the learner group (``medrl.align`` behind thin Ray actors). Each phase
+runs under a named timer whose duration is logged as ``time/<phase>``.
+
+Exact resume: everything random is a function of (run seed, step) or lives in the checkpoint.
+The sampling seed of step k is ``seed * 1_000_003 + k``; the prompt stream's cursor, the
+learner's optimiser state and the driver's RNG states are saved in each checkpoint. A run of
+6 steps and a run of 3 steps resumed for 3 more therefore see the same prompts, sample the
+same completions and compute the same losses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from medrl.align.records import Sample, UserError
+from medrl.launch.recipe import Recipe
+
+
+class RunFailed(RuntimeError):
+    """A component failed mid-run; the message says where to resume from."""
+
+
+@dataclass
+class Components:
+    """Everything one run holds; built by :func:`build`, closed by :meth:`close`."""
+
+    stream: object  # medrl.launch.data.PromptStream
+    rollouts: object  # medrl.rollouts.worker.RolloutGroup
+    learner: object  # medrl.launch.learner_group.LearnerGroup
+    rewards: object  # medrl.rewards.RewardRunner
+    monitor: object  # medrl.launch.monitor.Monitor
+    prompt_log: object  # medrl.launch.rundir.PromptLog
+    policy_dir: Path
+    start_step: int
+
+    def close(self) -> None:
+        for part in (self.rewards, self.rollouts, self.learner, self.monitor):
+            part.close()
+
+
+def sampling_for(recipe: Recipe, step: int):
+    """Sampling parameters of ``step``; the seed depends only on (run seed, step)."""
+    from medrl.rollouts.engine import SamplingParams
+
+    r = recipe.rollout
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
+                          stop=list(r.stop), n=r.group_size,
+                          seed=recipe.run.seed * 1_000_003 + step)
+
+
+def learner_kwargs(recipe: Recipe, policy_dir: Path) -> dict:
+    """The recipe's learner and loss settings as the learner's plain keyword arguments."""
+    ln, alg = recipe.learner, recipe.algorithm
+    kl_in_loss = alg.kl.where == "loss"
+    return dict(
+        model_dir=str(policy_dir), zero_stage=ln.zero_stage, offload_optimizer=ln.offload_optimizer,
+        micro_batch_size=ln.micro_batch_size, optimizer=ln.optimizer, lr=ln.lr,
+        weight_decay=ln.weight_decay, betas=tuple(ln.betas), warmup_steps=ln.warmup_steps,
+        total_steps=recipe.run.max_steps * alg.ppo_epochs, lr_schedule=ln.lr_schedule,
+        min_lr_ratio=ln.min_lr_ratio, max_grad_norm=ln.max_grad_norm,
+        gradient_checkpointing=ln.gradient_checkpointing, logprob_chunk_size=ln.logprob_chunk_size,
+        temperature=recipe.rollout.temperature,
+        ref_model=ln.ref_model if alg.kl.coef > 0 else "none",
+        lora=ln.lora.model_dump() if ln.lora else None,
+        dtype=None if recipe.model.dtype == "auto" else recipe.model.dtype,
+        clip_low=alg.clip_low, clip_high=alg.clip_high,
+        kl_coef=alg.kl.coef if kl_in_loss else 0.0, kl_estimator=alg.kl.estimator,
+        loss_agg=alg.loss_agg, seed=recipe.run.seed,
+    )
+
+
+def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Components:
+    """Start every component; with ``resume_from`` restore the checkpoint's exact state."""
+    from medrl.align.checkpoint import read_state, restore_rng
+    from medrl.align.models import resolve_policy
+    from medrl.launch.data import PromptStream
+    from medrl.launch.learner_group import LearnerGroup
+    from medrl.launch.monitor import Monitor
+    from medrl.launch.rundir import PromptLog
+    from medrl.rewards import RewardContext, RewardRunner, load_rewards
+    from medrl.rollouts.worker import RolloutGroup
+
+    policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed)
+    state = read_state(resume_from) if resume_from else None
+    start_step = state["step"] if state else 0
+
+    stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed,
+                                      recipe_dir=Path(recipe.data.path).parent)
+    if state:
+        stream.load_state(state["data_cursor"])
+        restore_rng(state["rng"])
+
+    c = recipe.cluster
+    learner = LearnerGroup(recipe.learner.num_workers, learner_kwargs(recipe, policy_dir),
+                           num_cpus_per_worker=c.learner_cpus, num_gpus_per_worker=c.learner_gpus)
+    engine_kwargs = {"kv_cache_memory_bytes": recipe.rollout.kv_cache_memory_mb * 2**20,
+                     "num_threads": recipe.rollout.num_threads}
+    rollouts = RolloutGroup(recipe.rollout.num_workers, recipe.rollout.backend, str(policy_dir),
+                            engine_kwargs, num_cpus_per_worker=c.rollout_cpus,
+                            num_gpus_per_worker=c.rollout_gpus, max_restarts=c.max_restarts)
+    ctx = RewardContext(run_dir=run_dir, seed=recipe.run.seed,
+                        policy_logprobs=learner.logprobs_of_samples)
+    rewards = RewardRunner(
+        load_rewards([s.model_dump() for s in recipe.rewards.functions], base_dir=run_dir),
+        ctx=ctx, normalize=recipe.rewards.normalize, veto=recipe.rewards.veto,
+        veto_threshold=recipe.rewards.veto_threshold, floor=recipe.rewards.floor,
+        on_error=recipe.rewards.on_error, max_restarts=c.max_restarts)
+    if state:
+        learner.load(resume_from)
+        push_weights(learner, rollouts, version=start_step)
+
+    lg = recipe.logging
+    monitor = Monitor(run_dir, total_steps=recipe.run.max_steps, start_step=start_step,
+                      tensorboard=lg.tensorboard, plots=lg.plots, progress=lg.progress)
+    if state:
+        monitor.truncate_after(start_step)
+    prompt_log = PromptLog(run_dir, resume_step=start_step if state else None)
+    return Components(stream, rollouts, learner, rewards, monitor, prompt_log, policy_dir,
+                      start_step)
+
+
+def push_weights(learner, rollouts, *, version: int) -> None:
+    """Learner -> object store (bucket by bucket) -> every rollout worker, in place."""
+    rollouts.update_weights_from_refs(learner.sync_refs(), version)
+
+
+def generate_and_score(recipe: Recipe, c: Components, step: int) -> tuple[list[Sample], dict]:
+    """P prompts x G completions, scored; zero-variance groups dropped and refilled if asked."""
+    from medrl.align.grpo import group_advantages
+
+    want = recipe.rollout.prompts_per_step
+    kept: list[Sample] = []
+    metrics = {"groups/zero_variance_dropped": 0.0, "samples/skipped_by_reward_errors": 0.0}
+    reward_metrics: dict[str, float] = {}
+    for attempt in range(3 if recipe.algorithm.filter_zero_variance else 1):
+        prompts = c.stream.take(want - len({s.group_id for s in kept}))
+        samples = c.rollouts.generate(prompts, sampling_for(recipe, step * 10 + attempt))
+        report = c.rewards.score(samples)
+        reward_metrics = report.metrics if attempt == 0 else reward_metrics
+        dropped = set(report.dropped)
+        metrics["samples/skipped_by_reward_errors"] += len(dropped)
+        samples = [s for s in samples if s.uid not in dropped]
+        if recipe.algorithm.filter_zero_variance and samples:
+            adv = group_advantages([s.reward for s in samples], [s.group_id for s in samples])
+            metrics["groups/zero_variance_dropped"] += adv.num_zero_variance_groups
+            samples = [s for s, z in zip(samples, adv.zero_variance.tolist()) if not z]
+        kept += samples
+        if len({s.group_id for s in kept}) >= want:
+            break
+    metrics.update(reward_metrics)
+    return kept, metrics
+
+
+def compute_advantages(recipe: Recipe, c: Components, samples: list[Sample]) -> dict:
+    """Rewards (minus KL when it lives in the reward) -> group-relative advantages."""
+    from medrl.align.grpo import group_advantages
+
+    alg = recipe.algorithm
+    metrics: dict[str, float] = {}
+    if alg.kl.coef > 0 and alg.kl.where == "reward":
+        kl = c.learner.sequence_kl(samples, estimator=alg.kl.estimator)
+        for s, k in zip(samples, kl):
+            s.reward -= alg.kl.coef * k
+        metrics["kl"] = sum(kl) / len(kl)
+    adv = group_advantages([s.reward for s in samples], [s.group_id for s in samples],
+                           scale=alg.advantage_scale, eps=alg.advantage_eps)
+    for s, a in zip(samples, adv.advantages.tolist()):
+        s.advantage = a
+        if s.token_weights:  # process-level masks: the advantage is spread over the tokens
+            s.token_advantages = [a] * len(s.completion_ids)
+    metrics["groups/zero_variance"] = float(adv.num_zero_variance_groups)
+    metrics["advantage/abs_mean"] = float(adv.advantages.abs().mean())
+    return metrics
+
+
+def step_metrics(samples: list[Sample]) -> dict[str, float]:
+    lengths = [len(s.completion_ids) for s in samples]
+    rewards = [s.reward for s in samples]
+    mean = sum(rewards) / len(rewards)
+    return {
+        "reward/mean": mean,
+        "reward/std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)),
+        "completion/length_mean": sum(lengths) / len(lengths),
+        "completion/truncated_share": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "samples/count": float(len(samples)),
+    }
+
+
+def checkpoint(recipe: Recipe, c: Components, run_dir: Path, step: int) -> Path:
+    from medrl.align.checkpoint import capture_rng, save_checkpoint
+
+    state = {"step": step, "policy_version": step, "data_cursor": c.stream.state(),
+             "rng": capture_rng(), "rewards": c.rewards.identity(),
+             "policy_source": str(c.policy_dir)}
+    path = save_checkpoint(run_dir, step, write=c.learner.save, state=state,
+                           keep_last=recipe.checkpoint.keep_last)
+    c.monitor.plot()
+    return path
+
+
+def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None) -> Path | None:
+    """Run (or resume) a GRPO stage; returns the last checkpoint written."""
+    from medrl.launch.cluster import start_ray
+    from medrl.launch.monitor import Timer
+
+    start_ray(recipe)
+    c = build(recipe, run_dir, resume_from=resume_from)
+    last_ckpt = resume_from
+    every = recipe.checkpoint.every
+    try:
+        for step in range(c.start_step + 1, recipe.run.max_steps + 1):
+            timer = Timer()
+            with timer("step"):
+                with timer("generate"):
+                    samples, metrics = generate_and_score(recipe, c, step)
+                if not samples:
+                    raise RunFailed(f"step {step}: every sample was dropped (reward errors or "
+                                    "zero-variance groups); nothing to learn from.")
+                with timer("advantage"):
+                    metrics.update(compute_advantages(recipe, c, samples))
+                with timer("learn"):
+                    metrics.update(_learner_call(c, last_ckpt, step,
+                                                 lambda: c.learner.train_step(samples)))
+                with timer("sync"):
+                    _learner_call(c, last_ckpt, step,
+                                  lambda: push_weights(c.learner, c.rollouts, version=step))
+                if recipe.rollout.verify_sync_every and step % recipe.rollout.verify_sync_every == 0:
+                    with timer("verify_sync"):
+                        metrics["sync/max_abs_diff"] = c.rollouts.verify_against(
+                            samples[: recipe.rollout.group_size], c.learner.logprobs_of_samples)
+            metrics.update(step_metrics(samples))
+            metrics.update(timer.metrics())
+            c.prompt_log.write(step, sorted({s.group_id for s in samples}))
+            c.monitor.log(step, metrics)
+            if (every and step % every == 0) or step == recipe.run.max_steps:
+                with timer("checkpoint"):
+                    last_ckpt = checkpoint(recipe, c, run_dir, step)
+    finally:
+        c.close()
+    c.monitor.summary(run_dir, last_ckpt)
+    return last_ckpt
+
+
+def _learner_call(c: Components, last_ckpt: Path | None, step: int, fn):
+    """Run a learner phase; a learner failure stops the run, naming where to resume."""
+    import ray
+
+    try:
+        return fn()
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+        where = (f"the last complete checkpoint is {last_ckpt}; continue with "
+                 f"`medrl resume {last_ckpt.parent.parent}`" if last_ckpt
+                 else "no checkpoint was written yet; start the run again")
+        raise RunFailed(f"the learner failed at step {step}: {exc.__class__.__name__}. "
+                        f"The run stopped cleanly; {where}.") from exc
+
+
+__all__ = ["train", "RunFailed", "UserError"]

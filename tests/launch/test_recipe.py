@@ -1,0 +1,180 @@
+"""The recipe schema: every user error is one clear message with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from medrl.launch.cli import app
+from medrl.launch.recipe import Recipe, RecipeError, load_recipe, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+runner = CliRunner()
+
+
+def write_recipe(tmp_path: Path, data: dict) -> Path:
+    (tmp_path / "items.jsonl").write_text(
+        json.dumps({"question": "Q?", "options": {"A": "a", "B": "b"}, "answer": "A"}) + "\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def base() -> dict:
+    return {"data": {"path": "items.jsonl"}, "rewards": {"functions": [{"name": "mcq_letter"}]}}
+
+
+def test_quickstart_recipe_is_valid():
+    recipe = load_recipe(QUICKSTART)
+    assert recipe.run.stage == "grpo"
+    assert recipe.model.policy == "tiny:qwen2"
+
+
+def test_overrides_are_typed_by_the_schema(tmp_path):
+    path = write_recipe(tmp_path, base())
+    recipe = load_recipe(path, ["algorithm.kl.coef=0.01", "rollout.group_size=8",
+                                "logging.tensorboard=false", "rollout.stop=[a, b]",
+                                "data.max_samples=null"])
+    assert recipe.algorithm.kl.coef == pytest.approx(0.01)
+    assert recipe.rollout.group_size == 8
+    assert recipe.logging.tensorboard is False
+    assert recipe.rollout.stop == ["a", "b"]
+    assert recipe.data.max_samples is None
+
+
+def test_all_errors_are_reported_at_once_with_paths(tmp_path):
+    data = base()
+    data["rollout"] = {"group_sise": 4, "temperature": "hot"}
+    data["algorithm"] = {"loss_agg": "mean"}
+    path = write_recipe(tmp_path, data)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    text = str(err.value)
+    assert str(path) in text
+    assert "3 problem(s)" in text
+    assert "rollout.group_sise: unknown key" in text
+    assert "rollout.temperature:" in text and "'hot'" in text
+    assert "algorithm.loss_agg:" in text and "'token_mean'" in text  # the choices are named
+
+
+def test_missing_data_file_is_named(tmp_path):
+    data = base()
+    data["data"]["path"] = "nowhere.jsonl"
+    path = write_recipe(tmp_path, data)
+    with pytest.raises(RecipeError, match=r"data.path: 'nowhere.jsonl' does not exist"):
+        load_recipe(path)
+
+
+def test_hub_id_policy_says_the_hub_is_unreachable(tmp_path):
+    data = base()
+    data["model"] = {"policy": "Qwen/Qwen2-0.5B"}
+    path = write_recipe(tmp_path, data)
+    with pytest.raises(RecipeError, match="no model hub is reachable"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.group_size", "expected key.path=value"),
+    ("rollout.group_size=many", "rollout.group_size"),
+    ("rollout.nonsense=1", "rollout.nonsense: unknown key"),
+    ("data.path.first=1", "data.path is not a section"),
+])
+def test_bad_overrides(tmp_path, override, message):
+    path = write_recipe(tmp_path, base())
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path, [override])
+
+
+def test_parse_override_reads_flow_yaml():
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a={x: 1}") == (["a"], {"x": 1})
+    assert parse_override("a=~") == (["a"], None)
+    assert parse_override("a=0.5") == (["a"], "0.5")  # typed later by the schema
+
+
+@pytest.mark.parametrize("mutation, fragment", [
+    ({"rollout": {"group_sise": 4}}, "unknown key"),
+    ({"learner": {"zero_stage": 5}}, "learner.zero_stage"),
+    ({"data": {"path": "missing.jsonl"}}, "does not exist"),
+])
+def test_cli_validate_exits_2_without_traceback(tmp_path, mutation, fragment):
+    data = base()
+    for section, values in mutation.items():
+        data.setdefault(section, {}).update(values)
+    path = write_recipe(tmp_path, data)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_validate_bad_override_exits_2(tmp_path):
+    path = write_recipe(tmp_path, base())
+    result = runner.invoke(app, ["validate", str(path), "learner.lr=fast"])
+    assert result.exit_code == 2
+    assert "learner.lr" in result.output
+
+
+def test_cli_schema_is_json_schema():
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert schema["additionalProperties"] is False
+    assert "rollout" in schema["properties"] and "data" in schema["required"]
+
+
+def _mutations():
+    """Random edits of a valid recipe: wrong types, unknown keys, deleted keys, odd values."""
+    keys = st.sampled_from(["run", "model", "data", "rollout", "rewards", "algorithm",
+                            "learner", "cluster", "checkpoint", "logging", "bogus"])
+    fields = st.sampled_from(["name", "seed", "stage", "max_steps", "policy", "path",
+                              "group_size", "temperature", "functions", "kl", "zero_stage",
+                              "every", "lr", "typo_field"])
+    values = st.one_of(st.none(), st.integers(-5, 10**6), st.floats(allow_nan=True),
+                       st.text(max_size=8), st.booleans(), st.lists(st.integers(), max_size=2),
+                       st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+    return st.lists(st.tuples(keys, fields, values), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=_mutations())
+def test_random_mutations_never_produce_a_traceback(tmp_path, edits):
+    data = base()
+    for section, key, value in edits:
+        node = data.setdefault(section, {})
+        if isinstance(node, dict):
+            node[key] = value
+        else:
+            data[section] = {key: value}
+    path = write_recipe(tmp_path, data)
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as err:
+        assert str(path) in str(err)
+    else:
+        assert isinstance(recipe, Recipe)
+
+
+def test_layout_import_names():
+    """The folders are medrl.* subpackages only: `import align` must not resolve."""
+    code = ("import importlib.util, medrl.align, medrl.launch, medrl.rollouts, medrl.rewards;"
+            "print(importlib.util.find_spec('align'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd="/", check=True)
+    assert out.stdout.strip() == "None"
+
+
+def test_recipes_ship_as_package_data():
+    from importlib.resources import files
+
+    assert (files("medrl.recipes") / "quickstart.yaml").is_file()
+    assert (files("medrl.recipes") / "data" / "quickstart_mcq.jsonl").is_file()
