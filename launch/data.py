@@ -1,0 +1,514 @@
+"""Prompts from data files: loading, field mapping, held-out splits and the prompt stream.
+
+``load_samples(cfg)`` reads the file named by the recipe's ``data`` section through the
+``datasets`` library (JSON, JSON lines, Parquet, or a folder written by ``save_to_disk``),
+maps the recipe's ``data.fields`` onto canonical names and renders each row into chat
+messages (``medrl.rollouts.prompts``). The result is one :class:`Sample` per row:
+
+- ``uid`` = ``group_id`` = the row's id column (``fields.id``), or the key of a JSON file
+  keyed by id, or ``<file stem>-<row index>``; ids must be unique;
+- ``row``: every column as stored, plus the mapped fields under their canonical names
+  (``question``, ``prompt``, ``context``, ``options``, ``answer``, ``rubric``, ``messages``),
+  so rewards can rely on ``row["answer"]`` and ``row["options"]`` (a ``{letter: text}``
+  dict). A canonical name that shadows a different stored column keeps that column's value
+  under ``<name>_original`` (MedQA mapped with ``answer: answer_idx`` has the letter in
+  ``row["answer"]`` and the option text in ``row["answer_original"]``);
+- ``images`` (paths, or encoded images from a saved dataset) and ``volume`` (a path), with
+  relative paths resolved against the data file's folder (``data_dir``).
+
+Pixels are not read here. :class:`PromptStream` hands out ``take(n)`` prompts per step in
+a seeded order, with a resumable cursor, and loads the media of the taken prompts only
+(``PromptStream.from_recipe`` loads the data and holds out the evaluation rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medrl.align.records import Sample, UserError
+from medrl.launch.recipe import DataConfig, VolumeConfig, resolve_path
+from medrl.rollouts.multimodal import load_image, load_volume, volume_to_slices
+from medrl.rollouts.prompts import count_image_parts, letter_options, render_messages
+
+FORMATS_BY_SUFFIX = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                     ".parquet": "parquet", ".pq": "parquet"}
+HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+# Canonical row keys filled from data.fields (images, volume and id go to Sample fields).
+CANONICAL = ("prompt", "question", "context", "options", "answer", "rubric", "messages")
+
+
+# --- reading a table ----------------------------------------------------------------------------
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    """``fmt`` unless it is ``auto``; then a folder is ``hf_disk``, a file goes by suffix."""
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "hf_disk"
+    fmt = FORMATS_BY_SUFFIX.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: cannot tell the data format from the suffix {path.suffix!r}. "
+                        f"Use one of {', '.join(sorted(FORMATS_BY_SUFFIX))}, a folder written by "
+                        "datasets' save_to_disk, or set data.format.")
+    return fmt
+
+
+def read_rows(path: Path, fmt: str = "auto",
+              split: str | None = None) -> tuple[list[dict], str | None]:
+    """All rows of a data file as plain dicts, and the name of the key column if any.
+
+    A JSON file may hold a list of records or a mapping ``{id: record}`` (PubMedQA's
+    ``ori_pqal.json``); a mapping's keys become an ``id`` column (the key column returned).
+    ``split`` picks a split of a saved ``DatasetDict``; single files have only ``train``.
+    """
+    if not path.exists():
+        raise UserError(f"{path}: data file not found. Check data.path (relative paths are read "
+                        "from the recipe's folder).")
+    fmt = detect_format(path, fmt)
+    if fmt != "hf_disk" and path.is_dir():
+        raise UserError(f"{path} is a folder, but data.format is {fmt!r}; name the file, or use "
+                        "format hf_disk for a folder written by save_to_disk.")
+    if fmt != "hf_disk" and split not in (None, "train"):
+        raise UserError(f"{path}: data.split {split!r} was set, but a single {fmt} file has only "
+                        "one split; remove data.split (or point at a saved DatasetDict folder).")
+    if fmt == "hf_disk":
+        return _read_hf_disk(path, split), None
+    head = _leading_chars(path, 2) if fmt in ("json", "jsonl") else ""
+    if fmt in ("json", "jsonl") and (head == "" or head == "[]"):
+        raise UserError(f"{path}: the dataset is empty; it needs at least one row.")
+    if fmt == "parquet" and _parquet_rows(path) == 0:
+        raise UserError(f"{path}: the dataset is empty; it needs at least one row.")
+    if fmt == "json" and head[:1] == "{":
+        keyed = _read_keyed_json(path)
+        if keyed is not None:
+            return keyed, "id"
+        fmt = "jsonl"  # several objects, one per line, in a file named .json
+    builder = "parquet" if fmt == "parquet" else "json"
+    return _read_with_datasets(path, builder), None
+
+
+def _leading_chars(path: Path, n: int) -> str:
+    """The first ``n`` characters of a text file that are not white space."""
+    out = ""
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        while len(out) < n:
+            char = f.read(1)
+            if not char:
+                break
+            if not char.isspace():
+                out += char
+    return out
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"{path}: cannot read the data file as parquet ({exc}).") from None
+
+
+def _read_keyed_json(path: Path) -> list[dict] | None:
+    """``{id: record, ...}`` -> records with the key in ``id``; None if the file is JSON lines."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # a second object follows the first: JSON lines
+            return None
+        raise UserError(f"{path}: not valid JSON ({exc}).") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the data file ({exc}).") from None
+    if not data:
+        raise UserError(f"{path}: the JSON mapping is empty; it needs at least one record.")
+    bad = [k for k, v in data.items() if not isinstance(v, dict)]
+    if bad:
+        raise UserError(f"{path}: a JSON object at the top level must map ids to records "
+                        f"(objects), but the value of {bad[0]!r} is a "
+                        f"{type(data[bad[0]]).__name__}."
+                        " Use a list of records, JSON lines, or {id: {field: value}}.")
+    return [{"id": str(key), **record} for key, record in data.items()]
+
+
+def _read_with_datasets(path: Path, builder: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, StopIteration,
+            TypeError) as exc:
+        cause = exc.__cause__ or exc
+        raise UserError(f"{path}: cannot read the data file as {builder} "
+                        f"({type(cause).__name__}: {cause}).") from None
+    return ds.to_list()
+
+
+def _read_hf_disk(path: Path, split: str | None) -> list[dict]:
+    import datasets
+
+    if not any((path / m).exists() for m in HF_DISK_MARKERS):
+        raise UserError(f"{path}: this folder was not written by datasets' save_to_disk (none of "
+                        f"{', '.join(HF_DISK_MARKERS)} found). Point data.path at such a folder "
+                        "or at a JSON / JSON lines / Parquet file.")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise UserError(f"{path}: cannot read the saved dataset ({exc}).") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        if split is None and len(names) == 1:
+            split = names[0]
+        if split not in ds:
+            raise UserError(f"{path}: saved DatasetDict with splits {', '.join(names)}; set "
+                            "data.split to one of them." if split is None else
+                            f"{path}: no split {split!r}; the splits are {', '.join(names)}.")
+        ds = ds[split]
+    elif split not in (None, "train"):
+        raise UserError(f"{path}: data.split {split!r} was set, but this folder holds a single "
+                        "Dataset with no splits; remove data.split.")
+    return ds.to_list()
+
+
+# --- field mapping ------------------------------------------------------------------------------
+
+
+def _column_plan(cfg: DataConfig, key_column: str | None) -> tuple[dict[str, str], dict[str, bool]]:
+    """``{field name: column}`` for every mapped field, and whether each one must exist.
+
+    Fields set in the recipe must exist. Of the defaults, ``question`` is needed unless a
+    ``prompt`` column or the chat template gives the text, ``options`` by the mcq template and
+    ``messages`` by the chat template; a default ``options``/``answer`` column that is absent
+    is simply skipped (open questions without options, unlabelled evaluation data).
+    """
+    fields = cfg.fields
+    explicit = fields.model_fields_set
+    plan: dict[str, str] = {}
+    required: dict[str, bool] = {}
+    for name in ("prompt", "question", "context", "options", "answer", "rubric", "images",
+                 "volume", "id", "messages"):
+        column = getattr(fields, name)
+        if column is None:
+            continue
+        if name == "messages" and cfg.template != "chat" and name not in explicit:
+            continue
+        plan[name] = column
+        required[name] = name in explicit
+    if cfg.template != "chat" and fields.prompt is None:
+        required["question"] = True
+    if cfg.template == "mcq" and "options" in plan:
+        required["options"] = True
+    if cfg.template == "chat":
+        required["messages"] = True
+        if "question" not in explicit:
+            required["question"] = False
+    if "id" not in plan and key_column is not None:
+        plan["id"] = key_column
+        required["id"] = True
+    return plan, required
+
+
+def _media_paths(value: Any, data_dir: Path) -> list[Any]:
+    """An images cell -> a list: paths resolved against ``data_dir``, encoded images kept."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        if item is None:
+            continue
+        out.append(_resolve_media(item, data_dir) if isinstance(item, str) else item)
+    return out
+
+
+def _resolve_media(value: str, data_dir: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else data_dir / p)
+
+
+def _map_row(raw: dict, index: int, plan: dict[str, str], cfg: DataConfig, *, path: Path,
+             data_dir: Path) -> Sample:
+    uid = f"{path.stem}-{index}"
+    if "id" in plan:
+        value = raw.get(plan["id"])
+        if value is None or str(value) == "":
+            raise UserError(f"{path}: row {index} has no id in column {plan['id']!r} "
+                            "(data.fields.id); every row needs one, or unset data.fields.id to "
+                            "number the rows.")
+        uid = str(value)
+    canon = {name: raw[plan[name]] for name in CANONICAL
+             if name in plan and plan[name] in raw}
+    if canon.get("options") is not None:
+        try:
+            canon["options"] = letter_options(canon["options"])
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{path}: sample {uid} (row {index}): bad options in column "
+                            f"{plan['options']!r}: {exc}. Options must be a dict "
+                            '{"A": text, ...} or a list of texts.') from None
+    row = dict(raw)
+    for name, value in canon.items():
+        if plan[name] != name and name in raw:
+            row[f"{name}_original"] = raw[name]
+        row[name] = value
+    images = _media_paths(raw.get(plan["images"]), data_dir) if "images" in plan else []
+    volume = raw.get(plan["volume"]) if "volume" in plan else None
+    if isinstance(volume, str):
+        volume = _resolve_media(volume, data_dir)
+    num_images = len(images) + (cfg.volume.num_slices if volume is not None else 0)
+    try:
+        messages = render_messages(canon, template=cfg.template, system_prompt=cfg.system_prompt,
+                                   num_images=num_images)
+    except UserError as exc:
+        raise UserError(f"{path}: sample {uid} (row {index}): {exc} (template "
+                        f"{cfg.template!r}; check data.fields and data.template).") from None
+    return Sample(uid=uid, group_id=uid, row=row, messages=messages, images=images,
+                  volume=volume, data_dir=str(data_dir))
+
+
+def load_samples(cfg: DataConfig, *, base_dir: str | Path | None = None,
+                 path: str | Path | None = None) -> list[Sample]:
+    """One :class:`Sample` per row of ``cfg.path`` (or ``path``, e.g. ``cfg.eval_path``).
+
+    Relative paths are read from ``base_dir`` (the recipe's folder; default: the working
+    folder). ``cfg.max_samples`` keeps the first rows of the file. Raises :class:`UserError`
+    for a missing or unreadable file, a mapped column the file lacks (naming the columns it
+    has), an empty dataset, duplicate ids, or a row the template cannot render.
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    data_path = resolve_path(base, str(path if path is not None else cfg.path))
+    rows, key_column = read_rows(data_path, cfg.format, cfg.split)
+    if not rows:
+        raise UserError(f"{data_path}: the dataset is empty; it needs at least one row.")
+    plan, required = _column_plan(cfg, key_column)
+    columns = list(rows[0])
+    for name, column in plan.items():
+        if required.get(name) and column not in columns:
+            raise UserError(f"{data_path}: column {column!r} (data.fields.{name}) not found. "
+                            f"The data has the columns: {', '.join(columns)}. Set "
+                            f"data.fields.{name} to the column that holds it.")
+    if cfg.max_samples is not None:
+        rows = rows[: cfg.max_samples]
+    data_dir = data_path.parent
+    samples = [_map_row(raw, i, plan, cfg, path=data_path, data_dir=data_dir)
+               for i, raw in enumerate(rows)]
+    seen: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        if s.uid in seen:
+            raise UserError(f"{data_path}: id {s.uid!r} appears in rows {seen[s.uid]} and {i}; "
+                            f"ids (data.fields.id = {plan.get('id')!r}) must be unique because "
+                            "each one names a GRPO group. Fix the data or unset data.fields.id.")
+        seen[s.uid] = i
+    return samples
+
+
+def load_dataset_rows(cfg: DataConfig, recipe_dir: str | Path | None = None) -> list[Sample]:
+    """``load_samples(cfg, base_dir=recipe_dir)``: what ``medrl validate`` checks."""
+    return load_samples(cfg, base_dir=recipe_dir)
+
+
+# --- held-out split -----------------------------------------------------------------------------
+
+
+def split_eval(samples: list[Sample], fraction: float,
+               seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A seeded held-out split: ``(train, eval)``, each in the original order.
+
+    ``n_eval = max(1, round(fraction * n))`` rows chosen by the first entries of
+    ``numpy.random.default_rng(seed).permutation(n)``; ``fraction == 0`` gives no eval rows.
+    """
+    if fraction <= 0:
+        return list(samples), []
+    n = len(samples)
+    n_eval = max(1, round(fraction * n))
+    if n_eval >= n:
+        raise UserError(f"data.eval_fraction {fraction} leaves no training rows out of {n}; "
+                        "use a smaller fraction or a separate data.eval_path.")
+    held = set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
+    return ([s for i, s in enumerate(samples) if i not in held],
+            [s for i, s in enumerate(samples) if i in held])
+
+
+def load_train_eval(cfg: DataConfig, *, base_dir: str | Path | None = None,
+                    seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Training and held-out samples: ``eval_path`` if set, else ``eval_fraction`` of ``path``."""
+    if cfg.eval_path and cfg.eval_fraction > 0:
+        raise UserError("data.eval_path and data.eval_fraction are both set; choose one way to "
+                        "hold out evaluation data.")
+    train = load_samples(cfg, base_dir=base_dir)
+    if cfg.eval_path:
+        held = load_samples(cfg, base_dir=base_dir, path=cfg.eval_path)
+        overlap = {s.uid for s in train} & {s.uid for s in held}
+        if overlap:
+            raise UserError(f"data.eval_path {cfg.eval_path!r} shares {len(overlap)} id(s) with "
+                            f"data.path (e.g. {sorted(overlap)[0]!r}); held-out rows must not "
+                            "be trained on.")
+        return train, held
+    return split_eval(train, cfg.eval_fraction, seed)
+
+
+# --- media --------------------------------------------------------------------------------------
+
+
+def _as_image(item: Any, uid: str):
+    from PIL import Image
+
+    if isinstance(item, str):
+        return load_image(item, uid=uid)
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, dict) and (item.get("bytes") or item.get("path")):  # datasets Image
+        if not item.get("bytes"):
+            return load_image(item["path"], uid=uid)
+        try:
+            with Image.open(io.BytesIO(item["bytes"])) as img:
+                return img.convert("RGB")
+        except OSError as exc:
+            raise UserError(f"sample {uid}: cannot decode an embedded image ({exc}).") from None
+    if isinstance(item, np.ndarray) and item.ndim in (2, 3):
+        return Image.fromarray(item).convert("RGB")
+    raise UserError(f"sample {uid}: an image entry is a {type(item).__name__}; use a path, "
+                    "a datasets Image, or a PIL image.")
+
+
+def load_media(sample: Sample, volume: VolumeConfig | None = None) -> Sample:
+    """A copy of ``sample`` whose ``images`` are RGB PIL images, the volume's slices last.
+
+    The volume (a path or a ``[D, H, W]`` array) becomes ``volume.num_slices`` slices by
+    ``medrl.rollouts.multimodal.volume_to_slices``; ``sample.volume`` keeps its path.
+    """
+    images = [_as_image(item, sample.uid) for item in sample.images]
+    if sample.volume is not None:
+        vc = volume or VolumeConfig()
+        array = sample.volume
+        if isinstance(array, (str, Path)):
+            array = load_volume(array, uid=sample.uid)
+        images += volume_to_slices(np.asarray(array), num_slices=vc.num_slices, axis=vc.axis,
+                                   window_center=vc.window_center, window_width=vc.window_width)
+    parts = count_image_parts(sample.messages)
+    if parts != len(images):  # e.g. a stream built with other volume settings than the loader
+        raise UserError(f"sample {sample.uid}: the prompt has {parts} image part(s) but "
+                        f"{len(images)} image(s) were loaded; load the data and build the "
+                        "prompt stream with the same data.volume settings.")
+    return dataclasses.replace(sample, images=images)
+
+
+# --- the prompt stream --------------------------------------------------------------------------
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """A short hash of the uids in order: a resumed stream checks it sees the same data."""
+    digest = hashlib.sha256("\n".join(s.uid for s in samples).encode()).hexdigest()
+    return digest[:16]
+
+
+class PromptStream:
+    """``take(n)`` prompts per step: a seeded order per epoch and a resumable cursor.
+
+    Epoch ``e`` visits the samples in ``numpy.random.default_rng(seed + e).permutation(N)``
+    order (index order when ``shuffle`` is False). ``take`` crosses into the next epoch when
+    the current one runs out, so every call returns exactly ``n`` prompts. ``state()`` is the
+    cursor ``{"epoch", "position", ...}``; ``from_state`` continues from it exactly. Media are
+    loaded at take-time, for the taken prompts only (``load_media=False`` leaves paths).
+    """
+
+    def __init__(self, samples: list[Sample], *, seed: int = 0, shuffle: bool = True,
+                 volume: VolumeConfig | None = None, load_media: bool = True,
+                 epoch: int = 0, position: int = 0):
+        if not samples:
+            raise UserError("the prompt stream has no samples; check data.path.")
+        if not 0 <= position < len(samples) or epoch < 0:
+            raise UserError(f"data cursor epoch {epoch}, position {position} is outside a "
+                            f"dataset of {len(samples)} prompts.")
+        self.samples = samples
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.volume = volume or VolumeConfig()
+        self.load_media = load_media
+        self.epoch = epoch
+        self.position = position
+        self._order_epoch = -1
+        self._order = np.arange(0)
+        self.eval_samples: list[Sample] = []  # held-out rows, set by from_recipe
+
+    @classmethod
+    def from_config(cls, samples: list[Sample], cfg: DataConfig, *, seed: int) -> "PromptStream":
+        """A stream over ``samples`` with the recipe's shuffle and volume settings."""
+        return cls(samples, seed=seed, shuffle=cfg.shuffle, volume=cfg.volume)
+
+    @classmethod
+    def from_recipe(cls, cfg: DataConfig, *, seed: int,
+                    recipe_dir: str | Path | None = None) -> "PromptStream":
+        """Load ``cfg`` (paths relative to ``recipe_dir``) and stream its training part.
+
+        Held-out rows (``eval_path`` / ``eval_fraction``, see :func:`load_train_eval`) are not
+        streamed; they are kept in ``stream.eval_samples``.
+        """
+        train, held = load_train_eval(cfg, base_dir=recipe_dir, seed=seed)
+        stream = cls.from_config(train, cfg, seed=seed)
+        stream.eval_samples = held
+        return stream
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Sample indices in the order epoch ``epoch`` visits them."""
+        if epoch != self._order_epoch:
+            n = len(self.samples)
+            self._order = (np.random.default_rng(self.seed + epoch).permutation(n)
+                           if self.shuffle else np.arange(n))
+            self._order_epoch = epoch
+        return self._order
+
+    def take(self, n: int) -> list[Sample]:
+        """The next ``n`` prompts (copies with media loaded); advances the cursor."""
+        if n < 1:
+            raise ValueError(f"take needs n >= 1, got {n}")
+        picked = []
+        for _ in range(n):
+            picked.append(self.samples[int(self.order(self.epoch)[self.position])])
+            self.position += 1
+            if self.position == len(self.samples):
+                self.epoch, self.position = self.epoch + 1, 0
+        if not self.load_media:
+            return [dataclasses.replace(s, images=list(s.images)) for s in picked]
+        return [load_media(s, self.volume) for s in picked]
+
+    def state(self) -> dict[str, Any]:
+        """The cursor, JSON-able: epoch, position, seed, shuffle, dataset size and fingerprint."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "shuffle": self.shuffle, "num_samples": len(self.samples),
+                "fingerprint": fingerprint(self.samples)}
+
+    @classmethod
+    def from_state(cls, samples: list[Sample], state: dict[str, Any], *,
+                   volume: VolumeConfig | None = None, load_media: bool = True) -> "PromptStream":
+        """The stream that continues where ``state`` (from :meth:`state`) left off.
+
+        Raises :class:`UserError` when the data changed since the state was saved (another
+        size or other ids), since the same cursor would then pick other prompts.
+        """
+        stream = cls(samples, seed=state.get("seed", 0), volume=volume, load_media=load_media)
+        stream.load_state(state)
+        return stream
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Move this stream's cursor (and seed, shuffle) to a saved :meth:`state`."""
+        if state.get("num_samples") != len(self.samples) or \
+                state.get("fingerprint", fingerprint(self.samples)) != fingerprint(self.samples):
+            raise UserError(f"the data changed since this run was saved: it had "
+                            f"{state.get('num_samples')} prompts, now {len(self.samples)} (or "
+                            "other ids). Resume with the same data file and data.fields, or "
+                            "start a new run.")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if not 0 <= position < len(self.samples) or epoch < 0:
+            raise UserError(f"data cursor epoch {epoch}, position {position} is outside a "
+                            f"dataset of {len(self.samples)} prompts.")
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state.get("shuffle", True))
+        self.epoch, self.position = epoch, position
+        self._order_epoch = -1  # the order is recomputed for the restored seed and epoch

@@ -1,0 +1,437 @@
+"""Data loading: formats, field mapping, errors, held-out splits, the prompt stream, real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import AutoTokenizer
+
+from medrl.align.models import load_tokenizer
+from medrl.align.records import Sample, UserError
+from medrl.launch.data import (PromptStream, load_samples, load_train_eval, read_rows,
+                               split_eval)
+from medrl.launch.recipe import DataConfig, VolumeConfig, load_recipe
+from medrl.rollouts.prompts import MCQ_INSTRUCTION
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = [
+    {"qid": "q1", "stem": "Which artery?", "choices": {"A": "LAD", "B": "RCA"}, "key": "B",
+     "topic": "cardio"},
+    {"qid": "q2", "stem": "Which drug?", "choices": {"A": "Metformin", "B": "Insulin"},
+     "key": "A", "topic": "endo"},
+    {"qid": "q3", "stem": "Which sign?", "choices": {"A": "Shadow", "B": "Mass"}, "key": "A",
+     "topic": "imaging"},
+]
+FIELDS = {"id": "qid", "question": "stem", "options": "choices", "answer": "key"}
+
+
+def cfg(path, **kw) -> DataConfig:
+    kw.setdefault("fields", FIELDS)
+    return DataConfig(path=str(path), **kw)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# --- formats ------------------------------------------------------------------------------------
+
+
+def test_every_format_gives_the_same_samples(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps(ROWS))
+    write_jsonl(tmp_path / "lines.jsonl", ROWS)
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "table.parquet"))
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
+                          "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(
+        str(tmp_path / "dd"))
+    write_jsonl(tmp_path / "lines.txt", ROWS)
+    expected = [(s.uid, s.messages, s.row) for s in load_samples(cfg(tmp_path / "list.json"))]
+    assert [u for u, _, _ in expected] == ["q1", "q2", "q3"]
+    for path, extra in [("lines.jsonl", {}), ("table.parquet", {}), ("saved", {}),
+                        ("dd", {"split": "test"}), ("lines.txt", {"format": "jsonl"})]:
+        got = [(s.uid, s.messages, s.row) for s in load_samples(cfg(tmp_path / path, **extra))]
+        assert got == expected, path
+
+
+def test_json_keyed_by_id_and_jsonl_named_json(tmp_path):
+    keyed = {r["qid"]: {k: v for k, v in r.items() if k != "qid"} for r in ROWS}
+    (tmp_path / "keyed.json").write_text(json.dumps(keyed, indent=2))
+    fields = {k: v for k, v in FIELDS.items() if k != "id"}
+    samples = load_samples(cfg(tmp_path / "keyed.json", fields=fields))
+    assert [s.uid for s in samples] == ["q1", "q2", "q3"]
+    assert samples[0].row["id"] == "q1" and samples[0].row["topic"] == "cardio"
+    write_jsonl(tmp_path / "lines.json", ROWS)
+    assert [s.uid for s in load_samples(cfg(tmp_path / "lines.json"))] == ["q1", "q2", "q3"]
+
+
+def test_saved_datasetdict_needs_a_split(tmp_path):
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
+                          "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(
+        str(tmp_path / "dd"))
+    with pytest.raises(UserError, match="splits train, test; set data.split"):
+        load_samples(cfg(tmp_path / "dd"))
+    with pytest.raises(UserError, match="no split 'val'; the splits are train, test"):
+        load_samples(cfg(tmp_path / "dd", split="val"))
+
+
+# --- mapping ------------------------------------------------------------------------------------
+
+
+def test_field_mapping_and_pass_through(tmp_path):
+    path = write_jsonl(tmp_path / "items.jsonl", ROWS)
+    s = load_samples(cfg(path, system_prompt="Sys."))[0]
+    assert s.uid == s.group_id == "q1"
+    assert s.data_dir == str(tmp_path)
+    # mapped columns under canonical names, every stored column kept as it is
+    assert s.row == {**ROWS[0], "question": "Which artery?", "options": {"A": "LAD", "B": "RCA"},
+                     "answer": "B"}
+    assert s.messages == [
+        {"role": "system", "content": "Sys."},
+        {"role": "user", "content": f"Which artery?\n\nA. LAD\nB. RCA\n\n{MCQ_INSTRUCTION}"}]
+
+
+def test_shadowed_column_and_list_options(tmp_path):
+    rows = [{"question": "Q?", "options": ["yes", "no", "maybe"], "answer": "no",
+             "answer_idx": "B"}]
+    path = write_jsonl(tmp_path / "pq.jsonl", rows)
+    s = load_samples(DataConfig(path=str(path), fields={"answer": "answer_idx"}))[0]
+    assert s.uid == "pq-0"  # no id column: <file stem>-<row index>
+    assert s.row["options"] == {"A": "yes", "B": "no", "C": "maybe"}
+    assert s.row["answer"] == "B" and s.row["answer_original"] == "no"
+
+
+def test_struct_union_drops_absent_options(tmp_path):
+    rows = [{"question": "Q1", "options": {"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}},
+            {"question": "Q2", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    samples = load_samples(DataConfig(path=str(path)))
+    assert list(samples[1].row["options"]) == ["A", "B", "C", "D"]
+    assert "E." not in samples[1].messages[0]["content"]
+
+
+def test_open_template_without_options_and_max_samples(tmp_path):
+    rows = [{"prompt": f"Summarise finding {i}.", "report": "r"} for i in range(5)]
+    path = write_jsonl(tmp_path / "open.jsonl", rows)
+    samples = load_samples(DataConfig(path=str(path), template="open", max_samples=2,
+                                      fields={"prompt": "prompt"}))
+    assert [s.messages for s in samples] == [
+        [{"role": "user", "content": f"Summarise finding {i}."}] for i in range(2)]
+    assert "options" not in samples[0].row
+
+
+def test_chat_template(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}], "id": "c1"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    s = load_samples(DataConfig(path=str(path), template="chat", system_prompt="S",
+                                fields={"id": "id"}))[0]
+    assert s.messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+
+
+def test_media_paths_resolve_against_the_data_folder(tmp_path):
+    sub = tmp_path / "data"
+    sub.mkdir()
+    rows = [{"question": "Q?", "options": ["x", "y"], "img": ["a.png", "/abs/b.png"],
+             "vol": "vols/v.npy"}]
+    path = write_jsonl(sub / "mm.jsonl", rows)
+    s = load_samples(DataConfig(path="data/mm.jsonl", fields={"images": "img", "volume": "vol"},
+                                volume={"num_slices": 3}), base_dir=tmp_path)[0]
+    assert s.images == [str(sub / "a.png"), "/abs/b.png"]
+    assert s.volume == str(sub / "vols" / "v.npy")
+    content = s.messages[0]["content"]
+    assert [p["type"] for p in content] == ["image"] * 5 + ["text"]  # 2 images + 3 slices
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_samples(cfg(tmp_path / "nope.jsonl"))
+    assert str(err.value) == (f"{tmp_path / 'nope.jsonl'}: data file not found. Check data.path "
+                              "(relative paths are read from the recipe's folder).")
+
+
+def test_missing_column_lists_the_existing_ones(tmp_path):
+    path = write_jsonl(tmp_path / "items.jsonl", ROWS)
+    with pytest.raises(UserError) as err:
+        load_samples(cfg(path, fields={**FIELDS, "answer": "solution"}))
+    assert str(err.value) == (
+        f"{path}: column 'solution' (data.fields.answer) not found. The data has the columns: "
+        "qid, stem, choices, key, topic. Set data.fields.answer to the column that holds it.")
+    with pytest.raises(UserError, match=r"column 'question' \(data.fields.question\) not found"):
+        load_samples(DataConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", ""), ("e.json", " [ ]\n"),
+                                           ("e.parquet", None)])
+def test_empty_dataset(tmp_path, name, content):
+    path = tmp_path / name
+    if content is None:
+        datasets.Dataset.from_dict({"question": []}).to_parquet(str(path))
+    else:
+        path.write_text(content)
+    with pytest.raises(UserError) as err:
+        load_samples(DataConfig(path=str(path)))
+    assert str(err.value) == f"{path}: the dataset is empty; it needs at least one row."
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"question": "Q"}\n{"question": \n')
+    with pytest.raises(UserError, match=r"bad\.jsonl: cannot read the data file as json"):
+        load_samples(DataConfig(path=str(tmp_path / "bad.jsonl")))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match=r"bad\.parquet: cannot read the data file as parquet"):
+        load_samples(DataConfig(path=str(tmp_path / "bad.parquet")))
+    (tmp_path / "rows.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match="cannot tell the data format from the suffix '.csv'"):
+        load_samples(DataConfig(path=str(tmp_path / "rows.csv")))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match="not written by datasets' save_to_disk"):
+        load_samples(DataConfig(path=str(tmp_path / "folder")))
+
+
+def test_duplicate_ids_and_bad_rows(tmp_path):
+    path = write_jsonl(tmp_path / "dup.jsonl", [ROWS[0], ROWS[1], ROWS[0]])
+    with pytest.raises(UserError, match="id 'q1' appears in rows 0 and 2"):
+        load_samples(cfg(path))
+    path = write_jsonl(tmp_path / "noopt.jsonl", [{**ROWS[0], "choices": None}])
+    with pytest.raises(UserError, match=r"sample q1 \(row 0\): the mcq template needs options"):
+        load_samples(cfg(path))
+
+
+# --- held-out split -----------------------------------------------------------------------------
+
+
+def make_samples(n: int) -> list[Sample]:
+    return [Sample(uid=f"s{i}", group_id=f"s{i}", messages=[{"role": "user", "content": str(i)}])
+            for i in range(n)]
+
+
+def test_split_eval():
+    samples = make_samples(20)
+    train, held = split_eval(samples, 0.25, seed=3)
+    assert len(held) == 5 and len(train) == 15
+    assert {s.uid for s in train} | {s.uid for s in held} == {s.uid for s in samples}
+    assert not {s.uid for s in train} & {s.uid for s in held}
+    assert [s.uid for s in held] == [s.uid for s in split_eval(samples, 0.25, seed=3)[1]]
+    assert [s.uid for s in held] != [s.uid for s in split_eval(samples, 0.25, seed=4)[1]]
+    assert split_eval(samples, 0.0, seed=3) == (samples, [])
+    with pytest.raises(UserError, match="leaves no training rows"):
+        split_eval(make_samples(1), 0.5, seed=0)
+
+
+def test_load_train_eval(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", ROWS[:2])
+    write_jsonl(tmp_path / "eval.jsonl", ROWS[2:])
+    train, held = load_train_eval(cfg("train.jsonl", eval_path="eval.jsonl"), base_dir=tmp_path)
+    assert [s.uid for s in train] == ["q1", "q2"] and [s.uid for s in held] == ["q3"]
+    write_jsonl(tmp_path / "leak.jsonl", ROWS[1:])
+    with pytest.raises(UserError, match="shares 1 id"):
+        load_train_eval(cfg("train.jsonl", eval_path="leak.jsonl"), base_dir=tmp_path)
+    train, held = load_train_eval(cfg("eval.jsonl", eval_fraction=0.0), base_dir=tmp_path)
+    assert held == []
+
+
+# --- the prompt stream --------------------------------------------------------------------------
+
+
+def uids(samples) -> list[str]:
+    return [s.uid for s in samples]
+
+
+def test_stream_order_epochs_and_exact_counts():
+    samples = make_samples(5)
+    stream = PromptStream(samples, seed=7)
+    got = uids(stream.take(3)) + uids(stream.take(3)) + uids(stream.take(4))
+    order0 = np.random.default_rng(7).permutation(5)
+    order1 = np.random.default_rng(8).permutation(5)
+    assert got == [f"s{i}" for i in list(order0) + list(order1)]
+    assert stream.state()["epoch"] == 2 and stream.state()["position"] == 0
+    assert sorted(got[:5]) == sorted(got[5:]) == uids(samples)  # each epoch sees every prompt
+    assert uids(PromptStream(samples, shuffle=False).take(7)) == \
+        ["s0", "s1", "s2", "s3", "s4", "s0", "s1"]
+    with pytest.raises(ValueError):
+        stream.take(0)
+
+
+def test_different_seeds_give_different_orders():
+    samples = make_samples(30)
+    def order(seed):
+        return uids(PromptStream(samples, seed=seed).take(30))
+
+    assert order(0) != order(1)
+    assert order(5) == order(5)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 9), seed=st.integers(0, 2**31),
+       takes=st.lists(st.integers(1, 7), min_size=2, max_size=6), cut=st.integers(1, 5))
+def test_resumed_stream_continues_exactly(n, seed, takes, cut):
+    samples = make_samples(n)
+    straight = PromptStream(samples, seed=seed)
+    expected = [uids(straight.take(k)) for k in takes]
+    cut = min(cut, len(takes) - 1)
+    first = PromptStream(samples, seed=seed)
+    got = [uids(first.take(k)) for k in takes[:cut]]
+    state = json.loads(json.dumps(first.state()))  # as stored in state.json
+    resumed = PromptStream.from_state(samples, state)
+    got += [uids(resumed.take(k)) for k in takes[cut:]]
+    assert got == expected
+
+
+def test_resume_refuses_changed_data():
+    stream = PromptStream(make_samples(4), seed=0)
+    stream.take(2)
+    with pytest.raises(UserError, match="the data changed since this run was saved: it had 4"):
+        PromptStream.from_state(make_samples(5), stream.state())
+    renamed = make_samples(4)
+    renamed[0].uid = "other"
+    with pytest.raises(UserError, match="the data changed"):
+        PromptStream.from_state(renamed, stream.state())
+
+
+def test_from_recipe_holds_out_eval_rows_and_load_state(tmp_path):
+    rows = [{"id": f"r{i}", "question": f"Q{i}?", "options": ["x", "y"]} for i in range(10)]
+    write_jsonl(tmp_path / "items.jsonl", rows)
+    data = DataConfig(path="items.jsonl", fields={"id": "id"}, eval_fraction=0.2)
+    stream = PromptStream.from_recipe(data, seed=1, recipe_dir=tmp_path)
+    assert len(stream.samples) == 8 and len(stream.eval_samples) == 2
+    streamed = set(uids(stream.take(8)))
+    assert streamed == set(uids(stream.samples))
+    assert not streamed & set(uids(stream.eval_samples))
+    saved = stream.state()
+    expected = uids(stream.take(5))
+    again = PromptStream.from_recipe(data, seed=1, recipe_dir=tmp_path)
+    again.load_state(saved)
+    assert uids(again.take(5)) == expected
+
+
+def test_media_load_lazily_for_taken_prompts_only(tmp_path):
+    Image.fromarray(np.full((4, 6, 3), 90, dtype=np.uint8)).save(tmp_path / "ok.png")
+    np.save(tmp_path / "v.npy", np.linspace(-500, 500, 4 * 5 * 6, dtype=np.float32)
+            .reshape(4, 5, 6))
+    rows = [{"id": "good", "question": "Q?", "options": ["x", "y"], "img": "ok.png",
+             "vol": "v.npy"},
+            {"id": "broken", "question": "Q?", "options": ["x", "y"], "img": "gone.png",
+             "vol": None}]
+    path = write_jsonl(tmp_path / "mm.jsonl", rows)
+    data = DataConfig(path=str(path), fields={"id": "id", "images": "img", "volume": "vol"},
+                      shuffle=False, volume={"num_slices": 2})
+    samples = load_samples(data)  # a missing image is not an error until it is used
+    stream = PromptStream.from_config(samples, data, seed=0)
+    taken = stream.take(1)[0]
+    assert len(taken.images) == 3 and all(isinstance(i, Image.Image) for i in taken.images)
+    assert taken.images[0].size == (6, 4) and taken.images[1].size == (6, 5)
+    assert samples[0].images == [str(tmp_path / "ok.png")]  # the dataset keeps paths
+    assert taken.volume == str(tmp_path / "v.npy")
+    mismatched = PromptStream(samples, shuffle=False, volume=VolumeConfig(num_slices=3))
+    with pytest.raises(UserError, match="sample good: the prompt has 3 image part.s. but 4"):
+        mismatched.take(1)
+    with pytest.raises(UserError) as err:
+        stream.take(1)
+    missing = tmp_path / "gone.png"
+    assert str(err.value).startswith(f"sample broken: image {missing} does not exist.")
+
+
+def test_volume_prompt_through_the_vl_processor(tmp_path, tiny_qwen2_vl):
+    np.save(tmp_path / "ct.npy", np.random.default_rng(0).normal(0, 300, (12, 20, 24))
+            .astype(np.float32))
+    rows = [{"VolumeName": "ct.npy", "question": "Finding?", "options": {"A": "x", "B": "y"},
+             "answer": "A"}]
+    data = DataConfig(path=str(write_jsonl(tmp_path / "ct.jsonl", rows)),
+                      fields={"volume": "VolumeName"}, volume={"num_slices": 3})
+    sample = PromptStream.from_config(load_samples(data), data, seed=0).take(1)[0]
+    proc = load_tokenizer(tiny_qwen2_vl)
+    text = proc.apply_chat_template(sample.messages, tokenize=False, add_generation_prompt=True)
+    batch = proc(text=[text], images=sample.images, return_tensors="pt")
+    assert batch["image_grid_thw"].shape[0] == 3  # one grid per slice
+    pad = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    merged = int((batch["image_grid_thw"].prod(-1) // 4).sum())  # 2x2 patch merge
+    assert int((batch["input_ids"] == pad).sum()) == merged
+
+
+def test_quickstart_recipe_data_loads():
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    samples = load_samples(recipe.data, base_dir=REPO / "recipes")
+    assert samples[0].uid == "quickstart_mcq-0" and samples[0].row["id"] == "qs-000"
+    assert samples[0].row["answer"] == "B" and len(samples) == 40
+    assert samples[0].messages[0]["role"] == "system"
+
+
+# --- the real evaluation sets in ../shared/data -------------------------------------------------
+
+
+def render(tok, sample) -> str:
+    return tok.apply_chat_template(sample.messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_medqa_and_medmcqa(shared_data, tiny_qwen2):
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    for name, count in (("medqa", 1273), ("medmcqa", 2816)):
+        data = DataConfig(path=str(shared_data / name / "test.jsonl"),
+                          fields={"id": "realidx", "answer": "answer_idx"})
+        samples = load_samples(data)
+        assert len(samples) == count and len({s.uid for s in samples}) == count
+        s = samples[0]
+        assert set(s.row["options"]) == {"A", "B", "C", "D"} and s.row["answer"] in "ABCD"
+        assert s.row["answer_original"] == s.row["options"][s.row["answer"]]
+        text = render(tok, s)
+        opts = "".join(f"\n{k}. {v}" for k, v in s.row["options"].items())
+        assert text == (f"<|im_start|>user\n{s.row['question'].strip()}\n{opts}\n\n"
+                        f"{MCQ_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n")
+    medqa0 = load_samples(DataConfig(path=str(shared_data / "medqa" / "test.jsonl"),
+                                     max_samples=1))[0]
+    assert medqa0.uid == "test-0" and medqa0.row["answer"].startswith("Tell the attending")
+
+
+def test_pubmedqa_medagents_and_ori(shared_data, tiny_qwen2):
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    data = DataConfig(path=str(shared_data / "pubmedqa" / "medagents_test.jsonl"),
+                      fields={"id": "realidx", "answer": "answer_idx"}, max_samples=20)
+    samples = load_samples(data)
+    for s in samples:
+        assert s.row["options"] == {"A": "yes", "B": "no", "C": "maybe"}
+        assert s.row["options"][s.row["answer"]] == s.row["answer_original"]
+    assert render(tok, samples[0]).endswith(
+        "\n\nA. yes\nB. no\nC. maybe\n\n" + MCQ_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n")
+    ori = DataConfig(path=str(shared_data / "pubmedqa" / "ori_pqal.json"), template="open",
+                     fields={"question": "QUESTION", "context": "CONTEXTS",
+                             "answer": "final_decision"})
+    samples = load_samples(ori)
+    assert len(samples) == 1000 and samples[0].uid == "21645374"
+    s = samples[0]
+    assert s.row["answer"] in ("yes", "no", "maybe") and "LONG_ANSWER" in s.row
+    content = s.messages[0]["content"]
+    assert content.startswith(s.row["CONTEXTS"][0].strip())
+    assert content.endswith("\n\n" + s.row["QUESTION"].strip())
+    labels = shared_data / "pubmedqa" / "test_ground_truth.json"  # {id: label}, not records
+    with pytest.raises(UserError, match=r"must map ids to records .* the value of '12377809' "
+                                        "is a str"):
+        read_rows(labels)
+
+
+def test_ct_rate_mcq(shared_data, tiny_qwen2):
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    data = DataConfig(path=str(shared_data / "ct_rate_mcq" / "sample_data.json"),
+                      fields={"volume": "VolumeName"}, volume={"num_slices": 4})
+    samples = load_samples(data)
+    assert len(samples) == 10 and samples[0].uid == "sample_data-0"
+    s = samples[0]
+    assert s.volume == s.row["VolumeName"] and s.volume.endswith(".nii.gz")  # absolute: kept
+    assert s.row["answer"] == "D" and s.row["options"]["D"] == "Emphysema"
+    text = render(tok, s)
+    assert text.startswith("<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * 4
+                           + "What unusual finding is present in this image?")
+    assert "\n\nA. Hiatal hernia\nB. Atelectasis\nC. Pleural effusion\nD. Emphysema\n\n" in text
+    with pytest.raises(UserError) as err:
+        PromptStream(samples, seed=0, shuffle=False, volume=data.volume).take(1)
+    assert str(err.value).startswith(f"sample sample_data-0: volume {s.volume} does not exist.")
