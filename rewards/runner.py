@@ -1,0 +1,423 @@
+"""Running the loaded rewards on a batch of samples, once per step.
+
+Where each reward runs:
+
+- ``actor: true``: its own Ray actor (``num_cpus``/``num_gpus`` from the recipe) that builds the
+  class once, calls ``setup(ctx)`` once (loads its model once) and scores every step;
+- function rewards with ``task_pool > 0`` (and Ray initialised): the batch is split into that
+  many Ray tasks;
+- everything else: in the calling (driver) process.
+
+Every reward's output is checked in the driver (count, finite numbers, token-weight lengths),
+then the failure policy applies: ``on_error="raise"`` stops with a :class:`RewardError` naming
+the reward, the sample uid(s) and the cause; ``on_error="skip_sample"`` drops the failed
+samples (their uids are returned and counted) and goes on.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from medrl.align.records import Sample, UserError
+from medrl.rewards.api import RewardContext, RewardError, RewardResult, finite
+from medrl.rewards.combine import combine_scores, multiply_token_weights, score_stats
+from medrl.rewards.loader import LoadedReward, load_rewards, split_veto
+
+
+@dataclass
+class Failure:
+    """A reward call that did not produce a usable result (travels back from Ray as data)."""
+
+    cause: str
+    timed_out: bool = False
+    traceback: str = ""
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _call_with_timeout(fn, timeout_s: float | None):
+    """Run ``fn()``; past ``timeout_s`` raise _TimedOut. The stuck call keeps running in a
+    daemon thread (Python cannot stop it); the run either stops or moves on without it."""
+    if timeout_s is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed back to the caller below, never lost
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name="medrl-reward")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise _TimedOut()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _failure(exc: BaseException, timeout_s: float | None) -> Failure:
+    if isinstance(exc, _TimedOut):
+        return Failure(f"exceeded its timeout of {timeout_s:g} s", timed_out=True)
+    return Failure(f"raised {type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+
+
+def call_function_reward(fn, kwargs: Mapping[str, Any], samples: Sequence[Sample],
+                         timeout_s: float | None) -> list[Any]:
+    """One raw result (or Failure) per sample; the timeout applies to each call."""
+    out: list[Any] = []
+    for sample in samples:
+        try:
+            out.append(_call_with_timeout(lambda: fn(sample, **kwargs), timeout_s))
+        except Exception as exc:  # recorded as a Failure; the policy decides what happens
+            out.append(_failure(exc, timeout_s))
+    return out
+
+
+class RewardWorker:
+    """Holds one reward and calls it; used as is in the driver and wrapped as a Ray actor."""
+
+    def __init__(self, loaded: LoadedReward, ctx: RewardContext):
+        self.loaded, self.ctx, self.instance = loaded, ctx, None
+
+    def setup(self) -> None:
+        if self.loaded.kind == "class":
+            self.instance = self.loaded.target(**self.loaded.kwargs)
+            self.instance.setup(self.ctx)
+
+    def score(self, samples: list[Sample]) -> list[Any] | Failure:
+        r = self.loaded
+        if r.kind == "class" and self.instance is None:  # a restarted actor sets up again
+            self.setup()
+        if r.kind == "function":
+            return call_function_reward(r.target, r.kwargs, samples, r.timeout_s)
+        try:
+            return _call_with_timeout(lambda: self.instance(samples), r.timeout_s)
+        except Exception as exc:  # recorded as a Failure for the whole batch
+            return _failure(exc, r.timeout_s)
+
+
+def check_result(raw: Any, sample: Sample) -> RewardResult | Failure:
+    """Validate one raw reward output against its sample."""
+    if isinstance(raw, Failure):
+        return raw
+    if raw is None:
+        return RewardResult(None)
+    if not isinstance(raw, RewardResult):
+        if not finite(raw):
+            if isinstance(raw, (int, float)):
+                return Failure(f"returned a non-finite score ({raw!r}); a score is a finite "
+                               "number, or None when the reward does not apply")
+            return Failure(f"returned a {type(raw).__name__}; expected a float, None or a "
+                           "RewardResult")
+        return RewardResult(float(raw))
+    if raw.score is not None and not finite(raw.score):
+        return Failure(f"returned a non-finite score ({raw.score!r}); a score is a finite "
+                       "number, or None when the reward does not apply")
+    dims = None
+    if raw.dims is not None:
+        for key, value in raw.dims.items():
+            if not finite(value):
+                return Failure(f"returned a non-finite value for dim {key!r} ({value!r})")
+        dims = {str(k): float(v) for k, v in raw.dims.items()}
+    weights = None
+    if raw.token_weights is not None:
+        n = len(sample.completion_ids)
+        if len(raw.token_weights) != n:
+            return Failure(f"returned {len(raw.token_weights)} token weights for a completion "
+                           f"of {n} tokens (one weight per token of completion_ids)")
+        for i, w in enumerate(raw.token_weights):
+            if not finite(w):
+                return Failure(f"returned a non-finite token weight ({w!r}) at position {i}")
+        weights = [float(w) for w in raw.token_weights]
+    score = None if raw.score is None else float(raw.score)
+    return RewardResult(score, dims, weights, raw.info)
+
+
+def check_batch(raw: Any, samples: Sequence[Sample]) -> list[RewardResult | Failure]:
+    if isinstance(raw, Failure):
+        return [raw] * len(samples)
+    if not isinstance(raw, (list, tuple)) or len(raw) != len(samples):
+        got = f"{len(raw)} results" if isinstance(raw, (list, tuple)) else \
+            f"a {type(raw).__name__}"
+        failure = Failure(f"returned {got} for {len(samples)} samples (a batched reward "
+                          "returns a list with one result per sample, in order)")
+        return [failure] * len(samples)
+    return [check_result(r, s) for r, s in zip(raw, samples)]
+
+
+def error_message(name: str, uids: Sequence[str], cause: str) -> str:
+    where = f"sample {uids[0]!r}" if len(uids) == 1 else \
+        "samples " + ", ".join(repr(u) for u in uids)
+    return (f"reward {name!r} failed on {where}: {cause}. Fix the reward, or set "
+            "rewards.on_error: skip_sample to drop such samples and go on.")
+
+
+@dataclass
+class ScoreReport:
+    """What ``RewardRunner.score`` returns.
+
+    samples: the samples that were scored (dropped ones removed), in their original order.
+    dropped: uids dropped under ``on_error: skip_sample``.
+    metrics: flat ``{"rewards/<name>/mean": ...}`` dict for logging (see ``RewardRunner.score``).
+    failures: one message per failed (reward, sample) under ``skip_sample``.
+    """
+
+    samples: list[Sample]
+    dropped: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def combined_token_weights(sample: Sample) -> list[float] | None:
+    """The product of every reward's token weights for this sample (None when none gave any)."""
+    return multiply_token_weights(list(sample.token_weights.values()))
+
+
+class RewardRunner:
+    """Scores batches with the loaded rewards; created once per run.
+
+    rewards: from :func:`load_rewards`. ctx: handed to every class reward's ``setup``.
+    normalize, veto, veto_threshold, floor, on_error: the recipe's rewards-level options.
+    task_pool: number of Ray tasks a batch of a function reward is split across (0: in the
+    driver). max_restarts: Ray restarts of a crashed reward actor (it sets up again on its
+    next call; the call in flight when it died fails).
+    ``start()`` builds driver-side rewards and starts actors (needs ``ray.init`` when any
+    reward has ``actor: true``); ``score`` starts them on first use; ``close()`` stops actors.
+    """
+
+    def __init__(self, rewards: list[LoadedReward], *, ctx: RewardContext | None = None,
+                 normalize: str = "none", veto: str | None = None,
+                 veto_threshold: float = 0.5, floor: float = 0.0, on_error: str = "raise",
+                 task_pool: int = 0, max_restarts: int = 0):
+        if on_error not in ("raise", "skip_sample"):
+            raise UserError(f"rewards.on_error must be 'raise' or 'skip_sample', not {on_error!r}")
+        if normalize not in ("none", "group"):
+            raise UserError(f"rewards.normalize must be 'none' or 'group', not {normalize!r}")
+        self.rewards = list(rewards)
+        names = [r.name for r in self.rewards]
+        self.veto = split_veto(veto, names) if veto else None
+        if self.veto and self.veto[0] not in names:
+            raise UserError(f"rewards.veto: {veto!r} names no loaded reward ({', '.join(names)})")
+        self.ctx = ctx or RewardContext()
+        self.normalize, self.veto_threshold, self.floor = normalize, veto_threshold, floor
+        self.on_error, self.task_pool, self.max_restarts = on_error, task_pool, max_restarts
+        self._workers: dict[str, Any] = {}  # name -> RewardWorker or Ray actor handle
+        self._task_fn = None
+        self._started = False
+
+    @classmethod
+    def from_config(cls, config: Any, *, base_dir=None, ctx: RewardContext | None = None,
+                    task_pool: int = 0, max_restarts: int = 0) -> "RewardRunner":
+        """From the recipe's ``rewards`` section (a RewardsConfig or the same as a dict)."""
+        data = config.model_dump() if hasattr(config, "model_dump") else dict(config)
+        loaded = load_rewards(list(data.get("functions", [])), base_dir=base_dir,
+                              veto=data.get("veto"))
+        return cls(loaded, ctx=ctx, normalize=data.get("normalize", "none"),
+                   veto=data.get("veto"), veto_threshold=data.get("veto_threshold", 0.5),
+                   floor=data.get("floor", 0.0), on_error=data.get("on_error", "raise"),
+                   task_pool=task_pool, max_restarts=max_restarts)
+
+    def identities(self) -> list[dict[str, Any]]:
+        """Provenance of every reward (see ``LoadedReward.identity``), for checkpoints."""
+        return [r.identity() for r in self.rewards]
+
+    identity = identities
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self) -> None:
+        for r in self.rewards:
+            if r.name not in self._workers:
+                self._workers[r.name] = self._start_one(r)
+        self._started = True
+
+    def _uses_ray(self, r: LoadedReward) -> bool:
+        return r.actor or (r.kind == "function" and self.task_pool > 0)
+
+    def _start_one(self, r: LoadedReward):
+        if self._uses_ray(r):
+            import ray
+            import ray.cloudpickle
+
+            if not ray.is_initialized():
+                raise UserError(f"reward {r.name!r} runs in Ray (actor: true or a task pool) "
+                                "but Ray is not initialised; call ray.init() first.")
+            if r.file_module:  # a reward from a .py file is not importable on the workers
+                ray.cloudpickle.register_pickle_by_value(sys.modules[r.file_module])
+        if r.actor:
+            actor = ray.remote(RewardWorker).options(
+                num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                max_restarts=self.max_restarts).remote(r, self.ctx)
+            try:
+                ray.get(actor.setup.remote())
+            except Exception as exc:
+                ray.kill(actor)
+                raise RewardError(f"reward {r.name!r} failed in setup(ctx) in its actor: {exc}",
+                                  reward=r.name, cause=str(exc)) from exc
+            return actor
+        worker = RewardWorker(r, self.ctx)
+        try:
+            worker.setup()
+        except Exception as exc:
+            raise RewardError(f"reward {r.name!r} failed in setup(ctx): "
+                              f"{type(exc).__name__}: {exc}", reward=r.name,
+                              cause=str(exc)) from exc
+        return worker
+
+    def close(self) -> None:
+        """Stop reward actors (idempotent)."""
+        for name, w in list(self._workers.items()):
+            if not isinstance(w, RewardWorker):
+                import ray
+
+                ray.kill(w)
+            del self._workers[name]
+        self._started = False
+
+    # -- scoring ----------------------------------------------------------------------
+    def _dispatch(self, r: LoadedReward, samples: list[Sample]):
+        """Start the reward on the batch; returns a zero-argument function that gathers."""
+        worker = self._workers[r.name]
+        if r.actor:
+            import ray
+
+            ref = worker.score.remote(samples)
+            backstop = None if r.timeout_s is None else r.timeout_s * 2 + 30
+
+            def gather():
+                try:
+                    return ray.get(ref, timeout=backstop)
+                except ray.exceptions.GetTimeoutError:
+                    return Failure(f"exceeded its timeout of {r.timeout_s:g} s", timed_out=True)
+                except ray.exceptions.RayActorError as exc:
+                    return Failure(f"its actor died ({exc})")
+                except ray.exceptions.RayTaskError as exc:  # setup() again after a restart
+                    return Failure(f"raised in its actor: {exc}")
+            return gather
+        if r.kind == "function" and self.task_pool > 0:
+            import ray
+
+            if self._task_fn is None:
+                self._task_fn = ray.remote(call_function_reward)
+            size = -(-len(samples) // self.task_pool)
+            chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
+            refs = [self._task_fn.options(num_cpus=r.num_cpus).remote(
+                r.target, r.kwargs, chunk, r.timeout_s) for chunk in chunks]
+            return lambda: [x for part in ray.get(refs) for x in part]
+        return lambda: worker.score(samples)
+
+    def _restart_after_timeout(self, r: LoadedReward) -> None:
+        """A timed-out actor may still be busy: replace it before the next step."""
+        if r.actor:
+            import ray
+
+            ray.kill(self._workers.pop(r.name))
+            self._workers[r.name] = self._start_one(r)
+
+    def score(self, samples: list[Sample]) -> ScoreReport:
+        """Score a batch: fills ``sample.rewards/reward_dims/token_weights/reward_info[name]``
+        and ``sample.reward`` (combined).
+
+        Metrics (over the kept samples): ``rewards/<name>/{mean,std,not_applicable,errors}``,
+        ``rewards/<name>/<dim>/{mean,std,not_applicable}``, ``rewards/combined/{mean,std}``,
+        ``rewards/vetoed`` (share), ``rewards/skipped_samples`` (count).
+        """
+        if not self._started:
+            self.start()
+        uids = [s.uid for s in samples]
+        if len(set(uids)) != len(uids):
+            raise ValueError("RewardRunner.score: sample uids must be unique within a batch "
+                             "(dropped samples are reported by uid)")
+        if not samples:
+            return ScoreReport([], [], {"rewards/skipped_samples": 0.0}, [])
+        gathers = [(r, self._dispatch(r, samples)) for r in self.rewards]
+        results: dict[str, list[RewardResult | Failure]] = {}
+        for r, gather in gathers:
+            results[r.name] = check_batch(gather(), samples)
+            if any(isinstance(x, Failure) and x.timed_out for x in results[r.name]):
+                if self.on_error == "skip_sample":
+                    self._restart_after_timeout(r)
+        if self.veto and self.veto[1] is not None:
+            self._check_veto_dims(results, samples)
+
+        failures, dropped, errors = [], set(), {r.name: 0 for r in self.rewards}
+        for r in self.rewards:
+            failed = [(s, x) for s, x in zip(samples, results[r.name]) if isinstance(x, Failure)]
+            if not failed:
+                continue
+            if self.on_error == "raise":
+                cause = failed[0][1].cause
+                batch = all(x is failed[0][1] for _, x in failed) and len(failed) > 1
+                uids = [s.uid for s, _ in failed] if batch else [failed[0][0].uid]
+                err = RewardError(error_message(r.name, uids, cause), reward=r.name,
+                                  uids=uids, cause=cause)
+                err.details = failed[0][1].traceback
+                raise err
+            errors[r.name] = len(failed)
+            for s, x in failed:
+                dropped.add(s.uid)
+                failures.append(error_message(r.name, [s.uid], x.cause))
+
+        keep = [i for i, s in enumerate(samples) if s.uid not in dropped]
+        kept = [samples[i] for i in keep]
+        self._fill(kept, {n: [v[i] for i in keep] for n, v in results.items()})
+        metrics = self._metrics(kept, errors)
+        metrics["rewards/skipped_samples"] = float(len(dropped))
+        return ScoreReport(kept, [s.uid for s in samples if s.uid in dropped], metrics, failures)
+
+    def _check_veto_dims(self, results, samples) -> None:
+        name, dim = self.veto
+        for i, x in enumerate(results[name]):
+            if isinstance(x, RewardResult) and x.score is not None and dim not in (x.dims or {}):
+                results[name][i] = Failure(
+                    f"returned no dim {dim!r}, which rewards.veto ({name}.{dim}) needs "
+                    f"(dims: {', '.join(sorted(x.dims or {})) or 'none'})")
+
+    def _fill(self, kept: list[Sample], results: dict[str, list[RewardResult]]) -> None:
+        for r in self.rewards:
+            for s, x in zip(kept, results[r.name]):
+                s.rewards[r.name] = x.score
+                if x.dims:
+                    s.reward_dims[r.name] = x.dims
+                if x.token_weights is not None:
+                    s.token_weights[r.name] = x.token_weights
+                if x.info:
+                    s.reward_info[r.name] = x.info
+        veto_scores = None
+        if self.veto:
+            name, dim = self.veto
+            veto_scores = [s.rewards[name] if dim is None or s.rewards[name] is None
+                           else s.reward_dims[name][dim] for s in kept]
+        combined, vetoed = combine_scores(
+            {r.name: [s.rewards[r.name] for s in kept] for r in self.rewards},
+            {r.name: r.weight for r in self.rewards}, [s.group_id for s in kept],
+            normalize=self.normalize, veto_scores=veto_scores,
+            veto_threshold=self.veto_threshold, floor=self.floor)
+        for s, c, v in zip(kept, combined, vetoed):
+            s.reward = c
+            if v:
+                s.reward_info["_veto"] = True
+
+    def _metrics(self, kept: list[Sample], errors: dict[str, int]) -> dict[str, float]:
+        m: dict[str, float] = {}
+        for r in self.rewards:
+            prefix = f"rewards/{r.name}"
+            m.update(score_stats(prefix, [s.rewards[r.name] for s in kept]))
+            m[f"{prefix}/errors"] = float(errors[r.name])
+            dims = sorted({d for s in kept for d in s.reward_dims.get(r.name, {})})
+            for d in dims:
+                m.update(score_stats(f"{prefix}/{d}",
+                                     [s.reward_dims.get(r.name, {}).get(d) for s in kept]))
+        m.update(score_stats("rewards/combined", [s.reward for s in kept]))
+        m.pop("rewards/combined/not_applicable", None)
+        if kept:
+            m["rewards/vetoed"] = sum(bool(s.reward_info.get("_veto")) for s in kept) / len(kept)
+        return m
