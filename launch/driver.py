@@ -104,10 +104,13 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     rollouts = RolloutGroup(recipe.rollout.num_workers, recipe.rollout.backend, str(policy_dir),
                             engine_kwargs, num_cpus_per_worker=c.rollout_cpus,
                             num_gpus_per_worker=c.rollout_gpus, max_restarts=c.max_restarts)
-    ctx = RewardContext(run_dir=run_dir, seed=recipe.run.seed,
+    recipe_dir = Path(recipe.run.recipe_dir or ".")
+    ctx = RewardContext(run_dir=run_dir, base_dir=recipe_dir, seed=recipe.run.seed,
+                        device="cuda" if c.learner_gpus else "cpu",
                         policy_logprobs=learner.logprobs_of_samples)
     rewards = RewardRunner(
-        load_rewards([s.model_dump() for s in recipe.rewards.functions], base_dir=run_dir),
+        load_rewards([s.model_dump() for s in recipe.rewards.functions], base_dir=recipe_dir,
+                     veto=recipe.rewards.veto),
         ctx=ctx, normalize=recipe.rewards.normalize, veto=recipe.rewards.veto,
         veto_threshold=recipe.rewards.veto_threshold, floor=recipe.rewards.floor,
         on_error=recipe.rewards.on_error, max_restarts=c.max_restarts)

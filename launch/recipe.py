@@ -30,6 +30,8 @@ class RunConfig(Section):
     seed: int = 0
     stage: Stage = "grpo"
     max_steps: int = Field(10, ge=1, description="optimiser steps for the whole run")
+    recipe_dir: str | None = Field(None, description="set by `medrl run`: the folder that "
+                                   "relative paths in the recipe (reward kwargs too) refer to")
 
 
 class ModelConfig(Section):

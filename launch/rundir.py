@@ -21,6 +21,7 @@ from medrl.launch.recipe import Recipe, dump_recipe, resolve_path
 def absolute_recipe(recipe: Recipe, recipe_dir: Path) -> Recipe:
     """A copy with every local path made absolute, so the saved recipe works from anywhere."""
     r = recipe.model_copy(deep=True)
+    r.run.recipe_dir = str(recipe_dir.resolve())
     r.data.path = str(resolve_path(recipe_dir, r.data.path).resolve())
     if r.data.eval_path:
         r.data.eval_path = str(resolve_path(recipe_dir, r.data.eval_path).resolve())

@@ -36,7 +36,7 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
         from medrl.rewards import load_rewards
 
         loaded = load_rewards([s.model_dump() for s in recipe.rewards.functions],
-                              base_dir=recipe_dir)
+                              base_dir=recipe_dir, veto=recipe.rewards.veto)
         checked.append(f"{len(loaded)} reward(s) loaded, arguments bound")
     return checked
 

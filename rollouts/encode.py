@@ -1,0 +1,122 @@
+"""Chat messages (+ images) -> prompt token ids, with the model's tokenizer or processor.
+
+The chat template is applied with ``add_generation_prompt=True`` so the completion starts
+right after the assistant header. For a vision-language model the processor expands each
+``{"type": "image"}`` placeholder into the image's patch tokens, so ``prompt_ids`` are the
+exact ids the model sees, and the pixel tensors come back beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from medrl.align.records import Sample, UserError
+
+
+@dataclass
+class EncodedBatch:
+    """Model inputs for a batch of prompts, left-padded.
+
+    ``inputs``: ``input_ids`` / ``attention_mask`` ``[B, L]`` (int64) and, for a VLM,
+    ``pixel_values`` ``[num_patches, C*T*P*P]``, ``image_grid_thw`` ``[num_images, 3]`` and
+    any extra id tensors the processor returns (``mm_token_type_ids`` ``[B, L]``).
+    ``prompt_ids``: the unpadded ids of each prompt. ``texts``: the rendered templates.
+    """
+
+    inputs: dict[str, Any]
+    prompt_ids: list[list[int]]
+    texts: list[str] = field(default_factory=list)
+
+
+def text_tokenizer(tokenizer_or_processor):
+    """The plain tokenizer inside a processor (or the tokenizer itself)."""
+    return getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
+
+
+def is_processor(tokenizer_or_processor) -> bool:
+    return hasattr(tokenizer_or_processor, "image_processor")
+
+
+def count_images(messages: list[dict[str, Any]]) -> int:
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image")
+
+
+def _text_only(messages: list[dict[str, Any]], uid: str) -> list[dict[str, Any]]:
+    """Messages with list content flattened to strings (text models' templates expect them)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append(str(part.get("text", "")))
+                else:
+                    raise UserError(
+                        f"sample {uid}: message part of type {kind!r} sent to a text-only "
+                        "model. Use a vision-language model (model.policy) for image data, "
+                        "or drop the images from the data.")
+            content = "".join(parts)
+        out.append({**m, "content": content})
+    return out
+
+
+def render(tokenizer_or_processor, sample: Sample) -> str:
+    """The chat template applied to ``sample.messages``, ending with the assistant header."""
+    if not sample.messages:
+        raise UserError(f"sample {sample.uid}: no chat messages to generate from; the prompt "
+                        "builder must fill Sample.messages before rollout.")
+    messages = sample.messages
+    if not is_processor(tokenizer_or_processor):
+        messages = _text_only(messages, sample.uid)
+    try:
+        return tokenizer_or_processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # jinja errors are cryptic: name the sample, keep the cause
+        raise UserError(f"sample {sample.uid}: the model's chat template failed on its "
+                        f"messages ({type(err).__name__}: {err}). Check that every message "
+                        "has 'role' and 'content' (a string or a list of "
+                        "{'type': 'text'|'image'} parts).") from err
+
+
+def _check_images(sample: Sample) -> list[Any]:
+    wanted = count_images(sample.messages)
+    images = list(sample.images or [])
+    if wanted != len(images):
+        raise UserError(f"sample {sample.uid}: its messages hold {wanted} image placeholder(s) "
+                        f"but {len(images)} image(s) are attached. Every {{'type': 'image'}} "
+                        "part needs exactly one loaded image in Sample.images, in order.")
+    for i, image in enumerate(images):
+        if isinstance(image, str):
+            raise UserError(f"sample {sample.uid}: image {i} is still a path ({image!r}); "
+                            "load it into a PIL image before rollout.")
+    return images
+
+
+def encode_batch(tokenizer_or_processor, samples: list[Sample]) -> EncodedBatch:
+    """Tokenise a batch of prompts (left padding) for ``generate`` or a forward pass."""
+    texts = [render(tokenizer_or_processor, s) for s in samples]
+    tok = text_tokenizer(tokenizer_or_processor)
+    if is_processor(tokenizer_or_processor):
+        images = [img for s in samples for img in _check_images(s)]
+        inputs = tokenizer_or_processor(text=texts, images=images or None, padding=True,
+                                        padding_side="left", return_tensors="pt")
+    else:
+        for s in samples:
+            if s.images:
+                raise UserError(f"sample {s.uid}: has images but the model is text-only. "
+                                "Use a vision-language model, or drop the images.")
+        inputs = tok(texts, add_special_tokens=False, padding=True, padding_side="left",
+                     return_tensors="pt")
+    inputs = dict(inputs)
+    mask = inputs["attention_mask"].bool()
+    prompt_ids = [row[m].tolist() for row, m in zip(inputs["input_ids"], mask)]
+    return EncodedBatch(inputs=inputs, prompt_ids=prompt_ids, texts=texts)
+
+
+def encode_prompt(tokenizer_or_processor, sample: Sample) -> EncodedBatch:
+    """One prompt: ``prompt_ids[0]`` are its ids; ``inputs`` hold pixel tensors for a VLM."""
+    return encode_batch(tokenizer_or_processor, [sample])

@@ -1,0 +1,222 @@
+"""Rollouts with Hugging Face ``generate``: small machines, CPU runs, and VLMs without vLLM.
+
+Conventions (what ``completion_ids``, ``rollout_logprobs`` and ``finish_reason`` mean) are
+those of :mod:`medrl.rollouts.engine`. Stopping is decided by one stopping criterion that
+records, per row, the step at which the row finished (eos, or a stop string once
+``min_new_tokens`` tokens exist); the completion is cut there, so tokens ``generate`` pads
+finished rows with never leak into a completion, even when the pad id was also sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from medrl.align.models import is_vision_model, load_model, load_tokenizer
+from medrl.align.records import Sample, UserError
+from medrl.rollouts.encode import EncodedBatch, encode_batch, text_tokenizer
+from medrl.rollouts.engine import (SamplingParams, WeightSyncError, check_weight_names,
+                                   finished_sample)
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"rollout engine dtype {dtype!r} is not supported; use one of "
+                        f"{', '.join(names)}.")
+    return names[dtype]
+
+
+class _FinishTracker:
+    """A ``StoppingCriteria`` that remembers when each row finished.
+
+    ``finished_at[row]`` is the number of generated tokens (the ending token included) when
+    row ``row`` met eos or a stop string, or ``None`` while it runs.
+    """
+
+    def __init__(self, tokenizer, prompt_len: int, rows: int, eos_ids: set[int],
+                 stop: Sequence[str], min_new_tokens: int):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.eos_ids = eos_ids
+        self.stop = list(stop)
+        self.min_new_tokens = min_new_tokens
+        self.finished_at: list[int | None] = [None] * rows
+
+    def _hits_stop_string(self, generated: list[int]) -> bool:
+        # Like vLLM, stop strings count only in text produced after min_new_tokens tokens.
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        start = (len(self.tokenizer.decode(generated[:self.min_new_tokens],
+                                           skip_special_tokens=True))
+                 if self.min_new_tokens else 0)
+        return any(s in text[start:] for s in self.stop)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        generated = input_ids[:, self.prompt_len:]
+        steps = generated.shape[1]
+        for row, done in enumerate(self.finished_at):
+            if done is not None:
+                continue
+            last = int(generated[row, -1])
+            if last in self.eos_ids or (
+                    self.stop and steps > self.min_new_tokens
+                    and self._hits_stop_string(generated[row].tolist())):
+                self.finished_at[row] = steps
+        return torch.tensor([d is not None for d in self.finished_at], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+class HFEngine:
+    """A rollout engine around a Hugging Face model in this process.
+
+    ``model_dir``: a local Hugging Face folder (text or vision-language model).
+    ``dtype``: "float32" (default) or "bfloat16"; ``seed``: base seed for calls whose
+    ``SamplingParams.seed`` is None; ``num_threads``: torch intra-op threads (None: leave).
+    """
+
+    supports_sleep = False
+
+    def __init__(self, model_dir: str | Path, *, dtype: Any = "float32", seed: int = 0,
+                 num_threads: int | None = None):
+        import torch
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model_dir = Path(model_dir)
+        self.is_vision = is_vision_model(self.model_dir)
+        self.processor = load_tokenizer(self.model_dir)  # a processor for VLMs
+        self.tokenizer = text_tokenizer(self.processor)
+        self.model = load_model(self.model_dir, dtype=_torch_dtype(dtype)).eval()
+        self.seed = seed
+        self._calls = 0
+        self.policy_version = 0
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos if eos is not None
+                                                 else self.tokenizer.eos_token_id]
+        self.eos_ids = {int(e) for e in eos}
+        self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                       else min(self.eos_ids))
+
+    # -- generation ---------------------------------------------------------------------
+
+    def generate(self, prompts: list[Sample], sampling: SamplingParams) -> list[Sample]:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        if not prompts:
+            return []
+        # One row per completion (prompt-major): images repeat with their prompt, and greedy
+        # decoding works for n > 1 too (generate's num_return_sequences refuses it).
+        batch = encode_batch(self.processor, [p for p in prompts for _ in range(sampling.n)])
+        prompt_len = batch.inputs["input_ids"].shape[1]
+        rows = len(prompts) * sampling.n
+        tracker = _FinishTracker(self.tokenizer, prompt_len, rows, self.eos_ids, sampling.stop,
+                                 sampling.min_new_tokens)
+        greedy = sampling.temperature == 0
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+            # Explicit "off" values: None would fall back to transformers' defaults (top_k 50).
+            do_sample=not greedy, temperature=1.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy or sampling.top_k == -1 else sampling.top_k,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True)
+        seed = sampling.seed if sampling.seed is not None else self.seed + self._calls
+        self._calls += 1
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            out = self.model.generate(**batch.inputs, generation_config=config,
+                                      stopping_criteria=StoppingCriteriaList([tracker]))
+        generated = out.sequences[:, prompt_len:]
+        # Log-prob of each sampled token under the processed (sampling) distribution.
+        logprobs = torch.stack([
+            torch.log_softmax(step.float(), dim=-1).gather(1, generated[:, t:t + 1]).squeeze(1)
+            for t, step in enumerate(out.scores)], dim=1)
+
+        samples = []
+        for row in range(rows):
+            prompt_index, index = divmod(row, sampling.n)
+            end = tracker.finished_at[row]
+            reason = "stop"
+            if end is None:
+                end, reason = generated.shape[1], "length"
+                if end != sampling.max_new_tokens:
+                    raise RuntimeError(f"row {row} unfinished after {end} of "
+                                       f"{sampling.max_new_tokens} tokens")
+            samples.append(finished_sample(
+                prompts[prompt_index], index, prompt_ids=batch.prompt_ids[row],
+                completion_ids=generated[row, :end].tolist(),
+                logprobs=logprobs[row, :end].tolist(), finish_reason=reason,
+                tokenizer=self.tokenizer, policy_version=self.policy_version))
+        return samples
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def _encode_for_scoring(self, sample: Sample) -> EncodedBatch:
+        if self.is_vision:  # pixel tensors come from re-encoding the prompt
+            enc = encode_batch(self.processor, [sample])
+            if enc.prompt_ids[0] != list(sample.prompt_ids):
+                raise WeightSyncError(f"sample {sample.uid}: re-encoding its prompt gives "
+                                      "different ids than the rollout recorded")
+            return enc
+        import torch
+
+        ids = torch.tensor([list(sample.prompt_ids)])
+        return EncodedBatch(inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                            prompt_ids=[list(sample.prompt_ids)])
+
+    def score(self, samples: Sequence[Sample]) -> list[list[float]]:
+        """Temperature-1 log-probs of each sample's completion: one unpadded forward pass
+        per sample (exact, and cheap at the few samples a sync check uses)."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for sample in samples:
+                inputs = dict(self._encode_for_scoring(sample).inputs)
+                completion = torch.tensor([list(sample.completion_ids)])
+                inputs["input_ids"] = torch.cat([inputs["input_ids"], completion], dim=1)
+                inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+                if "mm_token_type_ids" in inputs:  # completion tokens are text (type 0)
+                    inputs["mm_token_type_ids"] = torch.cat(
+                        [inputs["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+                logits = self.model(**inputs).logits[0].float()
+                n = completion.shape[1]
+                start = inputs["input_ids"].shape[1] - n - 1
+                lp = torch.log_softmax(logits[start:start + n], dim=-1)
+                out.append(lp.gather(1, completion[0][:, None]).squeeze(1).tolist())
+        return out
+
+    # -- weights ------------------------------------------------------------------------
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]], version: int, *,
+                       last_bucket: bool = True) -> None:
+        """Copy tensors into the model's parameters in place (``copy_`` under no_grad)."""
+        import torch
+
+        state = self.model.state_dict()  # shares storage with the parameters
+        named_tensors = list(named_tensors)
+        check_weight_names((n for n, _ in named_tensors), set(state), "HF rollout engine")
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if tuple(tensor.shape) != tuple(state[name].shape):
+                    raise WeightSyncError(f"HF rollout engine: weight {name} has shape "
+                                          f"{tuple(tensor.shape)}, the model expects "
+                                          f"{tuple(state[name].shape)}")
+                state[name].copy_(tensor)
+        if last_bucket:
+            self.policy_version = version
+
+    def sleep(self) -> None:
+        """Not supported: the model stays in memory."""
+
+    def wake(self) -> None:
+        """Not supported (see :meth:`sleep`)."""

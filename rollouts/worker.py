@@ -1,0 +1,218 @@
+"""Rollout engines as Ray actors, and a group of them that behaves like one engine.
+
+:class:`RolloutWorker` is a plain class (it works without Ray) holding one engine;
+:class:`RolloutGroup` turns it into actors with ``ray.remote`` at call time and:
+
+- spreads prompts over the workers, each prompt's whole GRPO group on one worker;
+- pushes weights through the Ray object store: the caller ``ray.put``s each bucket and
+  passes the refs; the refs travel wrapped in a list so Ray hands them to the worker
+  unresolved, and each worker fetches the buckets itself;
+- survives a worker restart: Ray restarts a dead actor (``max_restarts``) with its start-up
+  weights, so the group remembers the refs of the last push, re-pushes them to a worker that
+  came back, and retries that worker's batch once. A result tagged with an older policy
+  version than the group's (a worker that restarted between calls) is treated the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from medrl.align.records import Sample
+from medrl.rollouts.engine import (SamplingParams, WeightSyncError, create_engine,
+                                   verify_sync)
+
+
+class RolloutWorker:
+    """One rollout engine; the body of a Ray actor (methods are called as ``.remote``)."""
+
+    def __init__(self, backend: str, model_dir: str, engine_kwargs: dict[str, Any]):
+        self.engine = create_engine(backend, model_dir, **dict(engine_kwargs))
+
+    def ready(self) -> int:
+        """The engine's policy version (a cheap liveness probe)."""
+        return self.engine.policy_version
+
+    def generate(self, prompts: list[Sample], sampling: SamplingParams) -> list[Sample]:
+        return self.engine.generate(prompts, sampling)
+
+    def update_weights(self, bucket_refs: list[Any], version: int) -> int:
+        """Fetch each bucket (a list of ``(name, tensor)``) from the object store and load it.
+
+        ``bucket_refs`` are ``ObjectRef``s (or, without Ray, the buckets themselves).
+        Returns the new policy version.
+        """
+        import ray
+
+        for i, ref in enumerate(bucket_refs):
+            bucket = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+            self.engine.update_weights(bucket, version, last_bucket=i == len(bucket_refs) - 1)
+        return self.engine.policy_version
+
+    def score(self, samples: list[Sample]) -> list[list[float]]:
+        return self.engine.score(samples)
+
+
+def split_prompts(prompts: Sequence[Sample], parts: int) -> list[list[Sample]]:
+    """Contiguous, near-equal chunks (the first ones one longer); empty chunks dropped."""
+    size, extra = divmod(len(prompts), parts)
+    chunks, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        chunks.append(list(prompts[start:end]))
+        start = end
+    return chunks
+
+
+class RolloutGroup:
+    """``num_workers`` rollout actors used as one engine.
+
+    ``backend``: "hf" | "vllm"; ``engine_kwargs`` go to the engine constructor;
+    ``num_cpus_per_worker``: the actor's Ray CPUs (and its OMP/torch threads unless
+    ``engine_kwargs["num_threads"]`` says otherwise); ``max_restarts``: how often Ray may
+    restart a dead worker; ``restart_timeout_s``: how long to wait for one to come back.
+    """
+
+    def __init__(self, num_workers: int, backend: str, model_dir: str,
+                 engine_kwargs: dict[str, Any] | None = None, *,
+                 num_cpus_per_worker: float = 1, max_restarts: int = 1,
+                 restart_timeout_s: float = 180.0):
+        import ray
+
+        engine_kwargs = dict(engine_kwargs or {})
+        threads = engine_kwargs.get("num_threads") or max(1, int(num_cpus_per_worker))
+        engine_kwargs["num_threads"] = threads
+        actor = ray.remote(RolloutWorker).options(
+            num_cpus=num_cpus_per_worker, max_restarts=max_restarts,
+            max_task_retries=0,  # retries are ours: weights must be re-pushed first
+            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                      "OMP_NUM_THREADS": str(threads)}})
+        self.workers = [actor.remote(backend, str(model_dir), engine_kwargs)
+                        for _ in range(num_workers)]
+        self.restart_timeout_s = restart_timeout_s
+        self.policy_version = 0
+        self._last_push: tuple[list[Any], int] | None = None  # (bucket refs, version)
+        self.restarts_handled = 0
+        ray.get([w.ready.remote() for w in self.workers])
+
+    # -- recovery -----------------------------------------------------------------------
+
+    def _wait_alive(self, worker) -> int:
+        """Block until a restarting worker answers; returns its policy version."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+        deadline = time.monotonic() + self.restart_timeout_s
+        while True:
+            try:
+                return ray.get(worker.ready.remote(), timeout=30)
+            except (ActorUnavailableError, ActorDiedError, GetTimeoutError) as err:
+                # Calls during a restart fail at once; a worker past max_restarts stays dead.
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"rollout worker did not come back within {self.restart_timeout_s:.0f} "
+                        f"s ({type(err).__name__}: {err}); raise cluster.max_restarts or check "
+                        "the worker's log for why it died") from err
+                time.sleep(1.0)
+
+    def _catch_up(self, worker) -> None:
+        """Re-push the last weights to a worker that (re)started with older ones."""
+        import ray
+
+        version = self._wait_alive(worker)
+        if self._last_push is not None and version != self._last_push[1]:
+            refs, pushed = self._last_push
+            ray.get(worker.update_weights.remote(list(refs), pushed))
+        self.restarts_handled += 1
+
+    def _call_all(self, submit: Callable[[Any, int], Any],
+                  check: Callable[[Any], bool] = lambda result: True) -> list[Any]:
+        """``submit(worker, i)`` on every worker in parallel; a worker whose call dies, or
+        whose result fails ``check``, is caught up and retried once."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        pending = [submit(w, i) for i, w in enumerate(self.workers)]
+        results = []
+        for i, (worker, ref) in enumerate(zip(self.workers, pending)):
+            try:
+                result = ray.get(ref)
+                stale = not check(result)
+            except (ActorDiedError, ActorUnavailableError):
+                stale = True  # died mid-call: Ray restarts it with its start-up weights
+            if not stale:
+                results.append(result)
+                continue
+            self._catch_up(worker)
+            result = ray.get(submit(worker, i))
+            if not check(result):
+                raise WeightSyncError(f"rollout worker {i} still serves old weights after a "
+                                      f"re-push (group version {self.policy_version})")
+            results.append(result)
+        return results
+
+    # -- the engine-like API ------------------------------------------------------------
+
+    def generate(self, prompts: list[Sample], sampling: SamplingParams) -> list[Sample]:
+        """Prompts in, ``len(prompts) * sampling.n`` samples out, in prompt order."""
+        chunks = split_prompts(prompts, len(self.workers))
+
+        def submit(worker, i):
+            return worker.generate.remote(chunks[i], sampling)
+
+        def current(samples):
+            return all(s.policy_version == self.policy_version for s in samples)
+
+        return [s for part in self._call_all(submit, current) for s in part]
+
+    def update_weights_from_refs(self, bucket_refs: Sequence[Any], version: int) -> None:
+        """Push weights that the caller put in the object store (one ref per bucket of
+        ``(name, tensor)`` pairs) to every worker; remembered for re-pushes."""
+        refs = list(bucket_refs)
+        self._last_push = (refs, version)
+        self.policy_version = version
+        self._call_all(lambda worker, i: worker.update_weights.remote(list(refs), version),
+                       lambda result: result == version)
+
+    def update_weights_nccl(self, *args: Any, **kwargs: Any) -> None:
+        """Seam for the GPU path: broadcast weights from learner rank 0 to the engines over
+        an NCCL group (learner rank 0 + one rank per rollout GPU), bucket by bucket, each
+        worker loading what it receives through the same engine ``update_weights``. Skips the
+        object store's host copy; needs CUDA on both sides. Not implemented here: use
+        :meth:`update_weights_from_refs`."""
+        raise NotImplementedError("NCCL weight broadcast is not implemented; use "
+                                  "update_weights_from_refs (the Ray object store path).")
+
+    def score_all(self, samples: list[Sample]) -> list[list[list[float]]]:
+        """Every worker's temperature-1 log-probs of the samples' completions."""
+        return self._call_all(lambda worker, i: worker.score.remote(samples))
+
+    def verify_sync(self, reference_logprobs_fn: Callable[[Sequence[Sample]],
+                                                          list[list[float]]],
+                    samples: Sequence[Sample], atol: float) -> float:
+        """:func:`medrl.rollouts.engine.verify_sync` against every worker; the worst diff."""
+        samples = [s for s in samples if s.completion_ids]
+        reference = reference_logprobs_fn(samples)
+        worst = 0.0
+        for scores in self.score_all(list(samples)):
+            worst = max(worst, verify_sync(_Scored(scores, self.policy_version),
+                                           lambda _: reference, samples, atol))
+        return worst
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        self.workers = []
+
+
+class _Scored:
+    """Scores already computed by a worker, seen through the engine interface."""
+
+    def __init__(self, scores: list[list[float]], policy_version: int):
+        self._scores, self.policy_version = scores, policy_version
+
+    def score(self, samples):
+        return self._scores

