@@ -1,0 +1,368 @@
+"""The checkpoint format: one folder per saved step, complete or ignored.
+
+```
+RUN_DIR/checkpoints/step-000200/
+    policy/      Hugging Face folder (written by the learner)
+    learner/     optimiser / ZeRO state, scheduler (written by the learner)
+    state.json   step, policy version, data cursor, RNG states, anything JSON-able
+    COMPLETE     written last: {"step", "created", "files": {relative path: sha256}}
+```
+
+A save is built in a hidden temporary folder (``checkpoints/.tmp-...``) and renamed into
+place only after ``COMPLETE`` is on disk, so a crash at any moment leaves either the previous
+checkpoints untouched or a folder that :func:`list_checkpoints` ignores. Only one process
+writes checkpoints for a run at a time (the driver); the learner ranks write *into* the
+temporary folder the driver hands them.
+
+Nothing here unpickles: states are JSON, tensors travel as base64 of their raw bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from medrl.align.records import UserError
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "state.json"
+COMPLETE_FILE = "COMPLETE"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    """``200`` -> ``"step-000200"``."""
+    return f"step-{int(step):06d}"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step number encoded in a checkpoint folder's name."""
+    match = _STEP_RE.match(Path(path).name)
+    if not match:
+        raise UserError(f"{path}: not a checkpoint folder (expected a name like step-000200).")
+    return int(match.group(1))
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, write: Callable[[Path], None],
+                    state: Mapping[str, Any], keep_last: int | None = None) -> Path:
+    """Save step ``step`` of a run and return its folder ``RUN_DIR/checkpoints/step-%06d``.
+
+    ``write(tmp)`` fills the temporary folder (the learner writes ``policy/`` and ``learner/``
+    there). ``state`` is any JSON-able mapping (policy version, data cursor, RNG states from
+    :func:`capture_rng`, reward identities, ...); ``step`` is stored in it too. An existing
+    checkpoint of the same step is replaced. ``keep_last``: after the save, delete all but the
+    newest ``keep_last`` complete checkpoints (never the one just written).
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)
+    name = step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    try:
+        write(tmp)
+        _write_json(tmp / STATE_FILE, {**dict(state), "step": int(step)})
+        files = _hash_tree(tmp, fsync=True)
+        _write_json(tmp / COMPLETE_FILE, {"format": FORMAT_VERSION, "step": int(step),
+                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                          "files": files})
+        _fsync_dirs(tmp)
+        final = root / name
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the error itself propagates unchanged
+        raise
+    if keep_last is not None:
+        apply_retention(run_dir, keep_last, protect=final)
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first, then deleted.
+
+    ``os.replace`` cannot overwrite a non-empty folder, hence the three steps. Between them a
+    crash leaves the old copy under a hidden ``.old-`` name, which no reader looks at.
+    """
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        _delete_checkpoint_dir(old)
+
+
+def apply_retention(run_dir: str | Path, keep_last: int, *,
+                    protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; return the deleted ones."""
+    complete = list_checkpoints(run_dir)
+    doomed = complete[:-keep_last] if len(complete) > keep_last else []
+    if protect is not None:
+        doomed = [p for p in doomed if p.resolve() != Path(protect).resolve()]
+    for path in doomed:
+        _delete_checkpoint_dir(path)
+    return doomed
+
+
+def _delete_checkpoint_dir(path: Path) -> None:
+    # COMPLETE goes first: if deletion stops halfway, the remains no longer look complete.
+    marker = path / COMPLETE_FILE
+    if marker.exists():
+        marker.unlink()
+    shutil.rmtree(path)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Hidden folders of an interrupted earlier save (one writer per run, so none is live)."""
+    for child in root.iterdir():
+        if child.is_dir() and (child.name.startswith(".tmp-") or child.name.startswith(".old-")):
+            shutil.rmtree(child)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"checkpoint {path.name}: the state must be JSON-able ({exc}); convert "
+                        "tensors with capture_rng-style base64 or plain lists first") from exc
+    with open(path, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path, *, fsync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if fsync:  # the learner's files reach the disk before COMPLETE claims they are there
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _hash_tree(folder: Path, *, fsync: bool = False) -> dict[str, str]:
+    """{relative posix path: sha256} for every file under ``folder`` except COMPLETE."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != COMPLETE_FILE:
+            files[rel] = _sha256(path, fsync=fsync)
+    return files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dirs(folder: Path) -> None:
+    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_dir(path)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest step first (folders without COMPLETE are skipped)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_RE.match(child.name)
+        if match and child.is_dir() and (child / COMPLETE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The newest complete checkpoint, or the one of ``step``. Raises UserError when absent."""
+    complete = list_checkpoints(run_dir)
+    if not complete:
+        raise UserError(
+            f"{run_dir}: no complete checkpoint under {Path(run_dir) / CHECKPOINTS_DIR} (a step "
+            "folder without a COMPLETE file is an interrupted save and is ignored). Check the run "
+            "folder, or start the run again with `medrl run`.")
+    if step is None:
+        return complete[-1]
+    for path in complete:
+        if checkpoint_step(path) == step:
+            return path
+    steps = ", ".join(str(checkpoint_step(p)) for p in complete)
+    raise UserError(f"{run_dir}: no complete checkpoint for step {step}; available steps: {steps}.")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); {what}") from None
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, str]:
+    """Recompute every checksum listed in COMPLETE; return {file: sha256} when all match.
+
+    Raises UserError naming the first file that is missing, changed, or not listed.
+    """
+    path = Path(path)
+    hint = "the checkpoint is incomplete or damaged; resume from an earlier step instead."
+    marker = _read_json(path / COMPLETE_FILE, hint)
+    listed = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(listed, dict):
+        raise UserError(f"{path / COMPLETE_FILE}: has no file list; {hint}")
+    actual = _hash_tree(path)
+    for rel, expected in sorted(listed.items()):
+        if rel not in actual:
+            raise UserError(f"{path / rel}: listed in COMPLETE but missing; {hint}")
+        if actual[rel] != expected:
+            raise UserError(f"{path / rel}: checksum does not match the one in COMPLETE (the file "
+                            f"changed after the save); {hint}")
+    extra = sorted(set(actual) - set(listed))
+    if extra:
+        raise UserError(f"{path / extra[0]}: not part of the saved checkpoint (added after the "
+                        "save); remove it or resume from an earlier step.")
+    return actual
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint folder."""
+    state = _read_json(Path(path) / STATE_FILE, "the checkpoint is damaged; resume from an "
+                       "earlier step instead.")
+    if not isinstance(state, dict):
+        raise UserError(f"{Path(path) / STATE_FILE}: expected a JSON object.")
+    return state
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def _encode_array(array) -> dict[str, Any]:
+    return {"__ndarray__": base64.b64encode(array.tobytes()).decode("ascii"),
+            "dtype": str(array.dtype), "shape": list(array.shape)}
+
+
+def _to_jsonable(obj: Any) -> Any:
+    """Numpy arrays inside a bit-generator state -> base64 dicts; other values unchanged."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return _encode_array(obj)
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    return obj
+
+
+def _from_jsonable(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            raw = base64.b64decode(obj["__ndarray__"])
+            return np.frombuffer(raw, dtype=obj["dtype"]).reshape(obj["shape"]).copy()
+        return {k: _from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_jsonable(v) for v in obj]
+    return obj
+
+
+def _tensor_b64(t) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _b64_tensor(text: str):
+    import torch
+
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def capture_rng(generators: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every random state that affects a run, as JSON-able data.
+
+    Captures Python ``random``, numpy's legacy global state, torch's CPU generator and, when
+    CUDA is available, every CUDA device's generator. ``generators`` names extra
+    ``numpy.random.Generator`` / ``torch.Generator`` objects (e.g. the data sampler's) whose
+    states are captured under ``"generators"``; pass the same names to :func:`restore_rng`.
+    """
+    import numpy as np
+    import torch
+
+    version, internal, gauss_next = random.getstate()
+    out: dict[str, Any] = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": _to_jsonable(list(np.random.get_state())),
+        "torch": _tensor_b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        out["torch_cuda"] = [_tensor_b64(s) for s in torch.cuda.get_rng_state_all()]
+    named = {}
+    for name, gen in (generators or {}).items():
+        if isinstance(gen, np.random.Generator):
+            named[name] = {"kind": "numpy", "state": _to_jsonable(gen.bit_generator.state)}
+        elif isinstance(gen, torch.Generator):
+            named[name] = {"kind": "torch", "state": _tensor_b64(gen.get_state())}
+        else:
+            raise TypeError(f"capture_rng: generator {name!r} is a {type(gen).__name__}; expected "
+                            "numpy.random.Generator or torch.Generator")
+    if named:
+        out["generators"] = named
+    return out
+
+
+def restore_rng(states: Mapping[str, Any], generators: Mapping[str, Any] | None = None) -> None:
+    """Put back the states from :func:`capture_rng` (and into the named ``generators``)."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    np.random.set_state(tuple(_from_jsonable(states["numpy"])))
+    torch.set_rng_state(_b64_tensor(states["torch"]))
+    cuda = states.get("torch_cuda")
+    if cuda and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if n != len(cuda):
+            warnings.warn(f"restore_rng: the checkpoint saved {len(cuda)} CUDA generator states "
+                          f"but {n} devices are visible; restoring the first {min(n, len(cuda))}: "
+                          "random numbers on the other devices will differ from the original run")
+        for i, text in enumerate(cuda[:n]):
+            torch.cuda.set_rng_state(_b64_tensor(text), device=i)
+    saved = states.get("generators", {})
+    for name, gen in (generators or {}).items():
+        if name not in saved:
+            raise KeyError(f"restore_rng: no saved state for generator {name!r} "
+                           f"(saved: {sorted(saved)})")
+        entry = saved[name]
+        if entry["kind"] == "numpy":
+            gen.bit_generator.state = _from_jsonable(entry["state"])
+        else:
+            gen.set_state(_b64_tensor(entry["state"]))

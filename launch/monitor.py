@@ -1,0 +1,358 @@
+"""What the user sees while a run trains: metrics file, TensorBoard, progress bar, plots.
+
+``RUN_DIR/metrics.jsonl`` is the record of truth: one JSON object per logged step
+(``{"step", "time", <metric>: float | null, ...}``), flushed line by line, so a crash loses
+at most the line being written. TensorBoard scalars (``RUN_DIR/tensorboard/``) and the PNGs in
+``RUN_DIR/plots/`` are views of the same numbers; the plots are drawn from the file, so after
+``medrl resume`` they cover the whole run.
+
+Metric names the views know about (the driver produces them):
+``reward/mean``, ``reward/<name>/mean`` (one per reward function), ``kl``,
+``completion/length_mean`` and ``time/<phase>`` (seconds; ``time/step`` is the whole step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PLOTS_DIR = "plots"
+
+
+# ----------------------------------------------------------------------------- phase timing
+
+
+class Timer:
+    """Collects how long each phase of a step takes.
+
+    >>> timer = Timer()
+    >>> with timer.timed("generate"):
+    ...     pass
+    >>> sorted(timer.pop())
+    ['time/generate']
+
+    A phase entered twice in one step adds up; ``timer("name")`` is short for
+    ``timer.timed("name")``. :meth:`metrics` returns ``{"time/<name>": seconds}``; :meth:`pop`
+    returns the same and starts the next step from zero.
+    """
+
+    def __init__(self) -> None:
+        self._durations: dict[str, float] = {}
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:  # a phase that raised still took its time; the error propagates
+            self._durations[name] = self._durations.get(name, 0.0) + time.perf_counter() - start
+
+    __call__ = timed
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{name}": seconds for name, seconds in self._durations.items()}
+
+    def pop(self) -> dict[str, float]:
+        out = self.metrics()
+        self._durations = {}
+        return out
+
+
+# ----------------------------------------------------------------------------- metrics file
+
+
+def _clean(key: str, value: Any) -> float | None:
+    """A metric value as a JSON number; None, NaN and inf become null (JSON has no NaN)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)  # numpy and 0-d torch scalars convert here
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r}: {value!r} is not a number") from None
+    return number if math.isfinite(number) else None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every line of ``RUN_DIR/metrics.jsonl``; a torn last line (crash mid-write) is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):  # only the last line can be torn by a crash
+                raise ValueError(f"{path}:{number}: not valid JSON; the metrics file is "
+                                 "damaged (fix or delete that line)") from None
+            warnings.warn(f"{path}:{number}: skipped a partly written last line")
+    return rows
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop lines with ``step`` greater than ``step`` (and a torn last line); return how many.
+
+    A resumed run replays the steps after its checkpoint, so without this the file would hold
+    those steps twice. The file is rewritten through a temporary file and ``os.replace``.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    rows = read_metrics(run_dir)
+    kept = [row for row in rows if int(row.get("step", 0)) <= step]
+    raw_lines = sum(1 for line in path.read_text().splitlines() if line.strip())
+    tmp = path.with_name(f".{METRICS_FILE}.tmp")
+    with open(tmp, "w") as f:
+        for row in kept:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return raw_lines - len(kept)
+
+
+# ----------------------------------------------------------------------------- the monitor
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:{spec}}{suffix}"
+
+
+class Monitor:
+    """Logs one step at a time to every view, and draws the plots at the end.
+
+    ``start_step``: the step the run starts after (0 for a fresh run, the checkpoint's step
+    when resuming). Lines in ``metrics.jsonl`` after it are dropped at once, and TensorBoard is
+    told to hide its own older events from that step on (``purge_step``).
+    ``console``: where the progress bar and the summary go (default: stderr).
+    """
+
+    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, plots: bool = True, progress: bool = True,
+                 console: Console | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.total_steps = total_steps
+        self.plots_enabled = plots
+        self.console = console or Console(stderr=True)
+        self.timer = Timer()
+        self.dropped_lines = truncate_metrics(self.run_dir, start_step)
+        self._file = open(self.run_dir / METRICS_FILE, "a")
+        self._last_log = time.perf_counter()
+
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR),
+                                         purge_step=start_step + 1 if start_step > 0 else None)
+
+        self._progress = None
+        if progress:
+            self._progress = Progress(
+                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("reward {task.fields[reward]}  kl {task.fields[kl]}  "
+                           "{task.fields[step_time]}/step"),
+                console=self.console, transient=False)
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step,
+                                                 reward="-", kl="-", step_time="-")
+            self._progress.start()
+
+    def truncate_after(self, step: int) -> int:
+        """Drop metrics.jsonl lines after ``step`` (already done for ``start_step`` at start)."""
+        self._file.close()
+        dropped = truncate_metrics(self.run_dir, step)
+        self._file = open(self.run_dir / METRICS_FILE, "a")
+        return dropped
+
+    def timed(self, name: str):
+        """``with monitor.timed("generate"):`` adds ``time/generate`` to the next :meth:`log`."""
+        return self.timer.timed(name)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Record ``metrics`` for ``step`` everywhere; return the row written to metrics.jsonl.
+
+        Phase times from :meth:`timed` are added; ``time/step`` defaults to the wall time since
+        the previous call.
+        """
+        now = time.perf_counter()
+        values = {**self.timer.pop(), **dict(metrics)}
+        values.setdefault("time/step", now - self._last_log)
+        self._last_log = now
+        row: dict[str, Any] = {"step": int(step), "time": time.time()}
+        for key, value in values.items():
+            if key in ("step", "time"):
+                raise ValueError(f"metric name {key!r} is reserved in {METRICS_FILE}")
+            row[key] = _clean(key, value)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+        if self._writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "time") and value is not None:
+                    self._writer.add_scalar(key, value, global_step=int(step))
+            self._writer.flush()
+
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=min(int(step), self.total_steps),
+                reward=_fmt(row.get("reward/mean"), ".3f"), kl=_fmt(row.get("kl"), ".4f"),
+                step_time=_fmt(row.get("time/step"), ".2f", "s"))
+        return row
+
+    def plot(self) -> list[Path]:
+        """Draw the PNGs from metrics.jsonl; return the files written (empty if plots are off)."""
+        if not self.plots_enabled:
+            return []
+        self._file.flush()
+        return write_plots(self.run_dir)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def summary(self, text_lines: Iterable[str] = (), *,
+                last_checkpoint: str | Path | None = None) -> None:
+        """Print the closing panel: the caller's lines, then where everything is.
+
+        ``last_checkpoint``: the folder to name (default: the newest complete one on disk).
+        """
+        from medrl.align.checkpoint import list_checkpoints
+
+        if isinstance(text_lines, (str, os.PathLike)):
+            raise TypeError("summary(text_lines) takes a list of lines; pass the checkpoint as "
+                            "last_checkpoint=")
+        lines = list(text_lines)
+        if last_checkpoint is None:
+            checkpoints = list_checkpoints(self.run_dir)
+            last_checkpoint = checkpoints[-1] if checkpoints else None
+        if last_checkpoint is not None:
+            lines.append(f"checkpoint: {last_checkpoint}")
+            lines.append(f"resume:     medrl resume {self.run_dir}")
+        else:
+            lines.append("checkpoint: none saved")
+        lines.append(f"metrics:    {self.run_dir / METRICS_FILE}")
+        if self.plots_enabled:
+            lines.append(f"plots:      {self.run_dir / PLOTS_DIR}")
+        if self._writer is not None or (self.run_dir / TENSORBOARD_DIR).is_dir():
+            lines.append(f"tensorboard --logdir {self.run_dir / TENSORBOARD_DIR}")
+        self.console.print(Panel("\n".join(lines), title=f"run {self.run_dir.name}",
+                                 expand=False), highlight=False)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for row in rows:
+        value = row.get(key)
+        if value is not None:
+            steps.append(row["step"])
+            values.append(value)
+    return steps, values
+
+
+def _figure(title: str, ylabel: str):
+    from matplotlib.figure import Figure
+
+    # A bare Figure uses the Agg canvas and never touches pyplot's global backend state.
+    fig = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _line_plot(rows, keys: dict[str, str], title: str, ylabel: str, path: Path) -> Path | None:
+    """One line per ``{metric key: legend label}``; nothing written when no key has data."""
+    fig, ax = _figure(title, ylabel)
+    drawn = 0
+    for key, label in keys.items():
+        steps, values = _series(rows, key)
+        if steps:
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
+                    label=label)
+            drawn += 1
+    if not drawn:
+        return None
+    if drawn > 1:
+        ax.legend(loc="best", fontsize="small")
+    fig.savefig(path)
+    return path
+
+
+def _time_plot(rows, path: Path) -> Path | None:
+    """Stacked bars, one colour per phase; the whole step's time as a line over them."""
+    phases = sorted({k for row in rows for k in row if k.startswith("time/") and k != "time/step"})
+    if not phases and not any(row.get("time/step") is not None for row in rows):
+        return None
+    fig, ax = _figure("time per step", "seconds")
+    steps = [row["step"] for row in rows]
+    gaps = [b - a for a, b in zip(steps, steps[1:]) if b > a]
+    width = 0.8 * (min(gaps) if gaps else 1)
+    bottom = [0.0] * len(rows)
+    for phase in phases:
+        heights = [row.get(phase) or 0.0 for row in rows]
+        ax.bar(steps, heights, width=width, bottom=bottom, label=phase[len("time/"):])
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    total_steps, total = _series(rows, "time/step")
+    if total_steps:
+        ax.plot(total_steps, total, color="black", linewidth=1, label="step (total)")
+    ax.legend(loc="best", fontsize="small")
+    fig.savefig(path)
+    return path
+
+
+def write_plots(run_dir: str | Path) -> list[Path]:
+    """Reward, KL, completion length and step-time PNGs in ``RUN_DIR/plots/``."""
+    run_dir = Path(run_dir)
+    rows = sorted(read_metrics(run_dir), key=lambda row: row["step"])
+    out = run_dir / PLOTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    reward_keys = {"reward/mean": "combined"}
+    for key in sorted({k for row in rows for k in row}):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "reward" and parts[2] == "mean":
+            reward_keys[key] = parts[1]
+    written = [
+        _line_plot(rows, reward_keys, "reward", "mean reward", out / "reward.png"),
+        _line_plot(rows, {"kl": "kl"}, "KL to the reference policy", "KL", out / "kl.png"),
+        _line_plot(rows, {"completion/length_mean": "mean"}, "completion length", "tokens",
+                   out / "completion_length.png"),
+        _time_plot(rows, out / "step_time.png"),
+    ]
+    return [p for p in written if p is not None]

@@ -1,0 +1,451 @@
+"""Send a recipe to a Ray cluster as a Ray Job, and follow, inspect or stop it.
+
+``medrl submit recipe.yaml --address http://HEAD:8265 key=value ...`` packs a working
+folder — the recipe plus the local files it names — uploads it through the Ray Jobs API
+(``runtime_env={"working_dir": ...}``) and starts ``medrl run recipe.yaml key=value ...`` on
+the cluster. What is packed:
+
+- ``data.path`` / ``data.eval_path`` / ``qat.probe_path``: the file together with its folder
+  when the folder is small (rows may name images or volumes relative to it), else the file;
+- ``rewards.functions[*].name`` of the form ``path/to/file.py:fn``: the plugin file;
+- ``model.policy`` when it is a local folder of at most ``SHIP_LIMIT_BYTES``.
+
+Paths that are absolute and not found here, or too large to ship, are left as they are: the
+cluster must see them (a shared file system). Each such decision is reported as a note.
+
+Authentication: Ray 2.60 clusters started with ``ray start`` check a token on every
+dashboard request (``RAY_AUTH_MODE=token``). The client sends ``Authorization: Bearer
+<token>``; the token comes from ``--token``, else ``RAY_AUTH_TOKEN``, else the file named by
+``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (the places Ray itself reads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
+
+import yaml
+
+from medrl.align.records import UserError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Above this a file or folder stays where it is: the whole upload must fit in one of Ray's
+# gRPC messages, and large models belong on shared storage anyway.
+SHIP_LIMIT_BYTES = 64 * 1024 * 1024
+_ADDRESS_HELP = ("pass --address http://HEAD_NODE:8265 (or set RAY_ADDRESS), and check that the "
+                 "cluster is up (`ray status` on the head node) and its dashboard port is "
+                 "reachable")
+_TOKEN_HELP = ("pass --token TOKEN, set RAY_AUTH_TOKEN, or copy the head node's ~/.ray/auth_token "
+               "to this machine (`ray get-auth-token` on the head node prints it)")
+
+
+def default_address() -> str:
+    return os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """The cluster token, from the first source that has one.
+
+    Order: ``token``, ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``.
+    """
+    if token:
+        return token.strip()
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            return Path(path).expanduser().read_text().strip()
+        except OSError as exc:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file "
+                            f"({exc.strerror}); fix the path or unset it.") from None
+    default = Path.home() / ".ray" / "auth_token"
+    return default.read_text().strip() if default.is_file() else None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """HTTP headers that carry the token the way Ray's dashboard checks it."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+@contextmanager
+def _explicit_address():
+    """Ray's client lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address it is given;
+    here the address the user passed wins, so hide them while the client is built."""
+    names = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _normalise(address: str) -> str:
+    address = address.strip().rstrip("/")
+    if address.startswith("ray://"):
+        raise UserError(f"--address {address}: Ray Jobs talk to the dashboard, not the Ray "
+                        "client port; use http://HEAD_NODE:8265.")
+    return address if "://" in address else f"http://{address}"
+
+
+def _client(address: str, token: str | None):
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    address = _normalise(address)
+    try:
+        with _explicit_address():
+            return JobSubmissionClient(address, headers=auth_headers(resolve_token(token)))
+    except AuthenticationError as exc:
+        raise _auth_error(address, exc, token) from None
+    except (ConnectionError, OSError) as exc:
+        raise UserError(f"cannot reach the Ray dashboard at {address} ({exc}); "
+                        f"{_ADDRESS_HELP}.") from None
+
+
+def _auth_error(address: str, exc: Exception, token: str | None) -> UserError:
+    if "Forbidden" in str(exc) or "Authentication failed" in str(exc):
+        return UserError(f"the Ray cluster at {address} rejected the authentication token "
+                         f"(is it this cluster's?); {_TOKEN_HELP}.")
+    return UserError(f"the Ray cluster at {address} requires an authentication token and none "
+                     f"was found; {_TOKEN_HELP}.")
+
+
+@contextmanager
+def _job_errors(address: str, job_id: str):
+    """Ray reports an unknown job as RuntimeError('... 404 ...'): say what to do instead."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise _auth_error(address, exc, None) from None
+    except RuntimeError as exc:
+        if "404" in str(exc) or "does not exist" in str(exc):
+            raise UserError(f"no job {job_id!r} on the Ray cluster at {address}; list the jobs "
+                            f"with `ray job list --address {address}`.") from None
+        raise
+    except (ConnectionError, OSError) as exc:
+        raise UserError(f"lost the connection to the Ray dashboard at {address} ({exc}); "
+                        f"{_ADDRESS_HELP}.") from None
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@dataclass
+class Packed:
+    """A working folder ready to upload: the recipe in it, the overrides still to pass."""
+
+    folder: Path
+    recipe_name: str
+    overrides: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _size_at_most(path: Path, limit: int) -> bool:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            total += os.path.getsize(os.path.join(root, name))
+            if total > limit:
+                return False
+    return True
+
+
+def _ship(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, dest)
+    else:
+        shutil.copy2(source, dest)
+
+
+def pack_recipe(recipe_path: str | Path, overrides: Sequence[str], folder: Path,
+                extra_files: Iterable[str | Path] = ()) -> Packed:
+    """Copy the recipe and the local files it names into ``folder``; rewrite their paths.
+
+    Overrides are applied first and the recipe is validated against the schema here, so a typo
+    fails before anything is uploaded. Files that do not exist here are checked on the cluster.
+    """
+    from pydantic import ValidationError
+
+    from medrl.launch.recipe import (Recipe, RecipeError, _format_errors, apply_overrides,
+                                     parse_override, read_yaml)
+
+    recipe_path = Path(recipe_path)
+    # The shipped recipe is the user's file with the overrides applied (not the fully resolved
+    # dump: the cluster fills in defaults with its own medrl version); local paths are rewritten.
+    data = apply_overrides(read_yaml(recipe_path), list(overrides))
+    try:
+        Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(str(recipe_path), err)) from None
+    base = recipe_path.parent
+    notes: list[str] = []
+    rewritten: set[str] = set()
+
+    def local(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    def ship_data(section: str, key: str, slot: str) -> None:
+        value = (data.get(section) or {}).get(key)  # schema-checked above: a str when present
+        if not value:
+            return
+        source = local(value)
+        where = f"{section}.{key}"
+        if not source.exists():
+            if not Path(value).expanduser().is_absolute():
+                raise UserError(f"{recipe_path}: {where}: {value!r} does not exist (relative "
+                                f"paths are read from the recipe's folder {base}).")
+            notes.append(f"{where}: {value} is not on this machine; the cluster must see it there")
+            return
+        parent = source if source.is_dir() else source.parent
+        if source.is_file() and parent != base and _size_at_most(parent, SHIP_LIMIT_BYTES):
+            _ship(parent, folder / slot)  # keep images/volumes the rows name relative to it
+            new = f"{slot}/{source.name}"
+        elif source.is_dir() and _size_at_most(source, SHIP_LIMIT_BYTES):
+            _ship(source, folder / slot / source.name)
+            new = f"{slot}/{source.name}"
+        elif source.is_file() and source.stat().st_size <= SHIP_LIMIT_BYTES:
+            _ship(source, folder / slot / source.name)
+            new = f"{slot}/{source.name}"
+            why = ("it sits in the recipe's folder" if parent == base
+                   else f"its folder is larger than {SHIP_LIMIT_BYTES >> 20} MiB")
+            notes.append(f"{where}: shipped {source.name} alone ({why}); images or volumes its "
+                         "rows name by relative path are not shipped: give them absolute paths "
+                         "on storage the cluster sees")
+        else:
+            notes.append(f"{where}: {source} is larger than {SHIP_LIMIT_BYTES >> 20} MiB; not "
+                         f"shipped, the cluster must see {source.resolve()}")
+            new = str(source.resolve())
+        data[section][key] = new
+        rewritten.add(where)
+
+    ship_data("data", "path", "data")
+    ship_data("data", "eval_path", "eval_data")
+    ship_data("qat", "probe_path", "probe")
+
+    policy = (data.get("model") or {}).get("policy")
+    if policy and not str(policy).startswith("tiny:"):
+        source = local(str(policy))
+        if source.is_dir() and _size_at_most(source, SHIP_LIMIT_BYTES):
+            _ship(source, folder / "model")
+            data["model"]["policy"] = "model"
+        elif source.exists():
+            data["model"]["policy"] = str(source.resolve())
+            notes.append(f"model.policy: {source} is larger than {SHIP_LIMIT_BYTES >> 20} MiB; "
+                         f"not shipped, the cluster must see {source.resolve()}")
+        elif Path(str(policy)).expanduser().is_absolute():
+            notes.append(f"model.policy: {policy} is not on this machine; the cluster must see it")
+        else:
+            raise UserError(f"{recipe_path}: model.policy: {policy!r} does not exist (relative "
+                            f"paths are read from the recipe's folder {base}).")
+        rewritten.add("model.policy")
+
+    for i, spec in enumerate((data.get("rewards") or {}).get("functions") or []):
+        name = str(spec.get("name", ""))
+        file_part, sep, fn = name.rpartition(":")
+        if not sep or not file_part.endswith(".py"):
+            continue  # a registered name or package.module:fn: installed on the cluster
+        source = local(file_part)
+        if not source.is_file():
+            raise UserError(f"{recipe_path}: rewards.functions.{i}.name: reward file "
+                            f"{file_part!r} not found (relative paths are read from {base}).")
+        dest = Path("rewards") / f"{i}_{source.name}"
+        _ship(source, folder / dest)
+        spec["name"] = f"{dest.as_posix()}:{fn}"
+        rewritten.add(f"rewards.functions.{i}.name")
+        notes.append(f"rewards.functions.{i}: shipped {source.name} alone; modules it imports "
+                     "from its own folder must be installed on the cluster")
+
+    for extra in extra_files:
+        source = Path(extra).expanduser()
+        if not source.exists():
+            raise UserError(f"extra file {source} does not exist.")
+        _ship(source, folder / source.name)
+
+    output_dir = str((data.get("run") or {}).get("output_dir", "runs"))
+    if not Path(output_dir).expanduser().is_absolute():
+        notes.append(f"run.output_dir {output_dir!r} is relative: on the cluster it lies inside "
+                     "the job's temporary working folder; pass run.output_dir=/shared/path to "
+                     "keep the results")
+
+    recipe_name = recipe_path.name
+    (folder / recipe_name).write_text(yaml.safe_dump(data, sort_keys=False))
+    # Overrides already baked into the shipped recipe are passed again for the record, except
+    # those whose path was rewritten (their local value means nothing on the cluster).
+    def touches_rewritten(override: str) -> bool:
+        key = ".".join(parse_override(override)[0])
+        return any(r == key or r.startswith(key + ".") for r in rewritten)
+
+    kept = [o for o in overrides if not touches_rewritten(o)]
+    return Packed(folder=folder, recipe_name=recipe_name, overrides=kept, notes=notes)
+
+
+# ----------------------------------------------------------------------------- job API
+
+
+def submit_entrypoint(address: str, entrypoint: str, *, working_dir: str | Path | None = None,
+                      token: str | None = None, env_vars: dict[str, str] | None = None,
+                      metadata: dict[str, str] | None = None) -> str:
+    """Start ``entrypoint`` (a shell command) as a Ray Job; return its submission id."""
+    from ray.exceptions import AuthenticationError
+
+    client = _client(address, token)
+    runtime_env: dict[str, Any] = {}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(working_dir)
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
+    try:
+        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None,
+                                 metadata=metadata)
+    except AuthenticationError as exc:
+        raise _auth_error(address, exc, token) from None
+    except RuntimeError as exc:
+        raise UserError(f"the Ray cluster at {address} refused the job: {exc}") from None
+
+
+def submit(recipe_path: str | Path, address: str, overrides: Sequence[str] = (), *,
+           command: str = "run", extra_files: Iterable[str | Path] = (),
+           token: str | None = None, env_vars: dict[str, str] | None = None,
+           on_note: Callable[[str], None] | None = None) -> str:
+    """Pack ``recipe_path`` with its local files and start ``medrl <command> <recipe> <overrides>``
+    on the cluster at ``address``; return the job's submission id.
+
+    ``on_note`` receives one line per packing decision the user should know about (a path left
+    for the cluster to resolve, a relative output folder).
+    """
+    with tempfile.TemporaryDirectory(prefix="medrl-submit-") as tmp:
+        packed = pack_recipe(recipe_path, overrides, Path(tmp), extra_files)
+        for note in packed.notes:
+            if on_note is not None:
+                on_note(note)
+        entrypoint = shlex.join(["medrl", command, packed.recipe_name, *packed.overrides])
+        # submit_job uploads the folder before it returns, so the temporary folder may go.
+        return submit_entrypoint(address, entrypoint, working_dir=tmp, token=token,
+                                 env_vars=env_vars,
+                                 metadata={"medrl_recipe": Path(recipe_path).name})
+
+
+def status(job_id: str, address: str, *, token: str | None = None) -> dict[str, Any]:
+    """``{"job_id", "status", "message", "entrypoint", "start_time", "end_time"}`` of a job."""
+    client = _client(address, token)
+    with _job_errors(_normalise(address), job_id):
+        info = client.get_job_info(job_id)
+    return {"job_id": job_id, "status": str(info.status.value if hasattr(info.status, "value")
+                                            else info.status),
+            "message": info.message, "entrypoint": info.entrypoint,
+            "start_time": info.start_time, "end_time": info.end_time}
+
+
+def logs(job_id: str, address: str, *, follow: bool = False,
+         token: str | None = None) -> Iterator[str]:
+    """The job's output as chunks of text: everything so far, or (``follow``) until it ends."""
+    client = _client(address, token)
+    url = _normalise(address)
+    with _job_errors(url, job_id):
+        if not follow:
+            yield client.get_job_logs(job_id)
+            return
+        client.get_job_info(job_id)  # an unknown id fails here with a clear message
+    loop = asyncio.new_event_loop()
+    stream = client.tail_job_logs(job_id)
+    try:
+        while True:
+            try:
+                with _job_errors(url, job_id):
+                    chunk = loop.run_until_complete(stream.__anext__())
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        loop.run_until_complete(stream.aclose())
+        loop.close()
+
+
+def stop(job_id: str, address: str, *, token: str | None = None) -> bool:
+    """Ask the job to stop; True when it was still running."""
+    client = _client(address, token)
+    with _job_errors(_normalise(address), job_id):
+        return bool(client.stop_job(job_id))
+
+
+# ----------------------------------------------------------------------------- CLI commands
+
+
+def register(app) -> None:
+    """Add ``submit``, ``logs``, ``status`` and ``stop`` to the ``medrl`` typer app."""
+    import typer
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    out = Console()
+    address_opt = typer.Option(DEFAULT_ADDRESS, "--address", envvar="RAY_ADDRESS",
+                               help="Ray dashboard URL of the cluster")
+    token_opt = typer.Option(None, "--token", help="cluster auth token (default: RAY_AUTH_TOKEN "
+                             "or ~/.ray/auth_token); prefer the environment over the command line")
+
+    def fail(exc: UserError) -> typer.Exit:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        return typer.Exit(code=2)
+
+    @app.command("submit")
+    def submit_cmd(recipe: Path = typer.Argument(..., help="recipe YAML"),
+                   overrides: Optional[List[str]] = typer.Argument(None, help="key.path=value ..."),
+                   address: str = address_opt, token: Optional[str] = token_opt):
+        """Run a recipe on a Ray cluster as a Ray Job (prints the job id)."""
+        try:
+            job_id = submit(recipe, address, overrides or [], token=token,
+                            on_note=lambda note: err.print(f"[yellow]note:[/yellow] {note}",
+                                                           highlight=False, soft_wrap=True))
+        except UserError as exc:
+            raise fail(exc) from None
+        out.print(job_id, highlight=False)
+        err.print(f"follow it: medrl logs {job_id} --address {address} --follow", highlight=False)
+
+    @app.command("logs")
+    def logs_cmd(job: str = typer.Argument(..., help="job id printed by `medrl submit`"),
+                 address: str = address_opt, token: Optional[str] = token_opt,
+                 follow: bool = typer.Option(False, "--follow", "-f",
+                                             help="stream until the job ends")):
+        """Print a submitted job's output."""
+        try:
+            for chunk in logs(job, address, follow=follow, token=token):
+                out.print(chunk, end="", highlight=False, markup=False, soft_wrap=True)
+        except UserError as exc:
+            raise fail(exc) from None
+
+    @app.command("status")
+    def status_cmd(job: str = typer.Argument(..., help="job id printed by `medrl submit`"),
+                   address: str = address_opt, token: Optional[str] = token_opt):
+        """Show a submitted job's status."""
+        try:
+            info = status(job, address, token=token)
+        except UserError as exc:
+            raise fail(exc) from None
+        out.print(f"{info['job_id']}: {info['status']}", highlight=False)
+        if info["message"]:
+            out.print(info["message"], highlight=False, markup=False)
+
+    @app.command("stop")
+    def stop_cmd(job: str = typer.Argument(..., help="job id printed by `medrl submit`"),
+                 address: str = address_opt, token: Optional[str] = token_opt):
+        """Stop a submitted job."""
+        try:
+            stopped = stop(job, address, token=token)
+        except UserError as exc:
+            raise fail(exc) from None
+        out.print(f"{job}: stop requested" if stopped else f"{job}: not running", highlight=False)

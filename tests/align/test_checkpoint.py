@@ -1,0 +1,193 @@
+"""The checkpoint format: atomic saves, completeness, checksums, retention, RNG states."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from medrl.align.checkpoint import (
+    apply_retention,
+    capture_rng,
+    latest_checkpoint,
+    list_checkpoints,
+    read_state,
+    restore_rng,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from medrl.align.records import UserError
+
+
+def learner_writer(seed: int):
+    """Writes policy/ and learner/ the way the learner does (safetensors + JSON)."""
+
+    def write(tmp):
+        g = torch.Generator().manual_seed(seed)
+        (tmp / "policy").mkdir()
+        save_file({"w": torch.randn(4, 3, generator=g)}, str(tmp / "policy" / "model.safetensors"))
+        (tmp / "policy" / "config.json").write_text(json.dumps({"hidden": 3}))
+        (tmp / "learner").mkdir()
+        save_file({"exp_avg": torch.randn(4, 3, generator=g)},
+                  str(tmp / "learner" / "optim.safetensors"))
+
+    return write
+
+
+def test_round_trip(tmp_path):
+    state = {"policy_version": 7, "data": {"epoch": 1, "position": 12, "seed": 3},
+             "rewards": ["mcq_letter"], "rng": capture_rng()}
+    path = save_checkpoint(tmp_path, 200, write=learner_writer(0), state=state)
+
+    assert path == tmp_path / "checkpoints" / "step-000200"
+    assert list_checkpoints(tmp_path) == [path]
+    assert latest_checkpoint(tmp_path) == path
+    assert read_state(path) == {**state, "step": 200}
+    files = verify_checkpoint(path)
+    assert set(files) == {"policy/model.safetensors", "policy/config.json",
+                          "learner/optim.safetensors", "state.json"}
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert marker["step"] == 200 and marker["files"] == files
+    expected = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_file(str(path / "policy" / "model.safetensors"))["w"], expected)
+    # nothing temporary is left beside it
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000200"]
+
+
+def test_crash_inside_write_leaves_nothing(tmp_path):
+    save_checkpoint(tmp_path, 10, write=learner_writer(0), state={})
+
+    def crashing(tmp):
+        learner_writer(1)(tmp)
+        raise RuntimeError("learner died mid-save")
+
+    with pytest.raises(RuntimeError, match="mid-save"):
+        save_checkpoint(tmp_path, 20, write=crashing, state={})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-000010"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000010"]
+
+
+def test_failed_resave_of_a_step_keeps_the_old_copy(tmp_path):
+    first = save_checkpoint(tmp_path, 10, write=learner_writer(0), state={"v": 1})
+
+    def crashing(tmp):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 10, write=crashing, state={"v": 2})
+    assert list_checkpoints(tmp_path) == [first]
+    assert read_state(first)["v"] == 1
+    verify_checkpoint(first)
+
+
+def test_same_step_is_replaced(tmp_path):
+    save_checkpoint(tmp_path, 10, write=learner_writer(0), state={"v": 1})
+    path = save_checkpoint(tmp_path, 10, write=learner_writer(1), state={"v": 2})
+    assert list_checkpoints(tmp_path) == [path]
+    assert read_state(path)["v"] == 2
+    verify_checkpoint(path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000010"]
+
+
+def test_folder_without_complete_is_ignored(tmp_path):
+    good = save_checkpoint(tmp_path, 5, write=learner_writer(0), state={})
+    partial = tmp_path / "checkpoints" / "step-000009"
+    partial.mkdir()
+    learner_writer(1)(partial)
+    (partial / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / ".tmp-step-000011-abc").mkdir()
+
+    assert list_checkpoints(tmp_path) == [good]
+    assert latest_checkpoint(tmp_path) == good
+    with pytest.raises(UserError, match="available steps: 5"):
+        latest_checkpoint(tmp_path, step=9)
+    # the next save clears the hidden leftovers of the interrupted one
+    save_checkpoint(tmp_path, 12, write=learner_writer(2), state={})
+    assert not (tmp_path / "checkpoints" / ".tmp-step-000011-abc").exists()
+
+
+def test_no_checkpoint_names_the_run_dir(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path)):
+        latest_checkpoint(tmp_path)
+
+
+def test_step_lookup(tmp_path):
+    paths = [save_checkpoint(tmp_path, s, write=learner_writer(s), state={}) for s in (3, 100, 20)]
+    assert list_checkpoints(tmp_path) == [paths[0], paths[2], paths[1]]  # by step, not by name
+    assert latest_checkpoint(tmp_path) == paths[1]
+    assert latest_checkpoint(tmp_path, step=20) == paths[2]
+    with pytest.raises(UserError, match="available steps: 3, 20, 100"):
+        latest_checkpoint(tmp_path, step=7)
+
+
+def test_tampering_fails_verify_naming_the_file(tmp_path):
+    path = save_checkpoint(tmp_path, 1, write=learner_writer(0), state={})
+    weights = path / "learner" / "optim.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="learner/optim.safetensors: checksum does not match"):
+        verify_checkpoint(path)
+
+
+def test_missing_and_extra_files_fail_verify(tmp_path):
+    path = save_checkpoint(tmp_path, 1, write=learner_writer(0), state={})
+    (path / "policy" / "config.json").unlink()
+    with pytest.raises(UserError, match="policy/config.json: listed in COMPLETE but missing"):
+        verify_checkpoint(path)
+    path = save_checkpoint(tmp_path, 2, write=learner_writer(0), state={})
+    (path / "policy" / "stray.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="policy/stray.bin: not part of the saved checkpoint"):
+        verify_checkpoint(path)
+
+
+def test_retention_keeps_last_k(tmp_path):
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, step, write=learner_writer(step), state={}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000030", "step-000040"]
+    # saving an older step (a resumed run re-saving) must not delete the one just written
+    path = save_checkpoint(tmp_path, 15, write=learner_writer(0), state={}, keep_last=1)
+    assert path.exists() and path in list_checkpoints(tmp_path)
+    assert apply_retention(tmp_path, 1) == [path]  # the oldest goes when nothing protects it
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000040"]
+
+
+def test_state_must_be_json(tmp_path):
+    with pytest.raises(TypeError, match="JSON-able"):
+        save_checkpoint(tmp_path, 1, write=lambda tmp: None, state={"t": torch.ones(2)})
+    assert list_checkpoints(tmp_path) == []
+
+
+def draw(np_gen, torch_gen):
+    return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(),
+            torch.rand(3).tolist(), np_gen.random(2).tolist(),
+            torch.rand(2, generator=torch_gen).tolist())
+
+
+def test_rng_round_trip_through_json(tmp_path):
+    np_gen, torch_gen = np.random.default_rng(5), torch.Generator().manual_seed(9)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    draw(np_gen, torch_gen)  # move every generator away from its seed
+    random.gauss(0, 1)  # leaves a cached gaussian in Python's state
+    np.random.randn()  # and in numpy's legacy state
+    gens = {"sampler": np_gen, "dropout": torch_gen}
+    saved = json.loads(json.dumps(capture_rng(gens)))  # exactly what state.json holds
+    expected = draw(np_gen, torch_gen)
+
+    random.seed(100), np.random.seed(100), torch.manual_seed(100)
+    np_gen2, torch_gen2 = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    assert draw(np_gen2, torch_gen2) != expected
+    restore_rng(saved, {"sampler": np_gen2, "dropout": torch_gen2})
+    assert draw(np_gen2, torch_gen2) == expected
+
+
+def test_rng_unknown_generator_is_an_error():
+    with pytest.raises(KeyError, match="sampler"):
+        restore_rng(capture_rng(), {"sampler": np.random.default_rng(0)})
+    with pytest.raises(TypeError, match="expected numpy.random.Generator"):
+        capture_rng({"x": random.Random(0)})

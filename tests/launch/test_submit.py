@@ -1,0 +1,294 @@
+"""Ray Jobs submission: token lookup, packing a recipe with its files, and (slow) a real
+token-protected Ray cluster of our own that runs, reports, streams and stops jobs."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medrl.align.records import UserError
+from medrl.launch import submit as sub
+from medrl.launch.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+
+# ----------------------------------------------------------------------------- token lookup
+
+
+@pytest.fixture
+def no_token_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    return tmp_path / "home"
+
+
+def test_token_sources_in_ray_order(no_token_env, monkeypatch, tmp_path):
+    assert sub.resolve_token(None) is None
+    assert sub.auth_headers(None) == {}
+    default = no_token_env / ".ray" / "auth_token"
+    default.parent.mkdir(parents=True)
+    default.write_text("from-home\n")
+    assert sub.resolve_token(None) == "from-home"
+    custom = tmp_path / "tok"
+    custom.write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(custom))
+    assert sub.resolve_token(None) == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert sub.resolve_token(None) == "from-env"
+    assert sub.resolve_token("given") == "given"
+    assert sub.auth_headers(sub.resolve_token("given")) == {"Authorization": "Bearer given"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="RAY_AUTH_TOKEN_PATH"):
+        sub.resolve_token(None)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def make_recipe(tmp_path: Path, **extra) -> Path:
+    """A recipe whose data file names an image beside it, with a reward plugin file."""
+    project = tmp_path / "project"
+    (project / "data" / "images").mkdir(parents=True)
+    (project / "data" / "items.jsonl").write_text(
+        '{"question": "Which?", "options": ["a", "b"], "answer": "A", "image": "images/x.png"}\n')
+    (project / "data" / "images" / "x.png").write_bytes(b"\x89PNG fake")
+    (project / "plugins").mkdir()
+    (project / "plugins" / "my_reward.py").write_text("def score(sample):\n    return 1.0\n")
+    recipe = {"run": {"name": "t", "output_dir": "runs"}, "data": {"path": "data/items.jsonl"},
+              "rewards": {"functions": [{"name": "plugins/my_reward.py:score"},
+                                        {"name": "mcq_letter"}]}, **extra}
+    path = project / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_pack_ships_local_files_and_rewrites_paths(tmp_path):
+    model = tmp_path / "my-model"  # a local Hugging Face folder (its content is not read here)
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2"}')
+    recipe = make_recipe(tmp_path, model={"policy": str(model)})
+    out = tmp_path / "packed"
+    out.mkdir()
+    packed = sub.pack_recipe(recipe, ["rollout.group_size=2", "data.path=data/items.jsonl",
+                                      "rewards.functions=[{name: plugins/my_reward.py:score}, "
+                                      "{name: mcq_letter}]"], out)
+
+    assert packed.recipe_name == "recipe.yaml"
+    assert packed.overrides == ["rollout.group_size=2"]  # path overrides are baked in
+    shipped = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert shipped["data"]["path"] == "data/items.jsonl"
+    assert (out / "data" / "images" / "x.png").read_bytes() == b"\x89PNG fake"  # media kept beside
+    assert shipped["rewards"]["functions"][0]["name"] == "rewards/0_my_reward.py:score"
+    assert (out / "rewards" / "0_my_reward.py").read_text().startswith("def score")
+    assert shipped["rewards"]["functions"][1]["name"] == "mcq_letter"  # registered: untouched
+    assert shipped["model"]["policy"] == "model"
+    assert (out / "model" / "config.json").is_file()
+    assert shipped["rollout"]["group_size"] == "2"  # as given; the schema types it on load
+    assert any("run.output_dir" in n for n in packed.notes)
+    # the shipped folder is a valid recipe on its own, wherever it lands
+    moved = shutil.copytree(out, tmp_path / "elsewhere")
+    assert load_recipe(moved / "recipe.yaml").rollout.group_size == 2
+
+
+def test_pack_leaves_cluster_paths_and_rejects_missing_ones(tmp_path):
+    recipe = make_recipe(tmp_path)
+    out = tmp_path / "a"
+    out.mkdir()
+    packed = sub.pack_recipe(recipe, ["data.eval_path=/cluster/shared/eval.jsonl",
+                                      "run.output_dir=/cluster/runs"], out)
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["data"]["eval_path"] == \
+        "/cluster/shared/eval.jsonl"
+    assert any("/cluster/shared/eval.jsonl" in n and "cluster must see" in n for n in packed.notes)
+    assert not any("run.output_dir" in n for n in packed.notes)
+
+    out = tmp_path / "b"
+    out.mkdir()
+    with pytest.raises(UserError, match="data.path: 'nope.jsonl' does not exist"):
+        sub.pack_recipe(recipe, ["data.path=nope.jsonl"], out)
+    with pytest.raises(UserError, match="rollout.group_size"):
+        sub.pack_recipe(recipe, ["rollout.group_size=zero"], out)
+    (recipe.parent / "plugins" / "my_reward.py").unlink()
+    with pytest.raises(UserError, match="rewards.functions.0.name: reward file"):
+        sub.pack_recipe(recipe, [], out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_address_says_what_to_do():
+    with pytest.raises(UserError, match="cannot reach the Ray dashboard.*--address"):
+        sub.status("raysubmit_x", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(UserError, match="not the Ray client port"):
+        sub.status("raysubmit_x", "ray://127.0.0.1:10001")
+
+
+# ----------------------------------------------------------------------------- a real cluster
+
+
+def _own_processes(temp_dir: str) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(temp_dir in part for part in (proc.info["cmdline"] or [])):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory):
+    """A one-node Ray cluster of our own with token authentication on.
+
+    It runs in its own session (process group) with its own ports and --temp-dir, so it never
+    meets the in-process test cluster. `ray stop` is not used: it stops every Ray process on
+    the machine. Instead `ray start --block` is terminated (it shuts its node down) and any
+    process still naming our temp dir is killed by pid.
+    """
+    temp_dir = str(tmp_path_factory.mktemp("ray"))
+    token = secrets.token_hex(16)
+    ports = [free_port() for _ in range(7)]
+    address = f"http://127.0.0.1:{ports[1]}"
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(Path(temp_dir) / "ray_start.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(bin_dir) / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=1",
+         f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
+         f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+         f"--metrics-export-port={ports[4]}", f"--ray-client-server-port={ports[5]}",
+         f"--runtime-env-agent-port={ports[6]}", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}:\n"
+                            + (Path(temp_dir) / "ray_start.log").read_text()[-3000:])
+            try:
+                sub.status("raysubmit_probe", address, token=token)
+            except UserError as exc:
+                if "no job" in str(exc):  # the Jobs API answers: the cluster is up
+                    break
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(1)
+        yield address, token
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session only
+            proc.wait()
+        for leftover in _own_processes(temp_dir):
+            leftover.kill()
+        log.close()
+
+
+def wait_for(address, token, job_id, states, timeout=240):
+    deadline = time.monotonic() + timeout
+    while True:
+        info = sub.status(job_id, address, token=token)
+        if info["status"] in states:
+            return info
+        assert time.monotonic() < deadline, f"job {job_id} stuck in {info}"
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_submit_validate_job(token_cluster, tmp_path):
+    address, token = token_cluster
+    recipe = tmp_path / "recipes" / "quickstart.yaml"
+    shutil.copytree(QUICKSTART.parent, recipe.parent, ignore=shutil.ignore_patterns("__*"))
+    notes = []
+    job_id = sub.submit(recipe, address, ["rollout.group_size=3"], command="validate",
+                        token=token, on_note=notes.append)
+    assert job_id.startswith("raysubmit_")
+    info = wait_for(address, token, job_id, {"SUCCEEDED", "FAILED", "STOPPED"})
+    text = "".join(sub.logs(job_id, address, token=token))
+    assert info["status"] == "SUCCEEDED", text[-3000:]
+    assert info["entrypoint"] == "medrl validate quickstart.yaml rollout.group_size=3"
+    assert "group_size: 3" in text and "is valid" in text
+    assert any("run.output_dir" in n for n in notes)
+    # following a finished job replays its output and ends
+    assert "is valid" in "".join(sub.logs(job_id, address, token=token, follow=True))
+
+
+@pytest.mark.slow
+def test_stop_a_running_job_and_stream_it(token_cluster):
+    address, token = token_cluster
+    job_id = sub.submit_entrypoint(address, "echo started; sleep 300", token=token)
+    stream = sub.logs(job_id, address, token=token, follow=True)
+    seen = ""
+    while "started" not in seen:  # streamed while the job runs
+        seen += next(stream)
+    assert sub.status(job_id, address, token=token)["status"] == "RUNNING"
+    assert sub.stop(job_id, address, token=token) is True
+    final = wait_for(address, token, job_id, {"STOPPED", "FAILED", "SUCCEEDED"})
+    assert final["status"] == "STOPPED"
+    for _ in stream:  # the stream ends once the job has ended
+        pass
+    assert sub.stop(job_id, address, token=token) is False
+
+
+@pytest.mark.slow
+def test_auth_and_unknown_job_errors(token_cluster, no_token_env):
+    address, token = token_cluster
+    with pytest.raises(UserError, match="rejected the authentication token") as wrong:
+        sub.status("raysubmit_x", address, token="not-the-token")
+    assert "--token" in str(wrong.value)
+    # without any token the cluster refuses; the message says how to pass one
+    # (an in-process Ray may still offer its own token, which this cluster rejects)
+    with pytest.raises(UserError, match="--token") as missing:
+        sub.status("raysubmit_x", address)
+    assert "RAY_AUTH_TOKEN" in str(missing.value)
+    with pytest.raises(UserError, match="no job 'raysubmit_x'.*ray job list"):
+        sub.status("raysubmit_x", address, token=token)
+    with pytest.raises(UserError, match="no job"):
+        "".join(sub.logs("raysubmit_x", address, token=token, follow=True))
+    with pytest.raises(UserError, match="no job"):
+        sub.stop("raysubmit_x", address, token=token)
+
+
+@pytest.mark.slow
+def test_cli_commands(token_cluster, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    address, token = token_cluster
+    app = typer.Typer()
+    sub.register(app)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    runner = CliRunner()
+    result = runner.invoke(app, ["status", "raysubmit_nope", "--address", address])
+    assert result.exit_code == 2 and "no job" in result.output
+    job_id = sub.submit_entrypoint(address, "echo cli-check", token=token)
+    wait_for(address, token, job_id, {"SUCCEEDED"})
+    result = runner.invoke(app, ["status", job_id, "--address", address])
+    assert result.exit_code == 0 and f"{job_id}: SUCCEEDED" in result.output
+    result = runner.invoke(app, ["logs", job_id, "--address", address])
+    assert result.exit_code == 0 and "cli-check" in result.output
+    result = runner.invoke(app, ["stop", job_id, "--address", address])
+    assert result.exit_code == 0 and "not running" in result.output
