@@ -102,6 +102,12 @@ def schema():
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
+# submit / logs / status / stop: Ray Jobs on a cluster (launch/submit.py)
+from medrl.launch.submit import register as _register_job_commands  # noqa: E402
+
+_register_job_commands(app)
+
+
 def main() -> None:
     try:
         app()

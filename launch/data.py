@@ -183,13 +183,16 @@ def _read_hf_disk(path: Path, split: str | None) -> list[dict]:
 def _column_plan(cfg: DataConfig, key_column: str | None) -> tuple[dict[str, str], dict[str, bool]]:
     """``{field name: column}`` for every mapped field, and whether each one must exist.
 
-    Fields set in the recipe must exist. Of the defaults, ``question`` is needed unless a
+    Fields mapped to another column than their default must exist (judged on the value, not
+    on whether the key was written, so a saved, fully resolved recipe behaves like the
+    original). Of the defaults, ``question`` is needed unless a
     ``prompt`` column or the chat template gives the text, ``options`` by the mcq template and
     ``messages`` by the chat template; a default ``options``/``answer`` column that is absent
     is simply skipped (open questions without options, unlabelled evaluation data).
     """
     fields = cfg.fields
-    explicit = fields.model_fields_set
+    explicit = {name for name, info in type(fields).model_fields.items()
+                if getattr(fields, name) != info.default}
     plan: dict[str, str] = {}
     required: dict[str, bool] = {}
     for name in ("prompt", "question", "context", "options", "answer", "rubric", "images",

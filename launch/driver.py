@@ -237,16 +237,16 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None) -> 
                     with timer("verify_sync"):
                         metrics["sync/max_abs_diff"] = c.rollouts.verify_against(
                             samples[: recipe.rollout.group_size], c.learner.logprobs_of_samples)
+                if (every and step % every == 0) or step == recipe.run.max_steps:
+                    with timer("checkpoint"):
+                        last_ckpt = checkpoint(recipe, c, run_dir, step)
             metrics.update(step_metrics(samples))
             metrics.update(timer.metrics())
             c.prompt_log.write(step, sorted({s.group_id for s in samples}))
             c.monitor.log(step, metrics)
-            if (every and step % every == 0) or step == recipe.run.max_steps:
-                with timer("checkpoint"):
-                    last_ckpt = checkpoint(recipe, c, run_dir, step)
     finally:
         c.close()
-    c.monitor.summary(run_dir, last_ckpt)
+    c.monitor.summary(last_checkpoint=last_ckpt)
     return last_ckpt
 
 

@@ -362,7 +362,7 @@ def test_volume_prompt_through_the_vl_processor(tmp_path, tiny_qwen2_vl):
 def test_quickstart_recipe_data_loads():
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
     samples = load_samples(recipe.data, base_dir=REPO / "recipes")
-    assert samples[0].uid == "quickstart_mcq-0" and samples[0].row["id"] == "qs-000"
+    assert samples[0].uid == "qs-000" and samples[0].row["id"] == "qs-000"
     assert samples[0].row["answer"] == "B" and len(samples) == 40
     assert samples[0].messages[0]["role"] == "system"
 

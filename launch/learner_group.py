@@ -1,0 +1,178 @@
+"""N learner ranks as Ray actors, driven as one learner.
+
+Each actor wraps one :class:`medrl.align.learner.Learner` (one DeepSpeed rank). Every public
+method of :class:`LearnerGroup` calls all ranks at once (the learner's methods are
+collective: ZeRO reduces gradients and gathers weights across ranks) and returns one
+answer. The global batch is split evenly by rank in order; the learner weights each rank's
+micro-batches so that the update equals one pass over the whole batch on one rank.
+
+Samples travel through the object store once: the group puts the list and hands every rank
+the reference wrapped in a list, so Ray does not resolve it before the call and each rank
+fetches it itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import ray
+
+from medrl.align.records import Sample, UserError
+
+
+def shard(samples: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Rank ``rank``'s contiguous share of ``samples`` (sizes differ by at most one)."""
+    n = len(samples)
+    return list(samples[rank * n // world_size:(rank + 1) * n // world_size])
+
+
+class LearnerWorker:
+    """One learner rank (a Ray actor; construct through :class:`LearnerGroup`)."""
+
+    def __init__(self, rank: int, world_size: int, model_dir: str,
+                 learner_kwargs: dict[str, Any], use_gpu: bool):
+        if not use_gpu:  # DeepSpeed picks its accelerator once, at first use
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.rank, self.world_size = rank, world_size
+        self.model_dir, self.learner_kwargs = model_dir, dict(learner_kwargs)
+        self.learner = None
+
+    def free_port(self) -> int:
+        from medrl.align.learner import free_port
+
+        return free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        from medrl.align.learner import Learner, init_distributed
+
+        init_distributed(self.rank, self.world_size, master_addr, master_port)
+        self.learner = Learner(self.model_dir, **self.learner_kwargs)
+
+    def _shard(self, samples_ref: list) -> list[Sample]:
+        samples = ray.get(samples_ref[0])
+        return shard(samples, self.rank, self.world_size)
+
+    def train_step(self, samples_ref: list, ppo_epochs: int,
+                   recompute_old_logprobs: bool) -> dict[str, float]:
+        batch = self.learner.collate(self._shard(samples_ref))
+        return self.learner.train_step(batch, ppo_epochs=ppo_epochs,
+                                       recompute_old_logprobs=recompute_old_logprobs)
+
+    def logprobs(self, samples_ref: list) -> list:
+        samples = self._shard(samples_ref)
+        lp = self.learner.logprobs(self.learner.collate(samples))
+        return [lp[i, :len(s.completion_ids)].cpu() for i, s in enumerate(samples)]
+
+    def sync_buckets(self, bucket_mb: float):
+        """Rank 0: yield each bucket (a streaming generator). Other ranks: gather only."""
+        for bucket in self.learner.state_dict_for_sync(bucket_mb=bucket_mb):
+            if self.rank == 0:
+                yield bucket
+
+    def drain_sync(self, bucket_mb: float) -> int:
+        """The non-zero ranks' side of :meth:`sync_buckets` (they take part in gathers)."""
+        return sum(1 for _ in self.learner.state_dict_for_sync(bucket_mb=bucket_mb))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of this rank's view of the full weights (collective under ZeRO-3)."""
+        digest = hashlib.sha256()
+        for bucket in self.learner.state_dict_for_sync():
+            for name, tensor in bucket:
+                digest.update(name.encode())
+                digest.update(tensor.float().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def save(self, out_dir: str) -> None:
+        self.learner.save(out_dir)
+
+    def load(self, out_dir: str) -> None:
+        self.learner.load(out_dir)
+
+
+class LearnerGroup:
+    """``num_workers`` learner ranks as Ray actors.
+
+    learner_kwargs: keyword arguments of :class:`~medrl.align.learner.Learner` (the same on
+    every rank). placement_group / bundle_indices: optional Ray placement, one bundle per rank.
+    """
+
+    def __init__(self, num_workers: int, model_dir: str | Path, learner_kwargs: dict[str, Any],
+                 num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0, *,
+                 placement_group=None, bundle_indices: Sequence[int] | None = None):
+        if num_workers < 1:
+            raise UserError(f"learner.num_workers must be >= 1, got {num_workers}.")
+        self.num_workers = num_workers
+        actor_cls = ray.remote(LearnerWorker)
+        self.workers = []
+        for rank in range(num_workers):
+            options: dict[str, Any] = dict(num_cpus=num_cpus_per_worker,
+                                           num_gpus=num_gpus_per_worker)
+            if placement_group is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                index = bundle_indices[rank] if bundle_indices is not None else rank
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=index)
+            self.workers.append(actor_cls.options(**options).remote(
+                rank, num_workers, str(model_dir), dict(learner_kwargs),
+                num_gpus_per_worker > 0))
+        # Ranks meet on rank 0's loopback port: the group runs on one node. Several nodes
+        # need rank 0's node address here instead.
+        port = ray.get(self.workers[0].free_port.remote())
+        ray.get([w.setup.remote("127.0.0.1", port) for w in self.workers])
+
+    def _put(self, samples: Sequence[Sample] | ray.ObjectRef) -> list:
+        ref = samples if isinstance(samples, ray.ObjectRef) else ray.put(list(samples))
+        return [ref]  # wrapped: Ray passes it to the actor unresolved
+
+    def _check_size(self, samples) -> None:
+        if not isinstance(samples, ray.ObjectRef) and len(samples) < self.num_workers:
+            raise UserError(f"The learner step got {len(samples)} samples for "
+                            f"{self.num_workers} learner workers; each needs at least one. "
+                            "Raise the rollout batch or lower learner.num_workers.")
+
+    def train_step(self, samples: Sequence[Sample] | ray.ObjectRef, *, ppo_epochs: int = 1,
+                   recompute_old_logprobs: bool = False) -> dict[str, float]:
+        """One learner step on the global batch; returns the global metrics (rank 0's)."""
+        self._check_size(samples)
+        ref = self._put(samples)
+        results = ray.get([w.train_step.remote(ref, ppo_epochs, recompute_old_logprobs)
+                           for w in self.workers])
+        return results[0]
+
+    def logprobs(self, samples: Sequence[Sample] | ray.ObjectRef) -> list:
+        """Current-policy log-probs: one 1-D tensor per sample (its completion length), in order."""
+        self._check_size(samples)
+        ref = self._put(samples)
+        parts = ray.get([w.logprobs.remote(ref) for w in self.workers])
+        return [lp for part in parts for lp in part]
+
+    def sync_buckets(self, bucket_mb: float = 256) -> Iterator[ray.ObjectRef]:
+        """The full weights as object refs, one per bucket, each a ``list[(name, tensor)]``.
+
+        Consume the iterator to the end: the other ranks finish their gathers alongside.
+        """
+        others = [w.drain_sync.remote(bucket_mb) for w in self.workers[1:]]
+        yield from self.workers[0].sync_buckets.options(num_returns="streaming").remote(bucket_mb)
+        ray.get(others)
+
+    def fingerprints(self) -> list[str]:
+        """Each rank's SHA-256 of the full weights: all equal unless ranks diverged."""
+        return ray.get([w.fingerprint.remote() for w in self.workers])
+
+    def save(self, out_dir: str | Path) -> None:
+        """Checkpoint every rank into ``out_dir`` (see ``Learner.save``)."""
+        ray.get([w.save.remote(str(out_dir)) for w in self.workers])
+
+    def load(self, out_dir: str | Path) -> None:
+        """Restore every rank from ``out_dir`` (see ``Learner.load``)."""
+        ray.get([w.load.remote(str(out_dir)) for w in self.workers])
+
+    def shutdown(self) -> None:
+        """End the actors."""
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
