@@ -40,6 +40,11 @@ class LearnerWorker:
         self.model_dir, self.learner_kwargs = model_dir, dict(learner_kwargs)
         self.learner = None
 
+    def node(self) -> tuple[str, str]:
+        """(Ray node id, node IP address) of this rank."""
+        context = ray.get_runtime_context()
+        return context.get_node_id(), ray.util.get_node_ip_address()
+
     def free_port(self) -> int:
         from medrl.align.learner import free_port
 
@@ -119,10 +124,13 @@ class LearnerGroup:
             self.workers.append(actor_cls.options(**options).remote(
                 rank, num_workers, str(model_dir), dict(learner_kwargs),
                 num_gpus_per_worker > 0))
-        # Ranks meet on rank 0's loopback port: the group runs on one node. Several nodes
-        # need rank 0's node address here instead.
+        # Ranks meet on a free port of rank 0: over loopback when the group shares one node
+        # (Ray may report the node's interface address even for a loopback-only cluster),
+        # at rank 0's node address otherwise.
+        nodes = ray.get([w.node.remote() for w in self.workers])
+        address = "127.0.0.1" if len({n for n, _ in nodes}) == 1 else nodes[0][1]
         port = ray.get(self.workers[0].free_port.remote())
-        ray.get([w.setup.remote("127.0.0.1", port) for w in self.workers])
+        ray.get([w.setup.remote(address, port) for w in self.workers])
 
     def _put(self, samples: Sequence[Sample] | ray.ObjectRef) -> list:
         ref = samples if isinstance(samples, ray.ObjectRef) else ray.put(list(samples))

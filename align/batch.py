@@ -1,0 +1,254 @@
+"""Samples -> padded tensors: the learner's only way in.
+
+:func:`collate` turns a list of :class:`~medrl.align.records.Sample` into a :class:`TrainBatch`.
+Each row is ``[prompt (left-padded to P) | completion (right-padded to T)]``, so every
+completion starts at column ``P`` and the completion tokens are always the last ``T`` columns:
+the log-probs of the completion are the model's log-probs of the last ``T`` tokens.
+
+For vision-language models the prompt ids already hold the expanded image tokens (the
+rollout engine rendered them); only the processor's image processor runs here, on the
+sample's images, in sample order, and ``mm_token_type_ids`` marks the image tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from medrl.align.records import Sample, UserError
+
+
+@dataclass
+class TrainBatch:
+    """One batch of B samples, P prompt columns and T completion columns.
+
+    Optional fields are ``None`` when no sample carries them.
+    """
+
+    input_ids: torch.Tensor  # [B, P+T] long; prompt left-padded, completion right-padded
+    attention_mask: torch.Tensor  # [B, P+T] long; 1 on real tokens
+    completion_mask: torch.Tensor  # [B, T] float; 1 on real completion tokens
+    old_logprobs: torch.Tensor | None = None  # [B, T] float; rollout log-probs (0 on padding)
+    advantages: torch.Tensor | None = None  # [B] float; one advantage per sample
+    token_advantages: torch.Tensor | None = None  # [B, T] float; per-token advantages
+    token_weights: torch.Tensor | None = None  # [B, T] float; product of all weight lists
+    # Vision-language models only:
+    pixel_values: torch.Tensor | None = None  # [sum of patches, C*tp*p*p] float
+    image_grid_thw: torch.Tensor | None = None  # [N_images, 3] long; (t, h, w) patches
+    num_images: torch.Tensor | None = None  # [B] long; images of each sample, in order
+    mm_token_type_ids: torch.Tensor | None = None  # [B, P+T] int; 1 on image tokens
+
+    @property
+    def size(self) -> int:
+        """B, the number of samples."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """T, the number of completion columns."""
+        return int(self.completion_mask.shape[1])
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Extra keyword arguments for the model's forward pass (image inputs), if any."""
+        out = {}
+        for name in ("pixel_values", "image_grid_thw", "mm_token_type_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def advantage_tensor(self) -> torch.Tensor:
+        """Advantages as ``policy_loss`` takes them: [B, T] if per-token, else [B]."""
+        if self.token_advantages is not None:
+            return self.token_advantages
+        if self.advantages is None:
+            raise UserError("The training batch has no advantages: every sample needs "
+                            "`advantage` (or `token_advantages`) set before the learner step.")
+        return self.advantages
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        """A copy with every tensor on ``device``."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self) if getattr(self, f.name) is not None})
+
+    def rows(self, start: int, stop: int) -> "TrainBatch":
+        """Samples ``start:stop`` as a batch (image patches sliced to match; no image
+        fields when these samples have no images, as the vision tower rejects empty input)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name in ("pixel_values", "image_grid_thw"):
+                continue
+            out[f.name] = value[start:stop]
+        if self.num_images is not None and int(self.num_images[start:stop].sum()) > 0:
+            first_image = int(self.num_images[:start].sum())
+            last_image = int(self.num_images[:stop].sum())
+            patches = self.image_grid_thw.prod(dim=-1)
+            out["image_grid_thw"] = self.image_grid_thw[first_image:last_image]
+            out["pixel_values"] = self.pixel_values[
+                int(patches[:first_image].sum()):int(patches[:last_image].sum())]
+        return TrainBatch(**out)
+
+    def split(self, micro_batch_size: int) -> list["TrainBatch"]:
+        """Consecutive micro-batches of at most ``micro_batch_size`` samples."""
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        return [self.rows(i, min(i + micro_batch_size, self.size))
+                for i in range(0, self.size, micro_batch_size)]
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+
+
+def _load_image(image: Any, sample: Sample):
+    """A PIL RGB image from a PIL image, an array, or a path (relative to the data folder)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_absolute() and sample.data_dir:
+            path = Path(sample.data_dir) / path
+        if not path.is_file():
+            raise UserError(f"Sample {sample.uid}: image {str(image)!r} not found (looked at "
+                            f"{path}). Fix the image path in the data file.")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    try:
+        import numpy as np
+
+        return Image.fromarray(np.asarray(image)).convert("RGB")
+    except (TypeError, ValueError) as err:
+        raise UserError(f"Sample {sample.uid}: image of type {type(image).__name__} cannot be "
+                        "read; give a path, a PIL image or an [H, W(, C)] array.") from err
+
+
+def _check(sample: Sample) -> None:
+    if not sample.prompt_ids or not sample.completion_ids:
+        raise UserError(f"Sample {sample.uid}: empty prompt_ids or completion_ids; the learner "
+                        "needs rolled-out samples (prompt and completion token ids).")
+    n = len(sample.completion_ids)
+    if sample.rollout_logprobs and len(sample.rollout_logprobs) != n:
+        raise UserError(f"Sample {sample.uid}: {len(sample.rollout_logprobs)} rollout_logprobs "
+                        f"for {n} completion tokens; the rollout engine must return one per token.")
+    if sample.token_advantages is not None and len(sample.token_advantages) != n:
+        raise UserError(f"Sample {sample.uid}: {len(sample.token_advantages)} token_advantages "
+                        f"for {n} completion tokens.")
+    for name, weights in sample.token_weights.items():
+        if len(weights) != n:
+            raise UserError(f"Sample {sample.uid}: reward {name!r} gave {len(weights)} token "
+                            f"weights for {n} completion tokens; it must give one per token.")
+
+
+def collate(samples: Sequence[Sample], *, pad_token_id: int, processor: Any = None) -> TrainBatch:
+    """Pad ``samples`` into a :class:`TrainBatch` (see the module docstring for the layout).
+
+    ``processor``: the VLM processor (its ``image_processor`` is used, and ``image_token_id``
+    or its tokenizer's ``<|image_pad|>`` id marks image tokens); ``None`` for text models.
+    A field that only some samples have is padded with a neutral value for the others
+    (old log-probs 0, advantage 0, weights 1) only where that is meaningful; mixed presence
+    of old log-probs or advantages is an error.
+    """
+    if not samples:
+        raise UserError("collate got no samples; the learner step needs at least one.")
+    for s in samples:
+        _check(s)
+    B = len(samples)
+    P = max(len(s.prompt_ids) for s in samples)
+    T = max(len(s.completion_ids) for s in samples)
+    input_ids = torch.full((B, P + T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+    completion_mask = torch.zeros((B, T), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, t = len(s.prompt_ids), len(s.completion_ids)
+        input_ids[i, P - p:P] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        input_ids[i, P:P + t] = torch.tensor(s.completion_ids, dtype=torch.long)
+        attention_mask[i, P - p:P + t] = 1
+        completion_mask[i, :t] = 1.0
+    batch = TrainBatch(input_ids=input_ids, attention_mask=attention_mask,
+                       completion_mask=completion_mask)
+
+    has_old = [bool(s.rollout_logprobs) for s in samples]
+    if any(has_old):
+        if not all(has_old):
+            missing = next(s.uid for s, h in zip(samples, has_old) if not h)
+            raise UserError(f"Sample {missing} has no rollout_logprobs while others in the batch "
+                            "do; set algorithm.old_logprobs: recompute, or fix the rollout engine.")
+        batch.old_logprobs = _pad([s.rollout_logprobs for s in samples], T, 0.0)
+
+    if any(s.token_advantages is not None for s in samples):
+        batch.token_advantages = _pad(
+            [s.token_advantages if s.token_advantages is not None
+             else [_advantage(s)] * len(s.completion_ids) for s in samples], T, 0.0)
+    elif any(s.advantage is not None for s in samples):
+        batch.advantages = torch.tensor([_advantage(s) for s in samples], dtype=torch.float32)
+
+    if any(s.token_weights for s in samples):
+        rows = []
+        for s in samples:
+            row = [1.0] * len(s.completion_ids)
+            for weights in s.token_weights.values():
+                row = [a * float(b) for a, b in zip(row, weights)]
+            rows.append(row)
+        batch.token_weights = _pad(rows, T, 0.0)
+
+    if any(s.images for s in samples):
+        _add_images(batch, samples, processor)
+    return batch
+
+
+def _advantage(sample: Sample) -> float:
+    if sample.advantage is None or not math.isfinite(sample.advantage):
+        raise UserError(f"Sample {sample.uid}: advantage is {sample.advantage!r}; compute "
+                        "finite advantages for every sample before the learner step.")
+    return float(sample.advantage)
+
+
+def _pad(rows: list[list[float]], width: int, value: float) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def _image_token_id(processor: Any) -> int:
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int(token_id)
+
+
+def _add_images(batch: TrainBatch, samples: Sequence[Sample], processor: Any) -> None:
+    """Fill the image fields; image tokens must already be expanded in ``prompt_ids``."""
+    if processor is None or getattr(processor, "image_processor", None) is None:
+        raise UserError("Samples carry images but the policy has no image processor; use a "
+                        "vision-language model (its folder needs preprocessor_config.json).")
+    images = [_load_image(im, s) for s in samples for im in s.images]
+    out = processor.image_processor(images=images, return_tensors="pt")
+    batch.pixel_values = out["pixel_values"]
+    batch.image_grid_thw = out["image_grid_thw"].long()
+    batch.num_images = torch.tensor([len(s.images) for s in samples], dtype=torch.long)
+    image_token = _image_token_id(processor)
+    batch.mm_token_type_ids = (batch.input_ids == image_token).to(torch.int)
+
+    # Each image expands to (t*h*w / merge^2) tokens; a mismatch means the prompt was
+    # rendered with other image sizes than the ones processed here.
+    merge = getattr(processor.image_processor, "merge_size", 2)
+    expected = batch.image_grid_thw.prod(dim=-1) // (merge * merge)
+    start = 0
+    for i, s in enumerate(samples):
+        n = len(s.images)
+        want = int(expected[start:start + n].sum())
+        got = int(batch.mm_token_type_ids[i].sum())
+        start += n
+        if want != got:
+            raise UserError(f"Sample {s.uid}: prompt_ids hold {got} image tokens but its "
+                            f"{n} image(s) need {want}; render the prompt with the same "
+                            "processor settings (min/max pixels) as the learner's.")
