@@ -211,7 +211,11 @@ class Learner:
 
     # ----------------------------------------------------------------------------- set-up
     def _resolve_ref_mode(self, ref_model: str, kl_coef: float) -> str:
-        """none | adapters (LoRA switched off) | cpu (whole copy on CPU) | copy (beside policy)."""
+        """none | adapters (LoRA switched off) | cpu (whole copy on CPU) | copy (beside policy).
+
+        ``ref_model``: "auto" (none when kl_coef is 0), "none", "cpu" or "copy" (wanted even
+        with kl_coef 0 when the KL lives in the reward).
+        """
         if ref_model == "none" or (ref_model == "auto" and kl_coef == 0):
             return "none"
         if self.lora:
@@ -305,10 +309,20 @@ class Learner:
                       with_entropy=with_entropy, model_inputs=mb.model_inputs())
 
     @torch.no_grad()
-    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """Log-probs of the completion tokens under the current policy, [B, T] float32."""
+    def logprobs(self, batch: TrainBatch, *, temperature: float | None = None) -> torch.Tensor:
+        """Log-probs of the completion tokens under the current policy, [B, T] float32.
+
+        ``temperature`` None: the training temperature; 1.0 gives raw log-probs (what the
+        rollout engines' ``score`` returns, for sync verification).
+        """
         self.engine.eval()
-        return self._run_no_grad(self.engine, batch)
+        scorer = self.engine.module
+        trained = scorer.temperature
+        scorer.temperature = trained if temperature is None else temperature
+        try:
+            return self._run_no_grad(self.engine, batch)
+        finally:
+            scorer.temperature = trained
 
     def _run_no_grad(self, model, batch: TrainBatch, device: torch.device | None = None
                      ) -> torch.Tensor:

@@ -16,9 +16,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 from medrl.align.records import Sample, UserError
 from medrl.launch.recipe import Recipe
+
+
+# Engine vs learner log-prob agreement after a sync, fp32 (DESIGN.md measured <= 6e-5 on
+# an 86M model): a larger gap means the engine samples from other weights than it should.
+SYNC_ATOL = 2e-4
 
 
 class RunFailed(RuntimeError):
@@ -39,8 +45,10 @@ class Components:
     start_step: int
 
     def close(self) -> None:
-        for part in (self.rewards, self.rollouts, self.learner, self.monitor):
-            part.close()
+        self.rewards.close()
+        self.rollouts.shutdown()
+        self.learner.shutdown()
+        self.monitor.close()
 
 
 def sampling_for(recipe: Recipe, step: int):
@@ -54,19 +62,19 @@ def sampling_for(recipe: Recipe, step: int):
                           seed=recipe.run.seed * 1_000_003 + step)
 
 
-def learner_kwargs(recipe: Recipe, policy_dir: Path) -> dict:
+def learner_kwargs(recipe: Recipe) -> dict:
     """The recipe's learner and loss settings as the learner's plain keyword arguments."""
     ln, alg = recipe.learner, recipe.algorithm
     kl_in_loss = alg.kl.where == "loss"
     return dict(
-        model_dir=str(policy_dir), zero_stage=ln.zero_stage, offload_optimizer=ln.offload_optimizer,
+        zero_stage=ln.zero_stage, offload_optimizer=ln.offload_optimizer,
         micro_batch_size=ln.micro_batch_size, optimizer=ln.optimizer, lr=ln.lr,
         weight_decay=ln.weight_decay, betas=tuple(ln.betas), warmup_steps=ln.warmup_steps,
         total_steps=recipe.run.max_steps * alg.ppo_epochs, lr_schedule=ln.lr_schedule,
         min_lr_ratio=ln.min_lr_ratio, max_grad_norm=ln.max_grad_norm,
         gradient_checkpointing=ln.gradient_checkpointing, logprob_chunk_size=ln.logprob_chunk_size,
         temperature=recipe.rollout.temperature,
-        ref_model=ln.ref_model if alg.kl.coef > 0 else "none",
+        ref_model="none" if alg.kl.coef == 0 else ("cpu" if ln.ref_model == "cpu" else "copy"),
         lora=ln.lora.model_dump() if ln.lora else None,
         dtype=None if recipe.model.dtype == "auto" else recipe.model.dtype,
         clip_low=alg.clip_low, clip_high=alg.clip_high,
@@ -97,17 +105,17 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
         restore_rng(state["rng"])
 
     c = recipe.cluster
-    learner = LearnerGroup(recipe.learner.num_workers, learner_kwargs(recipe, policy_dir),
+    learner = LearnerGroup(recipe.learner.num_workers, policy_dir, learner_kwargs(recipe),
                            num_cpus_per_worker=c.learner_cpus, num_gpus_per_worker=c.learner_gpus)
     engine_kwargs = {"kv_cache_memory_bytes": recipe.rollout.kv_cache_memory_mb * 2**20,
                      "num_threads": recipe.rollout.num_threads}
     rollouts = RolloutGroup(recipe.rollout.num_workers, recipe.rollout.backend, str(policy_dir),
                             engine_kwargs, num_cpus_per_worker=c.rollout_cpus,
-                            num_gpus_per_worker=c.rollout_gpus, max_restarts=c.max_restarts)
+                            max_restarts=c.max_restarts)
     recipe_dir = Path(recipe.run.recipe_dir or ".")
     ctx = RewardContext(run_dir=run_dir, base_dir=recipe_dir, seed=recipe.run.seed,
                         device="cuda" if c.learner_gpus else "cpu",
-                        policy_logprobs=learner.logprobs_of_samples)
+                        policy_logprobs=lambda samples: logprob_lists(learner, samples))
     rewards = RewardRunner(
         load_rewards([s.model_dump() for s in recipe.rewards.functions], base_dir=recipe_dir,
                      veto=recipe.rewards.veto),
@@ -128,9 +136,19 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
                       start_step)
 
 
+def logprob_lists(learner, samples: list[Sample], *, temperature: float | None = None
+                  ) -> list[list[float]]:
+    """The learner's current log-probs of each sample's completion tokens, as lists.
+
+    ``temperature`` None: the rollout temperature (what the loss sees); 1.0: raw log-probs,
+    which is what the engines' ``score`` returns for sync verification.
+    """
+    return [lp.tolist() for lp in learner.logprobs(samples, temperature=temperature)]
+
+
 def push_weights(learner, rollouts, *, version: int) -> None:
     """Learner -> object store (bucket by bucket) -> every rollout worker, in place."""
-    rollouts.update_weights_from_refs(learner.sync_refs(), version)
+    rollouts.update_weights_from_refs(list(learner.sync_buckets()), version)
 
 
 def generate_and_score(recipe: Recipe, c: Components, step: int) -> tuple[list[Sample], dict]:
@@ -167,7 +185,7 @@ def compute_advantages(recipe: Recipe, c: Components, samples: list[Sample]) -> 
     alg = recipe.algorithm
     metrics: dict[str, float] = {}
     if alg.kl.coef > 0 and alg.kl.where == "reward":
-        kl = c.learner.sequence_kl(samples, estimator=alg.kl.estimator)
+        kl = sequence_kls(c.learner, samples, estimator=alg.kl.estimator)
         for s, k in zip(samples, kl):
             s.reward -= alg.kl.coef * k
         metrics["kl"] = sum(kl) / len(kl)
@@ -180,6 +198,18 @@ def compute_advantages(recipe: Recipe, c: Components, samples: list[Sample]) -> 
     metrics["groups/zero_variance"] = float(adv.num_zero_variance_groups)
     metrics["advantage/abs_mean"] = float(adv.advantages.abs().mean())
     return metrics
+
+
+def sequence_kls(learner, samples: list[Sample], *, estimator: str) -> list[float]:
+    """KL(policy || reference) of each completion, the mean over its tokens."""
+    import torch
+
+    from medrl.align.grpo import sequence_kl
+
+    current = learner.logprobs(samples)
+    reference = learner.logprobs(samples, reference=True)
+    return [float(sequence_kl(lp[None], ref[None], torch.ones(1, len(lp)), estimator=estimator))
+            for lp, ref in zip(current, reference)]
 
 
 def step_metrics(samples: list[Sample]) -> dict[str, float]:
@@ -207,8 +237,13 @@ def checkpoint(recipe: Recipe, c: Components, run_dir: Path, step: int) -> Path:
     return path
 
 
-def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None) -> Path | None:
-    """Run (or resume) a GRPO stage; returns the last checkpoint written."""
+def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
+          callbacks: Sequence[Callable[[int, Components], None]] = ()) -> Path | None:
+    """Run (or resume) a GRPO stage; returns the last checkpoint written.
+
+    ``callbacks`` run after each step with ``(step, components)``: evaluation hooks, or the
+    tests that kill a worker mid-run.
+    """
     from medrl.launch.cluster import start_ray
     from medrl.launch.monitor import Timer
 
@@ -228,21 +263,27 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None) -> 
                 with timer("advantage"):
                     metrics.update(compute_advantages(recipe, c, samples))
                 with timer("learn"):
-                    metrics.update(_learner_call(c, last_ckpt, step,
-                                                 lambda: c.learner.train_step(samples)))
+                    metrics.update(_learner_call(c, last_ckpt, step, lambda: c.learner.train_step(
+                        samples, ppo_epochs=recipe.algorithm.ppo_epochs,
+                        recompute_old_logprobs=recipe.algorithm.old_logprobs == "recompute")))
                 with timer("sync"):
                     _learner_call(c, last_ckpt, step,
                                   lambda: push_weights(c.learner, c.rollouts, version=step))
                 if recipe.rollout.verify_sync_every and step % recipe.rollout.verify_sync_every == 0:
                     with timer("verify_sync"):
-                        metrics["sync/max_abs_diff"] = c.rollouts.verify_against(
-                            samples[: recipe.rollout.group_size], c.learner.logprobs_of_samples)
+                        metrics["sync/max_abs_diff"] = c.rollouts.verify_sync(
+                            lambda s: logprob_lists(c.learner, s, temperature=1.0),
+                            samples[: recipe.rollout.group_size], atol=SYNC_ATOL)
                 if (every and step % every == 0) or step == recipe.run.max_steps:
                     with timer("checkpoint"):
                         last_ckpt = checkpoint(recipe, c, run_dir, step)
             metrics.update(step_metrics(samples))
             metrics.update(timer.metrics())
             c.prompt_log.write(step, sorted({s.group_id for s in samples}))
+            if recipe.logging.log_completions:  # patient text: only when the recipe asks
+                c.prompt_log.write_completions(step, samples)
+            for callback in callbacks:
+                callback(step, c)
             c.monitor.log(step, metrics)
     finally:
         c.close()

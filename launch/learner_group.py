@@ -66,9 +66,15 @@ class LearnerWorker:
         return self.learner.train_step(batch, ppo_epochs=ppo_epochs,
                                        recompute_old_logprobs=recompute_old_logprobs)
 
-    def logprobs(self, samples_ref: list) -> list:
+    def logprobs(self, samples_ref: list, temperature: float | None = None,
+                 reference: bool = False) -> list:
         samples = self._shard(samples_ref)
-        lp = self.learner.logprobs(self.learner.collate(samples))
+        batch = self.learner.collate(samples)
+        lp = (self.learner.ref_logprobs(batch) if reference
+              else self.learner.logprobs(batch, temperature=temperature))
+        if lp is None:
+            raise UserError("reference log-probs were asked for but the learner has no "
+                            "reference model; set learner.ref_model to cpu or auto.")
         return [lp[i, :len(s.completion_ids)].cpu() for i, s in enumerate(samples)]
 
     def sync_buckets(self, bucket_mb: float):
@@ -151,11 +157,16 @@ class LearnerGroup:
                            for w in self.workers])
         return results[0]
 
-    def logprobs(self, samples: Sequence[Sample] | ray.ObjectRef) -> list:
-        """Current-policy log-probs: one 1-D tensor per sample (its completion length), in order."""
+    def logprobs(self, samples: Sequence[Sample] | ray.ObjectRef, *,
+                 temperature: float | None = None, reference: bool = False) -> list:
+        """Log-probs of each sample's completion: one 1-D tensor per sample, in order.
+
+        Under the current policy at the training temperature (``temperature`` None) or the
+        one given; with ``reference=True`` under the frozen reference policy.
+        """
         self._check_size(samples)
         ref = self._put(samples)
-        parts = ray.get([w.logprobs.remote(ref) for w in self.workers])
+        parts = ray.get([w.logprobs.remote(ref, temperature, reference) for w in self.workers])
         return [lp for part in parts for lp in part]
 
     def sync_buckets(self, bucket_mb: float = 256) -> Iterator[ray.ObjectRef]:

@@ -228,6 +228,9 @@ class Recipe(Section):
     def _stage_sections(self) -> "Recipe":
         if self.run.stage == "grpo" and not self.rewards.functions:
             raise ValueError("a grpo recipe needs at least one reward in rewards.functions")
+        if self.algorithm.kl.coef > 0 and self.learner.ref_model == "none":
+            raise ValueError("algorithm.kl.coef > 0 needs a reference model; set "
+                             "learner.ref_model to auto or cpu, or the coefficient to 0")
         if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
             raise ValueError("rollout.min_new_tokens must not exceed rollout.max_new_tokens")
         return self
@@ -258,7 +261,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value).
 
     Lists and mappings are read as YAML flow (``[a, b]``, ``{k: v}``); ``null``/``none`` is None;
-    anything else stays a string and pydantic types it from the schema (``"0.01"`` -> float).
+    a scalar is read as YAML (``2`` -> int, ``true`` -> bool) unless the schema says the field
+    is a string, so ``run.name=123`` stays ``"123"``.
     """
     if "=" not in text:
         raise RecipeError(f"override {text!r}: expected key.path=value, e.g. algorithm.kl.coef=0.01")
@@ -274,7 +278,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             return path, yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise RecipeError(f"override {text!r}: the value is not valid YAML flow ({exc})") from exc
-    return path, raw
+    if _is_string_field(path):
+        return path, raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return path, raw
+    return path, value if isinstance(value, (int, float, bool)) else raw
+
+
+def _is_string_field(path: list[str]) -> bool:
+    """Whether the schema types ``path`` as a plain string (walks the pydantic models)."""
+    import typing
+
+    model: Any = Recipe
+    annotation: Any = None
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields:
+            return False
+        info = fields.get(part) or next(
+            (f for f in fields.values() if f.alias == part), None)
+        if info is None:
+            return False
+        annotation = info.annotation
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        model = args[0] if len(args) == 1 else annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation is str or args == [str]
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -73,14 +73,22 @@ class PromptLog:
 
     def __init__(self, run_dir: Path, *, resume_step: int | None = None):
         self.path = run_dir / "prompts.jsonl"
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if resume_step is not None:
+            for path in (self.path, run_dir / "completions.jsonl"):
+                if path.exists():
+                    kept = [line for line in path.read_text().splitlines()
+                            if line and json.loads(line)["step"] <= resume_step]
+                    path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, uids: list[str]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "uids": uids}) + "\n")
+
+    def write_completions(self, step: int, samples) -> None:
+        """Prompts and completions with their rewards, for a recipe that asks to log text."""
+        with (self.path.parent / "completions.jsonl").open("a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, **s.to_log(include_text=True)}) + "\n")
 
     def read(self) -> list[dict]:
         return [json.loads(x) for x in self.path.read_text().splitlines() if x]

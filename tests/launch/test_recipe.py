@@ -98,7 +98,11 @@ def test_parse_override_reads_flow_yaml():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a={x: 1}") == (["a"], {"x": 1})
     assert parse_override("a=~") == (["a"], None)
-    assert parse_override("a=0.5") == (["a"], "0.5")  # typed later by the schema
+    assert parse_override("learner.lr=0.5") == (["learner", "lr"], 0.5)
+    assert parse_override("learner.zero_stage=2") == (["learner", "zero_stage"], 2)
+    assert parse_override("run.name=123") == (["run", "name"], "123")  # a string field
+    assert parse_override("data.fields.answer=answer_idx") == (
+        ["data", "fields", "answer"], "answer_idx")
 
 
 @pytest.mark.parametrize("mutation, fragment", [

@@ -1,0 +1,114 @@
+"""The real `medrl` CLI end to end: a GRPO run on a tiny model in a fresh local Ray cluster,
+its run folder, its checkpoints, and an exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+MEDRL = [sys.executable, "-m", "medrl.launch.cli"]
+
+# Small enough for CI on 2 cores; a constant learning rate so that extending max_steps on
+# resume does not change the schedule of the steps already taken.
+SMALL = [
+    "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
+    "learner.micro_batch_size=4", "learner.lr_schedule=constant", "learner.lr=1e-3",
+    "learner.zero_stage=2", "logging.progress=false", "logging.log_completions=true",
+    "checkpoint.every=3",
+]
+
+
+def medrl(*args: str, cwd: Path, check: bool = True, timeout: int = 600):
+    env = dict(os.environ, MEDRL_CACHE=str(cwd / "cache"), RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    proc = subprocess.run([*MEDRL, *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"medrl {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def per_step(run_dir: Path, name: str) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (run_dir / name).read_text().splitlines() if x]
+    return {r["step"]: r for r in rows}
+
+
+def completions(run_dir: Path) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for row in (json.loads(x) for x in (run_dir / "completions.jsonl").read_text().splitlines()):
+        out.setdefault(row["step"], []).append(row["completion_text"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir) -> Path:
+    recipe = REPO / "recipes" / "quickstart.yaml"
+    medrl("run", str(recipe), "run.name=full", f"run.output_dir={workdir / 'runs'}",
+          "run.max_steps=6", *SMALL, cwd=workdir)
+    return workdir / "runs" / "full"
+
+
+def test_run_folder_has_everything_a_user_needs(full_run):
+    from transformers import AutoModelForCausalLM
+
+    steps = per_step(full_run, "metrics.jsonl")
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "reward/mean", "time/generate", "time/learn", "time/sync"):
+        assert key in steps[1], key
+    ckpts = sorted(p.name for p in (full_run / "checkpoints").iterdir())
+    assert ckpts == ["step-000003", "step-000006"]
+    last = full_run / "checkpoints" / "step-000006"
+    assert (last / "COMPLETE").exists()
+    model = AutoModelForCausalLM.from_pretrained(last / "policy")  # loads as it is
+    assert model.config.model_type == "qwen2"
+    state = json.loads((last / "state.json").read_text())
+    assert state["step"] == 6 and state["data_cursor"]["position"] >= 0
+    assert state["rewards"][0]["name"] == "mcq_letter"
+    assert sorted(p.name for p in (full_run / "plots").glob("*.png"))
+    assert list((full_run / "tensorboard").glob("events.*"))
+    prompts = [json.loads(x) for x in (full_run / "prompts.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in prompts] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resumed_run_matches_the_uninterrupted_one(full_run, workdir):
+    recipe = REPO / "recipes" / "quickstart.yaml"
+    medrl("run", str(recipe), "run.name=split", f"run.output_dir={workdir / 'runs'}",
+          "run.max_steps=3", *SMALL, cwd=workdir)
+    split = workdir / "runs" / "split"
+    medrl("resume", str(split), "run.max_steps=6", cwd=workdir)
+
+    full, resumed = per_step(full_run, "metrics.jsonl"), per_step(split, "metrics.jsonl")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        for key in ("loss", "reward/mean", "advantage/abs_mean", "completion/length_mean"):
+            assert resumed[step][key] == full[step][key], (step, key)
+    assert completions(split) == completions(full_run)
+    assert per_step(split, "prompts.jsonl") == per_step(full_run, "prompts.jsonl")
+
+
+def test_run_refuses_to_overwrite_without_force(full_run, workdir):
+    recipe = REPO / "recipes" / "quickstart.yaml"
+    proc = medrl("run", str(recipe), "run.name=full", f"run.output_dir={workdir / 'runs'}",
+                 cwd=workdir, check=False)
+    assert proc.returncode == 2
+    assert "already exists and is not empty" in proc.stderr
+    assert "medrl resume" in proc.stderr
+
+
+def test_resume_of_a_folder_that_is_not_a_run(workdir):
+    proc = medrl("resume", str(workdir), cwd=workdir, check=False)
+    assert proc.returncode == 2
+    assert "not a medrl run folder" in proc.stderr
