@@ -14,6 +14,7 @@ same completions and compute the same losses.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -225,10 +226,22 @@ def step_metrics(samples: list[Sample]) -> dict[str, float]:
     }
 
 
-def checkpoint(recipe: Recipe, c: Components, run_dir: Path, step: int) -> Path:
+def staleness(recipe: Recipe, samples: list[Sample], *, learner_version: int) -> dict:
+    """How many updates behind the learner the samples' policy is; bounded in async mode."""
+    lag = max((learner_version - s.policy_version for s in samples), default=0)
+    bound = recipe.algorithm.max_staleness if recipe.algorithm.async_ else 0
+    if lag > bound:
+        raise RunFailed(f"samples are {lag} policy versions behind the learner, more than the "
+                        f"allowed {bound}; the rollout workers missed a weight update.")
+    return {"async/staleness": float(lag)}
+
+
+def checkpoint(recipe: Recipe, c: Components, run_dir: Path, step: int, *,
+               cursor: dict | None = None) -> Path:
+    """Save step ``step``; ``cursor``: the data cursor to resume from (default: the stream's)."""
     from medrl.align.checkpoint import capture_rng, save_checkpoint
 
-    state = {"step": step, "policy_version": step, "data_cursor": c.stream.state(),
+    state = {"step": step, "policy_version": step, "data_cursor": cursor or c.stream.state(),
              "rng": capture_rng(), "rewards": c.rewards.identity(),
              "policy_source": str(c.policy_dir)}
     path = save_checkpoint(run_dir, step, write=c.learner.save, state=state,
@@ -250,13 +263,24 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
     start_ray(recipe)
     c = build(recipe, run_dir, resume_from=resume_from)
     last_ckpt = resume_from
-    every = recipe.checkpoint.every
+    every, last_step = recipe.checkpoint.every, recipe.run.max_steps
+    # One-step off-policy mode: a background thread generates and scores step k+1 while the
+    # learner trains on step k (the engines take the new weights once that batch is done).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="medrl-rollouts") \
+        if recipe.algorithm.async_ else None
+    pending = None  # (future of the next step's batch, data cursor before its prompts)
     try:
-        for step in range(c.start_step + 1, recipe.run.max_steps + 1):
+        for step in range(c.start_step + 1, last_step + 1):
             timer = Timer()
             with timer("step"):
-                with timer("generate"):
-                    samples, metrics = generate_and_score(recipe, c, step)
+                with timer("generate"):  # async: the wait for the batch made during step k-1
+                    samples, metrics = (pending[0].result() if pending
+                                        else generate_and_score(recipe, c, step))
+                    pending = None
+                    if pool and step < last_step:
+                        cursor = c.stream.state()
+                        pending = (pool.submit(generate_and_score, recipe, c, step + 1), cursor)
+                metrics.update(staleness(recipe, samples, learner_version=step - 1))
                 if not samples:
                     raise RunFailed(f"step {step}: every sample was dropped (reward errors or "
                                     "zero-variance groups); nothing to learn from.")
@@ -274,9 +298,10 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
                         metrics["sync/max_abs_diff"] = c.rollouts.verify_sync(
                             lambda s: logprob_lists(c.learner, s, temperature=1.0),
                             samples[: recipe.rollout.group_size], atol=SYNC_ATOL)
-                if (every and step % every == 0) or step == recipe.run.max_steps:
-                    with timer("checkpoint"):
-                        last_ckpt = checkpoint(recipe, c, run_dir, step)
+                if (every and step % every == 0) or step == last_step:
+                    with timer("checkpoint"):  # async: resume re-takes the in-flight prompts
+                        last_ckpt = checkpoint(recipe, c, run_dir, step,
+                                               cursor=pending[1] if pending else None)
             metrics.update(step_metrics(samples))
             metrics.update(timer.metrics())
             c.prompt_log.write(step, sorted({s.group_id for s in samples}))
@@ -286,6 +311,8 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
                 callback(step, c)
             c.monitor.log(step, metrics)
     finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
         c.close()
     c.monitor.summary(last_checkpoint=last_ckpt)
     return last_ckpt
@@ -297,12 +324,20 @@ def _learner_call(c: Components, last_ckpt: Path | None, step: int, fn):
 
     try:
         return fn()
-    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-        where = (f"the last complete checkpoint is {last_ckpt}; continue with "
-                 f"`medrl resume {last_ckpt.parent.parent}`" if last_ckpt
-                 else "no checkpoint was written yet; start the run again")
-        raise RunFailed(f"the learner failed at step {step}: {exc.__class__.__name__}. "
-                        f"The run stopped cleanly; {where}.") from exc
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, UserError):  # bad input, not a crash: say what to fix
+            raise exc.cause from None
+        raise _learner_failed(exc, last_ckpt, step) from exc
+    except ray.exceptions.RayActorError as exc:
+        raise _learner_failed(exc, last_ckpt, step) from exc
+
+
+def _learner_failed(exc: Exception, last_ckpt: Path | None, step: int) -> RunFailed:
+    where = (f"the last complete checkpoint is {last_ckpt}; continue with "
+             f"`medrl resume {last_ckpt.parent.parent}`" if last_ckpt
+             else "no checkpoint was written yet; start the run again")
+    return RunFailed(f"the learner failed at step {step}: {exc.__class__.__name__}. "
+                     f"The run stopped cleanly; {where}.")
 
 
 __all__ = ["train", "RunFailed", "UserError"]

@@ -7,7 +7,7 @@ at most the line being written. TensorBoard scalars (``RUN_DIR/tensorboard/``) a
 ``medrl resume`` they cover the whole run.
 
 Metric names the views know about (the driver produces them):
-``reward/mean``, ``reward/<name>/mean`` (one per reward function), ``kl``,
+``reward/mean``, ``rewards/<name>/mean`` (one per reward function), ``kl``,
 ``completion/length_mean`` and ``time/<phase>`` (seconds; ``time/step`` is the whole step).
 """
 
@@ -346,7 +346,9 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     reward_keys = {"reward/mean": "combined"}
     for key in sorted({k for row in rows for k in row}):
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "reward" and parts[2] == "mean":
+        # per reward function: "rewards/<name>/mean" (the reward runner's metric names)
+        if len(parts) == 3 and parts[0] == "rewards" and parts[2] == "mean" \
+                and parts[1] != "combined":
             reward_keys[key] = parts[1]
     written = [
         _line_plot(rows, reward_keys, "reward", "mean reward", out / "reward.png"),

@@ -182,6 +182,10 @@ def combined_token_weights(sample: Sample) -> list[float] | None:
     return multiply_token_weights(list(sample.token_weights.values()))
 
 
+# How long a crashed reward actor may take to come back before its batch counts as failed.
+RESTART_TIMEOUT_S = 180.0
+
+
 class RewardRunner:
     """Scores batches with the loaded rewards; created once per run.
 
@@ -231,6 +235,11 @@ class RewardRunner:
         return [r.identity() for r in self.rewards]
 
     identity = identities
+
+    def actors(self) -> dict[str, Any]:
+        """The Ray actor handle of every ``actor: true`` reward, by name (for health checks)."""
+        return {r.name: self._workers[r.name] for r in self.rewards
+                if r.actor and r.name in self._workers}
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -298,6 +307,8 @@ class RewardRunner:
                 except ray.exceptions.GetTimeoutError:
                     return Failure(f"exceeded its timeout of {r.timeout_s:g} s", timed_out=True)
                 except ray.exceptions.RayActorError as exc:
+                    if self.max_restarts > 0:  # Ray restarts it: retry the batch once
+                        return self._retry_after_restart(r, samples, backstop, exc)
                     return Failure(f"its actor died ({exc})")
                 except ray.exceptions.RayTaskError as exc:  # setup() again after a restart
                     return Failure(f"raised in its actor: {exc}")
@@ -313,6 +324,30 @@ class RewardRunner:
                 r.target, r.kwargs, chunk, r.timeout_s) for chunk in chunks]
             return lambda: [x for part in ray.get(refs) for x in part]
         return lambda: worker.score(samples)
+
+    def _retry_after_restart(self, r: LoadedReward, samples: list[Sample],
+                             timeout: float | None, died: Exception):
+        """The actor died mid-batch and Ray is restarting it (it sets up again on its first
+        call): wait until it answers, then score the same batch once more."""
+        import time
+
+        import ray
+
+        worker = self._workers[r.name]
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                return ray.get(worker.score.remote(samples), timeout=timeout)
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError) as exc:
+                # calls fail at once while the actor restarts; past max_restarts it stays dead
+                if time.monotonic() > deadline:
+                    return Failure(f"its actor died ({died}) and did not come back within "
+                                   f"{RESTART_TIMEOUT_S:.0f} s ({type(exc).__name__})")
+                time.sleep(1.0)
+            except ray.exceptions.GetTimeoutError:
+                return Failure(f"exceeded its timeout of {r.timeout_s:g} s", timed_out=True)
+            except ray.exceptions.RayTaskError as exc:
+                return Failure(f"raised in its actor after a restart: {exc}")
 
     def _restart_after_timeout(self, r: LoadedReward) -> None:
         """A timed-out actor may still be busy: replace it before the next step."""

@@ -157,12 +157,16 @@ class RolloutGroup:
     def generate(self, prompts: list[Sample], sampling: SamplingParams) -> list[Sample]:
         """Prompts in, ``len(prompts) * sampling.n`` samples out, in prompt order."""
         chunks = split_prompts(prompts, len(self.workers))
+        # The version pushed before this call: a worker restarted with its start-up weights
+        # is behind it. A push made while the batch is in flight (one-step off-policy mode)
+        # lands after the batch on each worker, so the batch may carry this version exactly.
+        expected = self.policy_version
 
         def submit(worker, i):
             return worker.generate.remote(chunks[i], sampling)
 
         def current(samples):
-            return all(s.policy_version == self.policy_version for s in samples)
+            return all(s.policy_version >= expected for s in samples)
 
         return [s for part in self._call_all(submit, current) for s in part]
 

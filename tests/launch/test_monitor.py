@@ -21,8 +21,8 @@ def quiet_console() -> tuple[Console, io.StringIO]:
 
 
 def step_metrics(step: int) -> dict[str, float]:
-    return {"reward/mean": 0.1 * step, "reward/mcq_letter/mean": 0.2 * step,
-            "reward/format/mean": 1.0 - 0.1 * step, "kl": 0.01 * step,
+    return {"reward/mean": 0.1 * step, "rewards/mcq_letter/mean": 0.2 * step,
+            "rewards/format/mean": 1.0 - 0.1 * step, "kl": 0.01 * step,
             "completion/length_mean": 10.0 + step, "time/generate": 0.5, "time/learner": 1.5,
             "time/step": 2.1}
 
@@ -99,7 +99,7 @@ def test_tensorboard_events_are_readable(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     scalars = acc.Tags()["scalars"]
-    assert {"reward/mean", "reward/mcq_letter/mean", "kl", "time/step"} <= set(scalars)
+    assert {"reward/mean", "rewards/mcq_letter/mean", "kl", "time/step"} <= set(scalars)
     events = acc.Scalars("reward/mean")
     assert [e.step for e in events] == [1, 2, 3]
     assert [round(e.value, 5) for e in events] == [0.1, 0.2, 0.3]
