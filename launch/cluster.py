@@ -57,6 +57,31 @@ def start_ray(recipe: Recipe) -> None:
     )
 
 
+def placement(recipe: Recipe):
+    """Where the rollout workers and learner ranks go.
+
+    ``cluster.colocate: false`` (default): no placement group; Ray spreads the actors by
+    their CPU/GPU requests. ``true``: one STRICT_PACK placement group, one bundle per rollout
+    worker then one per learner rank, so they share a node (and, with fractional
+    ``rollout_gpus`` / ``learner_gpus`` such as 0.5 each, the same GPUs). Returns
+    ``(placement_group, rollout_bundles, learner_bundles)`` or ``(None, None, None)``.
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+
+    c = recipe.cluster
+    if not c.colocate:
+        return None, None, None
+    rollout = [{"CPU": c.rollout_cpus, **({"GPU": c.rollout_gpus} if c.rollout_gpus else {})}
+               for _ in range(recipe.rollout.num_workers)]
+    learner = [{"CPU": c.learner_cpus, **({"GPU": c.learner_gpus} if c.learner_gpus else {})}
+               for _ in range(recipe.learner.num_workers)]
+    pg = placement_group(rollout + learner, strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=300)
+    n = len(rollout)
+    return pg, list(range(n)), list(range(n, n + len(learner)))
+
+
 def stop_ray() -> None:
     import ray
 

@@ -88,6 +88,7 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     """Start every component; with ``resume_from`` restore the checkpoint's exact state."""
     from medrl.align.checkpoint import read_state, restore_rng
     from medrl.align.models import resolve_policy
+    from medrl.launch.cluster import placement
     from medrl.launch.data import PromptStream
     from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.monitor import Monitor
@@ -106,13 +107,16 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
         restore_rng(state["rng"])
 
     c = recipe.cluster
+    pg, rollout_bundles, learner_bundles = placement(recipe)
     learner = LearnerGroup(recipe.learner.num_workers, policy_dir, learner_kwargs(recipe),
-                           num_cpus_per_worker=c.learner_cpus, num_gpus_per_worker=c.learner_gpus)
+                           num_cpus_per_worker=c.learner_cpus, num_gpus_per_worker=c.learner_gpus,
+                           placement_group=pg, bundle_indices=learner_bundles)
     engine_kwargs = {"kv_cache_memory_bytes": recipe.rollout.kv_cache_memory_mb * 2**20,
                      "num_threads": recipe.rollout.num_threads}
     rollouts = RolloutGroup(recipe.rollout.num_workers, recipe.rollout.backend, str(policy_dir),
                             engine_kwargs, num_cpus_per_worker=c.rollout_cpus,
-                            max_restarts=c.max_restarts)
+                            num_gpus_per_worker=c.rollout_gpus, max_restarts=c.max_restarts,
+                            placement_group=pg, bundle_indices=rollout_bundles)
     recipe_dir = Path(recipe.run.recipe_dir or ".")
     ctx = RewardContext(run_dir=run_dir, base_dir=recipe_dir, seed=recipe.run.seed,
                         device="cuda" if c.learner_gpus else "cpu",

@@ -76,20 +76,30 @@ class RolloutGroup:
 
     def __init__(self, num_workers: int, backend: str, model_dir: str,
                  engine_kwargs: dict[str, Any] | None = None, *,
-                 num_cpus_per_worker: float = 1, max_restarts: int = 1,
-                 restart_timeout_s: float = 180.0):
+                 num_cpus_per_worker: float = 1, num_gpus_per_worker: float = 0,
+                 max_restarts: int = 1, restart_timeout_s: float = 180.0,
+                 placement_group=None, bundle_indices: Sequence[int] | None = None):
         import ray
 
         engine_kwargs = dict(engine_kwargs or {})
         threads = engine_kwargs.get("num_threads") or max(1, int(num_cpus_per_worker))
         engine_kwargs["num_threads"] = threads
-        actor = ray.remote(RolloutWorker).options(
-            num_cpus=num_cpus_per_worker, max_restarts=max_restarts,
+        options: dict[str, Any] = dict(
+            num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
+            max_restarts=max_restarts,
             max_task_retries=0,  # retries are ours: weights must be re-pushed first
             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                       "OMP_NUM_THREADS": str(threads)}})
-        self.workers = [actor.remote(backend, str(model_dir), engine_kwargs)
-                        for _ in range(num_workers)]
+        self.workers = []
+        for i in range(num_workers):
+            if placement_group is not None:  # one bundle per worker (see launch.cluster)
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group,
+                    placement_group_bundle_index=bundle_indices[i] if bundle_indices else i)
+            actor = ray.remote(RolloutWorker).options(**options)
+            self.workers.append(actor.remote(backend, str(model_dir), engine_kwargs))
         self.restart_timeout_s = restart_timeout_s
         self.policy_version = 0
         self._last_push: tuple[list[Any], int] | None = None  # (bucket refs, version)

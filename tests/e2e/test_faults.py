@@ -48,7 +48,9 @@ def test_a_killed_rollout_worker_is_restarted_and_no_prompt_is_lost(ray_local, t
 
     from medrl.launch.driver import train
 
-    recipe, run_dir = make_run(tmp_path, "rollout-kill", ["run.max_steps=3"])
+    # colocated placement and a sync check every step ride along on this run
+    recipe, run_dir = make_run(tmp_path, "rollout-kill", ["run.max_steps=3", "cluster.colocate=true",
+                                                          "rollout.verify_sync_every=1"])
     seen = {}
 
     def kill_after_first_step(step, c):
@@ -61,6 +63,8 @@ def test_a_killed_rollout_worker_is_restarted_and_no_prompt_is_lost(ray_local, t
     assert logged_prompts(run_dir) == expected_prompts(recipe, 3)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # the engine's log-probs equal the learner's after every sync, restart included
+    assert all(r["sync/max_abs_diff"] < 2e-4 for r in rows)
 
 
 def test_a_killed_reward_actor_is_restarted_and_its_batch_retried(ray_local, tmp_path):
