@@ -35,7 +35,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -125,7 +125,9 @@ class Learner:
     ZeRO-3); ``cpu`` keeps a whole frozen copy on the CPU (its KL is reported even when
     ``kl_coef == 0``); with LoRA the reference is the policy with its adapters switched off.
     ``lora``: ``{"r", "alpha", "dropout", "target_modules"}``. Loss options are those of
-    :func:`medrl.align.grpo.policy_loss` (``loss_agg`` is its ``agg``).
+    :func:`medrl.align.grpo.policy_loss` (``loss_agg`` is its ``agg``). ``prepare_model(model)``
+    runs on the freshly loaded Hugging Face model before LoRA and DeepSpeed wrap it (the QAT
+    stage swaps in fake-quantised layers there).
     """
 
     def __init__(self, model_dir: str | Path, *, zero_stage: int = 2,
@@ -138,7 +140,7 @@ class Learner:
                  ref_model: str = "auto", lora: dict[str, Any] | None = None,
                  dtype: torch.dtype | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", loss_agg: str = "token_mean",
-                 seed: int = 0):
+                 seed: int = 0, prepare_model: Callable[[torch.nn.Module], Any] | None = None):
         import deepspeed
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
@@ -183,6 +185,8 @@ class Learner:
         self.ref_model = self._load_reference(scorer) if self.ref_mode in ("cpu", "copy") else None
         with self._partitioned_loading():
             model = load_model(self.model_dir, dtype=self.dtype)
+        if prepare_model is not None:  # e.g. fake quantisation: before PEFT and DeepSpeed wrap it
+            prepare_model(model)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -421,6 +425,50 @@ class Learner:
             op = "max" if key.endswith("max") else "min"
             value = torch.tensor([extremes[key]], dtype=torch.float64)
             out[key] = self._all_reduce(value, op)[0].item()
+        return out
+
+    # ------------------------------------------------- other losses (SFT, QAT stages)
+    def train_step_with(self, loss_fn: Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict]],
+                        batch: TrainBatch, *, size_fn: Callable[[TrainBatch], float]
+                        ) -> dict[str, float]:
+        """One optimiser step over ``batch`` with a loss other than GRPO's. Collective.
+
+        ``loss_fn(logprobs, mb) -> (loss, metrics)`` gets the [B, T] log-probs of a
+        micro-batch's completion tokens (at the learner's temperature) and returns the loss
+        *normalised within that micro-batch*; ``size_fn(mb)`` is the micro-batch's size in the
+        global normaliser (e.g. its summed token weights). Losses are scaled by their share of
+        the global size, so the update equals one pass over the whole batch on all ranks, with
+        the same accumulation, clipping and schedule as :meth:`train_step`. Returns the global
+        ``loss``, ``loss_fn``'s metrics (weighted like the loss), ``grad_norm`` and ``lr``.
+        """
+        batch = batch.to(self.device)
+        micro = self._micro_batches(batch)
+        sizes = [float(size_fn(mb)) if real else 0.0 for mb, real in micro]
+        total = self._all_reduce(torch.tensor([sum(sizes)], dtype=torch.float64))[0].item()
+        shares = [s / total if total > 0 else 0.0 for s in sizes]
+        summed: dict[str, float] = {}
+        extremes: dict[str, float] = {}
+        self.engine.train()
+        lr = self.scheduler.get_last_lr()[0]
+        for i, ((mb, real), share) in enumerate(zip(micro, shares)):
+            self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+            loss, metrics = loss_fn(self._token_logprobs(self.engine, mb).float(), mb)
+            self.engine.backward(loss * (share * self.world_size), scale_wrt_gas=False)
+            _tally(summed, extremes, {"loss": loss.item(), **metrics}, share, real)
+        grad_norm = self._stage0_grad_norm() if self.zero_stage == 0 else None
+        self.engine.step()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        summed["grad_norm"] = float(grad_norm if grad_norm is not None else float("nan")
+                                    ) / self.world_size
+        summed["lr"] = lr / self.world_size
+        keys = sorted(summed)
+        reduced = self._all_reduce(torch.tensor([summed[k] for k in keys], dtype=torch.float64))
+        out = dict(zip(keys, reduced.tolist()))
+        for key in sorted(extremes):
+            op = "max" if key.endswith("max") else "min"
+            out[key] = self._all_reduce(torch.tensor([extremes[key]], dtype=torch.float64),
+                                        op)[0].item()
         return out
 
     def _stage0_grad_norm(self) -> float:

@@ -188,13 +188,17 @@ class LoggingConfig(Section):
 
 
 class SFTConfig(Section):
+    """Supervised fine-tuning (also the loss and data handling of the qat stage)."""
+
     epochs: int | None = Field(None, ge=1)  # None: run.max_steps decides
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(1024, ge=8)
-    eval_every: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1, description="examples per optimiser step")
+    max_length: int = Field(1024, ge=8, description="prompt + answer tokens; answers are cut")
+    eval_every: int = Field(0, ge=0, description="eval/loss on the held-out split every N steps")
     weight_field: str | None = None  # per-sentence labels -> token weights
     abnormal_weight: float = Field(1.10, gt=0.0)
-    response_field: str = "response"
+    response_field: str = "response"  # a string, a list of sentences, or a record (as JSON)
+    prompt_template: str | None = Field(None, description="str.format template over the row's "
+                                        "columns replacing the user text (code-style prompts)")
 
 
 class QATConfig(Section):
@@ -208,6 +212,7 @@ class QATConfig(Section):
     probe_every: int = Field(0, ge=0)
     probe_max_samples: int = Field(64, ge=1)
     export_fake_quant: bool = False
+    margin: int = Field(0, ge=0, le=20, description="scale maps amax to format_max / 2^margin")
 
 
 class Recipe(Section):

@@ -48,7 +48,69 @@ def run_stage(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None)
         from medrl.launch.driver import train
 
         return train(recipe, run_dir, resume_from=resume_from)
+    if stage in ("sft", "qat"):
+        from medrl.align.sft import run_stage as run_sft_stage
+
+        return run_sft_stage(stage_io(recipe, run_dir), run_dir, resume_from=resume_from,
+                             hooks=qat_hooks(recipe) if stage == "qat" else None, stage=stage)
     from medrl.align.records import UserError
 
     raise UserError(f"run.stage: {stage!r} is not available in this version; "
-                    "the stages that run are: grpo.")
+                    "the stages that run are: grpo, sft, qat.")
+
+
+def stage_io(recipe: Recipe, run_dir: Path):
+    """The sft / qat stage's inputs from the recipe: policy, data stream, monitor, learner."""
+    from medrl.align.models import resolve_policy
+    from medrl.align.records import UserError
+    from medrl.align.sft import ExampleSpec, StageIO
+    from medrl.launch.data import PromptStream, load_media
+    from medrl.launch.driver import learner_kwargs
+    from medrl.launch.monitor import Monitor
+    from medrl.launch.recipe import SFTConfig
+
+    if recipe.learner.num_workers != 1:
+        raise UserError(f"learner.num_workers is {recipe.learner.num_workers}, but the "
+                        f"{recipe.run.stage} stage trains one learner in the launching process; "
+                        "set learner.num_workers: 1.")
+    sft = recipe.sft or SFTConfig()
+    stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed,
+                                      recipe_dir=Path(recipe.run.recipe_dir or "."))
+    lg = recipe.logging
+    kwargs = dict(learner_kwargs(recipe), ref_model="none", kl_coef=0.0)
+    return StageIO(
+        policy_dir=resolve_policy(recipe.model.policy, seed=recipe.run.seed),
+        stream=stream,
+        eval_samples=[load_media(s, recipe.data.volume) for s in stream.eval_samples],
+        monitor_factory=lambda total, start: Monitor(
+            run_dir, total_steps=total, start_step=start, tensorboard=lg.tensorboard,
+            plots=lg.plots, progress=lg.progress),
+        learner_kwargs=kwargs,
+        spec=ExampleSpec(response_field=sft.response_field, weight_field=sft.weight_field,
+                         abnormal_weight=sft.abnormal_weight, max_length=sft.max_length,
+                         prompt_template=sft.prompt_template),
+        batch_size=sft.batch_size, max_steps=recipe.run.max_steps, epochs=sft.epochs,
+        eval_every=sft.eval_every, checkpoint_every=recipe.checkpoint.every,
+        keep_last=recipe.checkpoint.keep_last)
+
+
+def qat_hooks(recipe: Recipe):
+    """The qat stage's hooks from ``recipe.qat``; the probe rows load like any MCQ data."""
+    from rich.console import Console
+
+    from medrl.align.qat_stage import QATHooks
+    from medrl.launch.data import load_media, load_samples
+    from medrl.launch.recipe import DataConfig, QATConfig
+
+    q = recipe.qat or QATConfig()
+    probe = []
+    if q.probe_path:
+        cfg = DataConfig(path=q.probe_path, template="mcq", system_prompt=recipe.data.system_prompt,
+                         max_samples=q.probe_max_samples, volume=recipe.data.volume)
+        probe = [load_media(s, recipe.data.volume)
+                 for s in load_samples(cfg, base_dir=recipe.run.recipe_dir)]
+    return QATHooks(fmt=q.format, warmup_steps=q.warmup_steps, qat_lr=q.qat_lr,
+                    history=q.amax_history, reduction=q.amax_reduction, margin=q.margin,
+                    clip_warn_threshold=q.clip_warn_threshold, probe_samples=probe,
+                    probe_every=q.probe_every, export_fake_quant=q.export_fake_quant,
+                    console=Console(stderr=True))
