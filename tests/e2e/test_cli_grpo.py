@@ -76,7 +76,12 @@ def test_run_folder_has_everything_a_user_needs(full_run):
     assert model.config.model_type == "qwen2"
     state = json.loads((last / "state.json").read_text())
     assert state["step"] == 6 and state["data_cursor"]["position"] >= 0
-    assert state["rewards"][0]["name"] == "mcq_letter"
+    import hashlib
+
+    reward = state["rewards"][0]  # provenance: which code scored this run
+    plugin = REPO / "recipes" / "quickstart_reward.py"
+    assert reward["name"] == "letter_first"
+    assert reward["code_sha256"] == hashlib.sha256(plugin.read_bytes()).hexdigest()
     assert sorted(p.name for p in (full_run / "plots").glob("*.png"))
     assert list((full_run / "tensorboard").glob("events.*"))
     prompts = [json.loads(x) for x in (full_run / "prompts.jsonl").read_text().splitlines()]
