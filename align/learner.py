@@ -30,90 +30,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from medrl.align.batch import TrainBatch, collate
+from medrl.align.distributed import (LRSchedule, WeightsOnlyCheckpointEngine, deepspeed_config,
+                                     free_port, init_distributed)
 from medrl.align.models import is_vision_model, load_model, load_tokenizer
 from medrl.align.records import Sample, UserError
 
 TAG = "state"  # the DeepSpeed checkpoint tag inside learner/
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
-                     *, local_rank: int | None = None) -> None:
-    """Join the learners' process group (gloo on CPU, nccl on GPU).
-
-    ``local_rank`` defaults to 0 when this process sees exactly one GPU (Ray gives each actor
-    its own) and to ``rank`` otherwise.
-    """
-    import deepspeed
-
-    if local_rank is None:
-        local_rank = 0 if torch.cuda.is_available() and torch.cuda.device_count() == 1 else rank
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
-
-def deepspeed_config(*, zero_stage: int, micro_batch_size: int, dtype: torch.dtype,
-                     max_grad_norm: float, offload_optimizer: bool, optimizer: str, lr: float,
-                     betas: Sequence[float], weight_decay: float) -> dict[str, Any]:
-    """The DeepSpeed config. Gradient accumulation is 1: the learner sets the accumulation
-    boundary itself, since the number of micro-batches changes from step to step."""
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": max_grad_norm,
-        "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16},
-        "zero_allow_untested_optimizer": True,  # torch's AdamW
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if offload_optimizer:
-        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-        config["zero_force_ds_cpu_optimizer"] = optimizer == "deepspeed_adam"
-    if optimizer == "deepspeed_adam":  # DeepSpeed picks its CPU or fused Adam
-        config["optimizer"] = {"type": "AdamW", "params": {
-            "lr": lr, "betas": list(betas), "weight_decay": weight_decay}}
-    return config
-
-
-class _Schedule:
-    """Learning-rate factor per optimiser step: linear warm-up, then cosine or constant.
-
-    A class (not a closure) so that ``LambdaLR.state_dict`` stores its plain fields.
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int, kind: str, min_ratio: float):
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
-        self.kind, self.min_ratio = kind, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.kind == "constant":
-            return 1.0
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Learner:
@@ -207,7 +137,7 @@ class Learner:
         if optimizer == "adamw":
             torch_opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas),
                                           weight_decay=weight_decay)
-        schedule = _Schedule(warmup_steps, total_steps, lr_schedule, min_lr_ratio)
+        schedule = LRSchedule(warmup_steps, total_steps, lr_schedule, min_lr_ratio)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=_Scorer(model, **scorer), model_parameters=params, optimizer=torch_opt,
             config=self.ds_config,
@@ -395,37 +325,19 @@ class Learner:
         refs = list(ref.split(self.micro_batch_size)) if ref is not None else [None]
         refs += [refs[0]] * (len(micro) - len(refs))
         shares = self._weights(micro)
+
+        def loss_of(i: int, mb: TrainBatch):
+            logprobs, entropy = self._token_logprobs(self.engine, mb, with_entropy=True)
+            return policy_loss(
+                logprobs.float(), mb.old_logprobs, mb.advantage_tensor(), mb.completion_mask,
+                ref_logprobs=refs[i], token_weights=mb.token_weights, entropy=entropy,
+                **self.loss_options)
+
         summed: dict[str, float] = {}
         extremes: dict[str, float] = {}
         for _ in range(ppo_epochs):
-            self.engine.train()
-            lr = self.scheduler.get_last_lr()[0]
-            for i, ((mb, real), share) in enumerate(zip(micro, shares)):
-                self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-                logprobs, entropy = self._token_logprobs(self.engine, mb, with_entropy=True)
-                loss, metrics = policy_loss(
-                    logprobs.float(), mb.old_logprobs, mb.advantage_tensor(), mb.completion_mask,
-                    ref_logprobs=refs[i], token_weights=mb.token_weights, entropy=entropy,
-                    **self.loss_options)
-                # DeepSpeed averages gradients over ranks: scale up by the world size.
-                self.engine.backward(loss * (share * self.world_size), scale_wrt_gas=False)
-                _tally(summed, extremes, {"loss": loss.item(), **metrics}, share, real)
-            grad_norm = self._stage0_grad_norm() if self.zero_stage == 0 else None
-            self.engine.step()
-            if grad_norm is None:
-                grad_norm = self.engine.get_global_grad_norm()
-            summed["grad_norm"] = summed.get("grad_norm", 0.0) + float(
-                grad_norm if grad_norm is not None else float("nan")) / self.world_size
-            summed["lr"] = summed.get("lr", 0.0) + lr / self.world_size
-        # grad_norm and lr are the same on every rank: divided above so the sum is the value.
-        keys = sorted(summed)
-        total = self._all_reduce(torch.tensor([summed[k] for k in keys], dtype=torch.float64))
-        out = {k: v / ppo_epochs for k, v in zip(keys, total.tolist())}
-        for key in sorted(extremes):
-            op = "max" if key.endswith("max") else "min"
-            value = torch.tensor([extremes[key]], dtype=torch.float64)
-            out[key] = self._all_reduce(value, op)[0].item()
-        return out
+            self._optimizer_step(micro, shares, loss_of, summed, extremes)
+        return self._reduce_metrics(summed, extremes, ppo_epochs)
 
     # ------------------------------------------------- other losses (SFT, QAT stages)
     def train_step_with(self, loss_fn: Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict]],
@@ -448,27 +360,45 @@ class Learner:
         shares = [s / total if total > 0 else 0.0 for s in sizes]
         summed: dict[str, float] = {}
         extremes: dict[str, float] = {}
+        self._optimizer_step(
+            micro, shares, lambda i, mb: loss_fn(self._token_logprobs(self.engine, mb).float(), mb),
+            summed, extremes)
+        return self._reduce_metrics(summed, extremes, 1)
+
+    # ------------------------------------------------------- the shared optimiser step
+    def _optimizer_step(self, micro: list[tuple[TrainBatch, bool]], shares: list[float],
+                        loss_of: Callable[[int, TrainBatch], tuple[torch.Tensor, dict]],
+                        summed: dict[str, float], extremes: dict[str, float]) -> None:
+        """Backward every micro-batch's loss scaled by its share, then one optimiser step;
+        metrics are added into ``summed`` / ``extremes`` (see :func:`_tally`)."""
         self.engine.train()
         lr = self.scheduler.get_last_lr()[0]
         for i, ((mb, real), share) in enumerate(zip(micro, shares)):
             self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-            loss, metrics = loss_fn(self._token_logprobs(self.engine, mb).float(), mb)
+            loss, metrics = loss_of(i, mb)
+            # DeepSpeed averages gradients over ranks: scale up by the world size.
             self.engine.backward(loss * (share * self.world_size), scale_wrt_gas=False)
             _tally(summed, extremes, {"loss": loss.item(), **metrics}, share, real)
         grad_norm = self._stage0_grad_norm() if self.zero_stage == 0 else None
         self.engine.step()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        summed["grad_norm"] = float(grad_norm if grad_norm is not None else float("nan")
-                                    ) / self.world_size
-        summed["lr"] = lr / self.world_size
+        # grad_norm and lr are the same on every rank: divided so that the all-reduced sum
+        # in _reduce_metrics is the value.
+        summed["grad_norm"] = summed.get("grad_norm", 0.0) + float(
+            grad_norm if grad_norm is not None else float("nan")) / self.world_size
+        summed["lr"] = summed.get("lr", 0.0) + lr / self.world_size
+
+    def _reduce_metrics(self, summed: dict[str, float], extremes: dict[str, float],
+                        steps: int) -> dict[str, float]:
+        """Global metrics over ranks, averaged over ``steps`` optimiser steps."""
         keys = sorted(summed)
-        reduced = self._all_reduce(torch.tensor([summed[k] for k in keys], dtype=torch.float64))
-        out = dict(zip(keys, reduced.tolist()))
+        total = self._all_reduce(torch.tensor([summed[k] for k in keys], dtype=torch.float64))
+        out = {k: v / steps for k, v in zip(keys, total.tolist())}
         for key in sorted(extremes):
             op = "max" if key.endswith("max") else "min"
-            out[key] = self._all_reduce(torch.tensor([extremes[key]], dtype=torch.float64),
-                                        op)[0].item()
+            value = torch.tensor([extremes[key]], dtype=torch.float64)
+            out[key] = self._all_reduce(value, op)[0].item()
         return out
 
     def _stage0_grad_norm(self) -> float:
@@ -615,8 +545,8 @@ class Learner:
                 raise UserError(f"{learner_dir}: saved with {key}={meta.get(key)!r}, but this "
                                 f"learner has {key}={mine!r}; resume with the same learner "
                                 "settings and number of learner workers.")
-        if not isinstance(self.engine.checkpoint_engine, _WeightsOnlyCheckpointEngine):
-            self.engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(
+        if not isinstance(self.engine.checkpoint_engine, WeightsOnlyCheckpointEngine):
+            self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(
                 self.engine.checkpoint_engine)
         path, _ = self.engine.load_checkpoint(str(learner_dir), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -663,29 +593,3 @@ class _Scorer(torch.nn.Module):
                               num_completion_tokens=num_completion_tokens,
                               temperature=self.temperature, chunk_size=self.chunk_size,
                               with_entropy=with_entropy, **(model_inputs or {}))
-
-
-class _WeightsOnlyCheckpointEngine:
-    """DeepSpeed's checkpoint engine with a ``load`` that never fully unpickles.
-
-    DeepSpeed's own engine reads its files with ``torch.load(weights_only=False)``. The files
-    hold tensors, containers and a few plain DeepSpeed types; ``weights_only=True`` with just
-    those types allowed reads them all, and refuses anything else a tampered file might name.
-    Everything but ``load`` is DeepSpeed's.
-    """
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def load(self, path, map_location=None):
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        # Seen in ZeRO-1/2/3 optimiser files; the dynamic scaler is what fp16 training saves.
-        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)

@@ -5,7 +5,7 @@ This module alone joins the rollout workers (``medrl.rollouts``), the rewards
 runs under a named timer whose duration is logged as ``time/<phase>``.
 
 Exact resume: everything random is a function of (run seed, step) or lives in the checkpoint.
-The sampling seed of step k is ``seed * 1_000_003 + k``; the prompt stream's cursor, the
+The sampling seed of step k is a function of (seed, k); the prompt stream's cursor, the
 learner's optimiser state and the driver's RNG states are saved in each checkpoint. A run of
 6 steps and a run of 3 steps resumed for 3 more therefore see the same prompts, sample the
 same completions and compute the same losses.
@@ -44,23 +44,29 @@ class Components:
     prompt_log: object  # medrl.launch.rundir.PromptLog
     policy_dir: Path
     start_step: int
+    placement_group: object = None  # with cluster.colocate: its CPUs/GPUs are held until close
 
     def close(self) -> None:
         self.rewards.close()
         self.rollouts.shutdown()
         self.learner.shutdown()
         self.monitor.close()
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
 
 
-def sampling_for(recipe: Recipe, step: int):
-    """Sampling parameters of ``step``; the seed depends only on (run seed, step)."""
+def sampling_for(recipe: Recipe, step: int, attempt: int = 0):
+    """Sampling parameters of ``step`` (``attempt``: refill round of zero-variance filtering);
+    the seed depends only on (run seed, step, attempt)."""
     from medrl.rollouts.engine import SamplingParams
 
     r = recipe.rollout
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                           max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
                           stop=list(r.stop), n=r.group_size,
-                          seed=recipe.run.seed * 1_000_003 + step)
+                          seed=(recipe.run.seed * 1_000_003 + step) * 4 + attempt)
 
 
 def learner_kwargs(recipe: Recipe) -> dict:
@@ -96,12 +102,12 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     from medrl.rewards import RewardContext, RewardRunner, load_rewards
     from medrl.rollouts.worker import RolloutGroup
 
-    policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed)
+    recipe_dir = Path(recipe.run.recipe_dir or ".")  # relative paths in the recipe start here
+    policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed, base_dir=recipe_dir)
     state = read_state(resume_from) if resume_from else None
     start_step = state["step"] if state else 0
 
-    stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed,
-                                      recipe_dir=Path(recipe.data.path).parent)
+    stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed, recipe_dir=recipe_dir)
     if state:
         stream.load_state(state["data_cursor"])
         restore_rng(state["rng"])
@@ -117,7 +123,6 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
                             engine_kwargs, num_cpus_per_worker=c.rollout_cpus,
                             num_gpus_per_worker=c.rollout_gpus, max_restarts=c.max_restarts,
                             placement_group=pg, bundle_indices=rollout_bundles)
-    recipe_dir = Path(recipe.run.recipe_dir or ".")
     ctx = RewardContext(run_dir=run_dir, base_dir=recipe_dir, seed=recipe.run.seed,
                         device="cuda" if c.learner_gpus else "cpu",
                         policy_logprobs=lambda samples: logprob_lists(learner, samples))
@@ -132,13 +137,12 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
         push_weights(learner, rollouts, version=start_step)
 
     lg = recipe.logging
+    # on resume the monitor drops metrics logged after the checkpoint (no duplicate steps)
     monitor = Monitor(run_dir, total_steps=recipe.run.max_steps, start_step=start_step,
                       tensorboard=lg.tensorboard, plots=lg.plots, progress=lg.progress)
-    if state:
-        monitor.truncate_after(start_step)
     prompt_log = PromptLog(run_dir, resume_step=start_step if state else None)
     return Components(stream, rollouts, learner, rewards, monitor, prompt_log, policy_dir,
-                      start_step)
+                      start_step, pg)
 
 
 def logprob_lists(learner, samples: list[Sample], *, temperature: float | None = None
@@ -166,9 +170,10 @@ def generate_and_score(recipe: Recipe, c: Components, step: int) -> tuple[list[S
     reward_metrics: dict[str, float] = {}
     for attempt in range(3 if recipe.algorithm.filter_zero_variance else 1):
         prompts = c.stream.take(want - len({s.group_id for s in kept}))
-        samples = c.rollouts.generate(prompts, sampling_for(recipe, step * 10 + attempt))
+        samples = c.rollouts.generate(prompts, sampling_for(recipe, step, attempt))
         report = c.rewards.score(samples)
-        reward_metrics = report.metrics if attempt == 0 else reward_metrics
+        if attempt == 0:  # per-reward statistics describe the step's first batch
+            reward_metrics = report.metrics
         dropped = set(report.dropped)
         metrics["samples/skipped_by_reward_errors"] += len(dropped)
         samples = [s for s in samples if s.uid not in dropped]
@@ -197,9 +202,7 @@ def compute_advantages(recipe: Recipe, c: Components, samples: list[Sample]) -> 
     adv = group_advantages([s.reward for s in samples], [s.group_id for s in samples],
                            scale=alg.advantage_scale, eps=alg.advantage_eps)
     for s, a in zip(samples, adv.advantages.tolist()):
-        s.advantage = a
-        if s.token_weights:  # process-level masks: the advantage is spread over the tokens
-            s.token_advantages = [a] * len(s.completion_ids)
+        s.advantage = a  # token weights from rewards (process masks) scale it per token in the loss
     metrics["groups/zero_variance"] = float(adv.num_zero_variance_groups)
     metrics["advantage/abs_mean"] = float(adv.advantages.abs().mean())
     return metrics

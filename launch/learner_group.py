@@ -46,12 +46,13 @@ class LearnerWorker:
         return context.get_node_id(), ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        from medrl.align.learner import free_port
+        from medrl.align.distributed import free_port
 
         return free_port()
 
     def setup(self, master_addr: str, master_port: int) -> None:
-        from medrl.align.learner import Learner, init_distributed
+        from medrl.align.distributed import init_distributed
+        from medrl.align.learner import Learner
 
         init_distributed(self.rank, self.world_size, master_addr, master_port)
         self.learner = Learner(self.model_dir, **self.learner_kwargs)

@@ -54,6 +54,7 @@ def ray_local():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
                                            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
     yield ray

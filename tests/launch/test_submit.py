@@ -97,7 +97,7 @@ def test_pack_ships_local_files_and_rewrites_paths(tmp_path):
     assert shipped["rewards"]["functions"][1]["name"] == "mcq_letter"  # registered: untouched
     assert shipped["model"]["policy"] == "model"
     assert (out / "model" / "config.json").is_file()
-    assert shipped["rollout"]["group_size"] == "2"  # as given; the schema types it on load
+    assert shipped["rollout"]["group_size"] == 2  # typed by the schema when folded in
     assert any("run.output_dir" in n for n in packed.notes)
     # the shipped folder is a valid recipe on its own, wherever it lands
     moved = shutil.copytree(out, tmp_path / "elsewhere")

@@ -1,0 +1,108 @@
+"""DeepSpeed plumbing for the learner: process group, engine config, schedule, safe loading.
+
+Kept apart from :mod:`medrl.align.learner` so that the learner reads as its life cycle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from typing import Any, Sequence
+
+import torch
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
+                     *, local_rank: int | None = None) -> None:
+    """Join the learners' process group (gloo on CPU, nccl on GPU).
+
+    ``local_rank`` defaults to 0 when this process sees exactly one GPU (Ray gives each actor
+    its own) and to ``rank`` otherwise.
+    """
+    import deepspeed
+
+    if local_rank is None:
+        local_rank = 0 if torch.cuda.is_available() and torch.cuda.device_count() == 1 else rank
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def deepspeed_config(*, zero_stage: int, micro_batch_size: int, dtype: torch.dtype,
+                     max_grad_norm: float, offload_optimizer: bool, optimizer: str, lr: float,
+                     betas: Sequence[float], weight_decay: float) -> dict[str, Any]:
+    """The DeepSpeed config. Gradient accumulation is 1: the learner sets the accumulation
+    boundary itself, since the number of micro-batches changes from step to step."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = optimizer == "deepspeed_adam"
+    if optimizer == "deepspeed_adam":  # DeepSpeed picks its CPU or fused Adam
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": lr, "betas": list(betas), "weight_decay": weight_decay}}
+    return config
+
+
+class LRSchedule:
+    """Learning-rate factor per optimiser step: linear warm-up, then cosine or constant.
+
+    A class (not a closure) so that ``LambdaLR.state_dict`` stores its plain fields.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, kind: str, min_ratio: float):
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.kind, self.min_ratio = kind, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with a ``load`` that never fully unpickles.
+
+    DeepSpeed's own engine reads its files with ``torch.load(weights_only=False)``. The files
+    hold tensors, containers and a few plain DeepSpeed types; ``weights_only=True`` with just
+    those types allowed reads them all, and refuses anything else a tampered file might name.
+    Everything but ``load`` is DeepSpeed's.
+    """
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path, map_location=None):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        # Seen in ZeRO-1/2/3 optimiser files; the dynamic scaler is what fp16 training saves.
+        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
