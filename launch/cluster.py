@@ -24,6 +24,10 @@ ACTOR_ENV = {
 }
 
 
+# Set by Ray's job manager in the environment of a submitted job's entrypoint.
+IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def cpus_needed(recipe: Recipe) -> float:
     """Logical CPUs the recipe's actors reserve."""
     c = recipe.cluster
@@ -43,8 +47,11 @@ def start_ray(recipe: Recipe) -> None:
         env["DS_ACCELERATOR"] = "cpu"
     runtime_env = {"env_vars": env}
     c = recipe.cluster
-    if c.address:
-        ray.init(address=c.address, runtime_env=runtime_env, log_to_driver=True)
+    # `medrl submit` runs `medrl run` as a Ray job: the job's driver joins the job's cluster
+    # (Ray merges these env_vars into the job's runtime_env, working_dir included).
+    address = c.address or ("auto" if IN_RAY_JOB in os.environ else None)
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     num_cpus = c.num_cpus or max(os.cpu_count() or 1, int(cpus_needed(recipe) + 0.999))
     ray.init(

@@ -173,7 +173,7 @@ def token_cluster(tmp_path_factory):
     log = open(Path(temp_dir) / "ray_start.log", "w")
     proc = subprocess.Popen(
         [str(Path(bin_dir) / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=1",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=3",
          f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
          f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
          f"--metrics-export-port={ports[4]}", f"--ray-client-server-port={ports[5]}",
@@ -234,6 +234,25 @@ def test_submit_validate_job(token_cluster, tmp_path):
     assert any("run.output_dir" in n for n in notes)
     # following a finished job replays its output and ends
     assert "is valid" in "".join(sub.logs(job_id, address, token=token, follow=True))
+
+
+@pytest.mark.slow
+def test_submit_a_training_run(token_cluster, tmp_path):
+    """`medrl run` as a job: the job's driver joins the job's cluster and trains there."""
+    address, token = token_cluster
+    recipe = tmp_path / "recipes" / "quickstart.yaml"
+    shutil.copytree(QUICKSTART.parent, recipe.parent, ignore=shutil.ignore_patterns("__*"))
+    out = tmp_path / "runs"
+    job_id = sub.submit(recipe, address, [
+        f"run.output_dir={out}", "run.max_steps=2", "rollout.prompts_per_step=2",
+        "rollout.group_size=2", "rollout.max_new_tokens=4", "logging.progress=false"],
+        command="run", token=token)
+    info = wait_for(address, token, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, timeout=300)
+    text = "".join(sub.logs(job_id, address, token=token))
+    assert info["status"] == "SUCCEEDED", text[-3000:]
+    assert (out / "quickstart" / "checkpoints" / "step-000002" / "COMPLETE").exists()
+    rows = (out / "quickstart" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
 
 
 @pytest.mark.slow
