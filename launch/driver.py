@@ -69,6 +69,15 @@ def sampling_for(recipe: Recipe, step: int, attempt: int = 0):
                           seed=(recipe.run.seed * 1_000_003 + step) * 4 + attempt)
 
 
+def reference_mode(ref_model: str, kl_coef: float) -> str:
+    """The learner's reference model: "auto" keeps one only when the KL has a coefficient
+    (in the loss or the reward); "cpu" always keeps a CPU copy, so the KL is logged even
+    when it is not penalised."""
+    if ref_model == "none" or (ref_model == "auto" and kl_coef == 0):
+        return "none"
+    return "cpu" if ref_model == "cpu" else "copy"
+
+
 def learner_kwargs(recipe: Recipe) -> dict:
     """The recipe's learner and loss settings as the learner's plain keyword arguments."""
     ln, alg = recipe.learner, recipe.algorithm
@@ -81,7 +90,7 @@ def learner_kwargs(recipe: Recipe) -> dict:
         min_lr_ratio=ln.min_lr_ratio, max_grad_norm=ln.max_grad_norm,
         gradient_checkpointing=ln.gradient_checkpointing, logprob_chunk_size=ln.logprob_chunk_size,
         temperature=recipe.rollout.temperature,
-        ref_model="none" if alg.kl.coef == 0 else ("cpu" if ln.ref_model == "cpu" else "copy"),
+        ref_model=reference_mode(ln.ref_model, alg.kl.coef),
         lora=ln.lora.model_dump() if ln.lora else None,
         dtype=None if recipe.model.dtype == "auto" else recipe.model.dtype,
         clip_low=alg.clip_low, clip_high=alg.clip_high,
