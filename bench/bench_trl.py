@@ -70,25 +70,21 @@ class InterleavedRaw:
         return Callback()
 
 
-def main() -> None:
-    parser = base_parser(__doc__.split("\n")[0])
-    add_grpo_args(parser)
-    args = finish_grpo_args(parser.parse_args())
-    started = time.time()
-    machine = machine_info()
-    print(machine_line(machine), flush=True)
+def measure_trl_and_raw(model_dir, prompts, *, group: int, prompts_per_step: int,
+                        new_tokens: int, warmup: int, repeat: int) -> dict:
+    """TRL's GRPOTrainer for ``warmup + repeat + 1`` steps over ``prompts`` (Samples with
+    messages, at least ``prompts_per_step`` per step), one raw step before each of its steps.
+
+    Returns ``{"trl": Timing, "raw": Timing}`` (the measured steps, paired round by round),
+    the start-up parts in seconds (``raw_startup_s``, ``trl_import_s``, ``trl_construct_s``,
+    ``trl_to_first_step_s``) and TRL's mean completion length per step (``lengths``).
+    """
     import torch
 
-    torch.set_num_threads(args.threads)
-    model_dir = build_model(args.size)
-    params = count_parameters(model_dir)
-    # One more TRL step than measured: the last interval ends where the extra step begins.
-    steps = args.warmup + args.repeat + 1
-    prompts, source = load_prompts(args.prompts_per_step * steps)
-
+    steps = warmup + repeat + 1
     t0 = time.perf_counter()
-    raw = RawGRPO(model_dir, prompts, group=args.group, prompts_per_step=args.prompts_per_step,
-                  new_tokens=args.new_tokens)
+    raw = RawGRPO(model_dir, prompts, group=group, prompts_per_step=prompts_per_step,
+                  new_tokens=new_tokens)
     raw_startup = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -107,10 +103,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out_dir:
         config = GRPOConfig(
             output_dir=out_dir, use_cpu=True, bf16=False, seed=0,
-            per_device_train_batch_size=args.prompts_per_step * args.group,
-            gradient_accumulation_steps=1, num_generations=args.group,
-            max_completion_length=args.new_tokens,
-            generation_kwargs={"min_new_tokens": args.new_tokens},
+            per_device_train_batch_size=prompts_per_step * group,
+            gradient_accumulation_steps=1, num_generations=group,
+            max_completion_length=new_tokens,
+            generation_kwargs={"min_new_tokens": new_tokens},
             temperature=1.0, top_p=1.0, top_k=0, beta=0.0, epsilon=0.2, loss_type="dapo",
             scale_rewards="group", num_iterations=1, shuffle_dataset=False,
             learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
@@ -127,11 +123,38 @@ def main() -> None:
 
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history
                if "completions/mean_length" in h]
-    if lengths and (min(lengths) != args.new_tokens or max(lengths) != args.new_tokens):
-        raise RuntimeError(f"TRL completions were not of the forced length {args.new_tokens}: "
+    if lengths and (min(lengths) != new_tokens or max(lengths) != new_tokens):
+        raise RuntimeError(f"TRL completions were not of the forced length {new_tokens}: "
                            f"mean lengths per step {lengths}")
-    trl = Timing(callback.trl_s[args.warmup:])
-    rawt = Timing(callback.raw_s[args.warmup:len(callback.trl_s)])
+    return {"trl": Timing(callback.trl_s[warmup:]),
+            "raw": Timing(callback.raw_s[warmup:len(callback.trl_s)]),
+            "raw_startup_s": raw_startup, "trl_import_s": trl_import,
+            "trl_construct_s": trl_construct, "trl_to_first_step_s": trl_to_first_step,
+            "lengths": lengths}
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n")[0])
+    add_grpo_args(parser)
+    args = finish_grpo_args(parser.parse_args())
+    started = time.time()
+    machine = machine_info()
+    print(machine_line(machine), flush=True)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_dir = build_model(args.size)
+    params = count_parameters(model_dir)
+    # One more TRL step than measured: the last interval ends where the extra step begins.
+    steps = args.warmup + args.repeat + 1
+    prompts, source = load_prompts(args.prompts_per_step * steps)
+
+    m = measure_trl_and_raw(model_dir, prompts, group=args.group,
+                            prompts_per_step=args.prompts_per_step, new_tokens=args.new_tokens,
+                            warmup=args.warmup, repeat=args.repeat)
+    trl, rawt, lengths = m["trl"], m["raw"], m["lengths"]
+    raw_startup, trl_import = m["raw_startup_s"], m["trl_import_s"]
+    trl_construct, trl_to_first_step = m["trl_construct_s"], m["trl_to_first_step_s"]
     per_step = args.group * args.prompts_per_step
     tokens = per_step * args.new_tokens
     ratio = paired_ratio(trl, rawt)
