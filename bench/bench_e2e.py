@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_raw import LEARNING_RATE, MAX_GRAD_NORM, add_grpo_args, finish_grpo_args
-from bench.common import (MEDQA_TEST, QUICKSTART_DATA, Timing, base_parser, build_model,
-                          count_parameters, load_prompts, machine_info, machine_line,
-                          peak_rss_mb, save_result, table)
+from bench.common import (MEDQA_TEST, QUICKSTART_DATA, Timing, base_parser, count_parameters,
+                          load_prompts, peak_rss_mb, save_result, start_run, table)
 
 MODULE = "bench.bench_e2e"
 REWARD_PLUGIN = Path(__file__).resolve().with_name("e2e_reward.py")
@@ -159,13 +158,7 @@ def main() -> None:
     args = finish_grpo_args(args)
     args.warmup = max(1, args.warmup)  # step 1 carries the engines' first-call costs
     args.scaling_repeat = args.scaling_repeat or (1 if args.quick else 3)
-    started = time.time()
-    machine = machine_info()
-    print(machine_line(machine), flush=True)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    model_dir = build_model(args.size)
+    started, machine, model_dir = start_run(args)
     params = count_parameters(model_dir)
     P, G, T = args.prompts_per_step, args.group, args.new_tokens
     steps = args.warmup + args.repeat + 1  # the most any run takes (async: one extra)
@@ -215,6 +208,8 @@ def main() -> None:
                         trl_m = measure_trl_and_raw(model_dir, prompts, group=G,
                                                     prompts_per_step=P, new_tokens=T,
                                                     warmup=args.warmup, repeat=args.repeat)
+                        import torch  # TRL changes the thread count: set it back
+
                         torch.set_num_threads(args.threads)
 
             # scaling: medrl only, synchronous, one engine

@@ -27,11 +27,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 from bench.common import (QUICKSTART_DATA, REPO, base_parser, build_model, count_parameters,
-                          current_rss_mb, finish_args, interleave, machine_info, machine_line,
-                          paired_ratio, peak_rss_mb, save_result, table)
+                          current_rss_mb, finish_args, interleave, paired_ratio, peak_rss_mb,
+                          save_result, start_run, table)
 
 MODULE = "bench.bench_qat"
 LEARNING_RATE = 1e-5
@@ -186,13 +185,7 @@ def main() -> None:
     if args.rss_of:
         rss_child(args)
         return
-    started = time.time()
-    machine = machine_info()
-    print(machine_line(machine), flush=True)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    model_dir = build_model(args.size)
+    started, machine, model_dir = start_run(args)
     params = count_parameters(model_dir)
     n_layers, quantised_params = count_quantised(model_dir)
     batch, source = make_batch(model_dir, args.batch)

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import time
 
-from bench.common import (base_parser, build_model, count_parameters, finish_args,
-                          letter_reward, load_prompts, machine_info, machine_line, measure,
-                          save_result, table)
+from bench.common import (base_parser, count_parameters, finish_args, letter_reward, load_prompts,
+                          measure, save_result, start_run, table)
 
 MODULE = "bench.bench_raw"
 LEARNING_RATE = 1e-5
@@ -104,13 +103,7 @@ def main() -> None:
     parser = base_parser(__doc__.split("\n")[0])
     add_grpo_args(parser)
     args = finish_grpo_args(parser.parse_args())
-    started = time.time()
-    machine = machine_info()
-    print(machine_line(machine), flush=True)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    model_dir = build_model(args.size)
+    started, machine, model_dir = start_run(args)
     steps = args.warmup + args.repeat
     prompts, source = load_prompts(args.prompts_per_step * steps)
     t0 = time.perf_counter()

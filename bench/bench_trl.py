@@ -21,9 +21,8 @@ import time
 
 from bench.bench_raw import (LEARNING_RATE, MAX_GRAD_NORM, RawGRPO, add_grpo_args,
                              finish_grpo_args)
-from bench.common import (Timing, base_parser, build_model, count_parameters, letter_reward,
-                          load_prompts, machine_info, machine_line, paired_ratio, save_result,
-                          table)
+from bench.common import (Timing, base_parser, count_parameters, letter_reward, load_prompts,
+                          paired_ratio, save_result, start_run, table)
 
 MODULE = "bench.bench_trl"
 
@@ -137,13 +136,7 @@ def main() -> None:
     parser = base_parser(__doc__.split("\n")[0])
     add_grpo_args(parser)
     args = finish_grpo_args(parser.parse_args())
-    started = time.time()
-    machine = machine_info()
-    print(machine_line(machine), flush=True)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    model_dir = build_model(args.size)
+    started, machine, model_dir = start_run(args)
     params = count_parameters(model_dir)
     # One more TRL step than measured: the last interval ends where the extra step begins.
     steps = args.warmup + args.repeat + 1

@@ -363,3 +363,15 @@ def save_result(name: str, *, module: str, args: argparse.Namespace, machine: di
     path.write_text(json.dumps(payload, indent=1, default=str))
     print(f"\nwrote {path.relative_to(REPO)}")
     return path
+
+
+def start_run(args) -> tuple[float, dict, Path]:
+    """The opening every benchmark shares: start the clock, print the machine line, set the
+    torch threads, build the model. Returns (start time, machine info, model folder)."""
+    started = time.time()
+    machine = machine_info()
+    print(machine_line(machine), flush=True)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return started, machine, build_model(args.size)
