@@ -109,13 +109,22 @@ class VLLMEngine:
         self._calls = 0
         self.policy_version = 0
         self._pending: list[list[tuple[str, Any]]] = []  # buckets of an unfinished update
+        from vllm.platforms import current_platform
+
+        scheduling = {}
+        if current_platform.is_cpu():
+            # A chunked prefill (a step's token budget ending inside a prompt) rewinds the
+            # request's random generator, which CPU generators cannot do: every seeded request
+            # would crash with "CPU Generator does not use offset". Whole prompts per step.
+            scheduling = dict(enable_chunked_prefill=False,
+                              max_num_batched_tokens=max(max_model_len, 4096))
         self.llm = LLM(
             model=str(self.model_dir), tokenizer=str(self.model_dir),
             dtype=_dtype_name(dtype), seed=seed, max_model_len=max_model_len,
             kv_cache_memory_bytes=int(kv_cache_memory_bytes),
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightSyncExtension",
-            enable_prefix_caching=True, enforce_eager=enforce_eager)
+            enable_prefix_caching=True, enforce_eager=enforce_eager, **scheduling)
 
     # -- generation ---------------------------------------------------------------------
 

