@@ -57,7 +57,8 @@ class Learner:
     ``lora``: ``{"r", "alpha", "dropout", "target_modules"}``. Loss options are those of
     :func:`medrl.align.grpo.policy_loss` (``loss_agg`` is its ``agg``). ``prepare_model(model)``
     runs on the freshly loaded Hugging Face model before LoRA and DeepSpeed wrap it (the QAT
-    stage swaps in fake-quantised layers there).
+    stage swaps in fake-quantised layers there). ``share_prompt``: rows of a micro-batch that
+    share a prompt run it once (:func:`medrl.align.logprobs.token_logprobs`).
     """
 
     def __init__(self, model_dir: str | Path, *, zero_stage: int = 2,
@@ -66,8 +67,8 @@ class Learner:
                  betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 0,
                  total_steps: int = 1000, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
                  max_grad_norm: float = 1.0, gradient_checkpointing: bool = False,
-                 logprob_chunk_size: int = 1024, temperature: float = 1.0,
-                 ref_model: str = "auto", lora: dict[str, Any] | None = None,
+                 logprob_chunk_size: int = 1024, share_prompt: bool = True,
+                 temperature: float = 1.0, ref_model: str = "auto", lora: dict[str, Any] | None = None,
                  dtype: torch.dtype | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", loss_agg: str = "token_mean",
                  seed: int = 0, prepare_model: Callable[[torch.nn.Module], Any] | None = None):
@@ -111,7 +112,8 @@ class Learner:
             lr=lr, betas=betas, weight_decay=weight_decay)
 
         self.ref_mode = self._resolve_ref_mode(ref_model, kl_coef)
-        scorer = dict(temperature=temperature, chunk_size=logprob_chunk_size)
+        scorer = dict(temperature=temperature, chunk_size=logprob_chunk_size,
+                      share_prompt=share_prompt)
         self.ref_model = self._load_reference(scorer) if self.ref_mode in ("cpu", "copy") else None
         with self._partitioned_loading():
             model = load_model(self.model_dir, dtype=self.dtype)
@@ -580,10 +582,12 @@ class _Scorer(torch.nn.Module):
     separately; wrapping it in a module lets each micro-batch pass through the engine once.
     """
 
-    def __init__(self, policy: torch.nn.Module, *, temperature: float, chunk_size: int):
+    def __init__(self, policy: torch.nn.Module, *, temperature: float, chunk_size: int,
+                 share_prompt: bool):
         super().__init__()
         self.policy = policy
         self.temperature, self.chunk_size = temperature, chunk_size
+        self.share_prompt = share_prompt
 
     def forward(self, input_ids, attention_mask, num_completion_tokens: int, *,
                 with_entropy: bool = False, model_inputs: dict | None = None):
@@ -592,4 +596,5 @@ class _Scorer(torch.nn.Module):
         return token_logprobs(self.policy, input_ids, attention_mask,
                               num_completion_tokens=num_completion_tokens,
                               temperature=self.temperature, chunk_size=self.chunk_size,
-                              with_entropy=with_entropy, **(model_inputs or {}))
+                              with_entropy=with_entropy, share_prompt=self.share_prompt,
+                              **(model_inputs or {}))

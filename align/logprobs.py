@@ -13,6 +13,13 @@ left-padded to ``P`` columns and the completion right-padded to ``T``. Completio
 ``j`` sits at column ``P + j`` and is predicted by the hidden state at column ``P + j - 1``.
 Log-probs at padded completion positions are computed like any other and must be masked by
 the caller.
+
+GRPO batches hold G completions of each prompt, and medical prompts (case vignettes, reports)
+are often ten times longer than the answers. When rows share their prompt columns, the
+backbone runs each distinct prompt once, keeps its attention keys and values, and runs only
+the completion columns of every row on top of them (``share_prompt``). The causal mask makes
+this the same computation, to float rounding: prompt tokens never attend to completions, and
+in the backward pass the gradients of all G rows flow into the one shared prompt pass.
 """
 
 from __future__ import annotations
@@ -53,16 +60,48 @@ def _score_chunk(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Mod
     return logp, lse - (probs * logits).sum(-1)
 
 
+def _prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int):
+    """Rows with identical prompt columns ``[:, :P]``: (first row of each distinct prompt [U],
+    the distinct prompt of each row [B]), or None when every row's prompt is its own."""
+    key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], dim=1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if distinct.shape[0] == key.shape[0]:
+        return None
+    rows = torch.arange(key.shape[0], device=key.device)
+    first = torch.full((distinct.shape[0],), key.shape[0], device=key.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    return first, inverse
+
+
+def _shared_prompt_hidden(body, input_ids, attention_mask, position_ids, P: int, first, inverse):
+    """Hidden states [B, T, H] at columns P-1 .. L-2, running each distinct prompt once.
+
+    The prompt pass over the U distinct prompts returns their keys and values; indexing the
+    cache by ``inverse`` gives each of the B rows its prompt's (the backward pass sums the
+    rows' gradients into the shared pass); the completion columns then run on top.
+    """
+    prompt = body(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                  position_ids=position_ids[first, :P], use_cache=True)
+    cache = prompt.past_key_values
+    cache.reorder_cache(inverse)
+    rest = body(input_ids=input_ids[:, P:], attention_mask=attention_mask,
+                position_ids=position_ids[:, P:], past_key_values=cache, use_cache=True)
+    last_prompt = prompt.last_hidden_state[:, -1:, :].index_select(0, inverse)
+    return torch.cat([last_prompt, rest.last_hidden_state[:, :-1, :]], dim=1)
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                    num_completion_tokens: int, temperature: float = 1.0, chunk_size: int = 1024,
-                   with_entropy: bool = False, **model_inputs):
+                   with_entropy: bool = False, share_prompt: bool = True, **model_inputs):
     """Log-probs of the last ``num_completion_tokens`` tokens of ``input_ids`` given their prefix.
 
     model: a Hugging Face causal LM or vision-language model (or a PEFT wrapper of one);
     DeepSpeed callers pass ``engine.module``. input_ids, attention_mask: [B, L] (layout in the
     module docstring). num_completion_tokens: T, 1 <= T < L. temperature: logits are divided
     by it before the softmax, as vLLM and HF generate do when sampling, so the result matches
-    the rollout's log-probs. chunk_size: tokens scored per LM-head call. model_inputs: passed
+    the rollout's log-probs. chunk_size: tokens scored per LM-head call. share_prompt: run
+    each distinct prompt once when rows share one (text models; module docstring); the
+    result is the same either way, to float rounding. model_inputs: passed
     to the backbone as they are (pixel_values, image_grid_thw, mm_token_type_ids, ...). For
     text models without explicit ``position_ids``, positions count from each row's first
     unmasked token.
@@ -85,15 +124,25 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     body, head = _backbone_and_head(model)
     config = getattr(model, "config", None)
-    if "position_ids" not in model_inputs and not hasattr(config, "vision_config"):
+    is_text = not hasattr(config, "vision_config")
+    if "position_ids" not in model_inputs and is_text:
         # Count positions from each sequence's first real token, as HF generate and vLLM do
         # (left padding would otherwise shift them). VLMs derive their own (M-RoPE) positions
         # from the attention mask.
         model_inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-               **model_inputs)
     # Columns L-T-1 .. L-2 predict the completion tokens at L-T .. L-1.
-    hidden = out.last_hidden_state[:, L - T - 1:L - 1, :]
+    groups = None
+    if (share_prompt and is_text and set(model_inputs) == {"position_ids"}
+            # HF turns the KV cache off under gradient checkpointing
+            and not (body.training and getattr(body, "gradient_checkpointing", False))):
+        groups = _prompt_groups(input_ids, attention_mask, L - T)
+    if groups is not None:
+        hidden = _shared_prompt_hidden(body, input_ids, attention_mask,
+                                       model_inputs["position_ids"], L - T, *groups)
+    else:
+        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   **model_inputs)
+        hidden = out.last_hidden_state[:, L - T - 1:L - 1, :]
     hidden = hidden.reshape(B * T, hidden.size(-1)).to(head.weight.device)
     targets = input_ids[:, L - T:].reshape(B * T).to(head.weight.device)
 

@@ -89,6 +89,7 @@ def learner_kwargs(recipe: Recipe) -> dict:
         total_steps=recipe.run.max_steps * alg.ppo_epochs, lr_schedule=ln.lr_schedule,
         min_lr_ratio=ln.min_lr_ratio, max_grad_norm=ln.max_grad_norm,
         gradient_checkpointing=ln.gradient_checkpointing, logprob_chunk_size=ln.logprob_chunk_size,
+        share_prompt=ln.share_prompt,
         temperature=recipe.rollout.temperature,
         ref_model=reference_mode(ln.ref_model, alg.kl.coef),
         lora=ln.lora.model_dump() if ln.lora else None,

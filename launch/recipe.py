@@ -157,6 +157,8 @@ class LearnerConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = False
     logprob_chunk_size: int = Field(1024, ge=1, description="tokens per log-softmax chunk")
+    share_prompt: bool = Field(True, description="run each distinct prompt of a micro-batch "
+                               "once and the G completions on its cached keys and values")
     # auto: a frozen copy only when algorithm.kl.coef > 0; cpu: always a CPU copy (KL logged)
     ref_model: Literal["auto", "cpu", "none"] = "auto"
     lora: LoRAConfig | None = None

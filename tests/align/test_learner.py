@@ -112,7 +112,7 @@ def _plain_torch_step(model_dir, samples, lr, max_grad_norm, pad_token_id, agg):
     batch = collate(samples, pad_token_id=pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     lp = token_logprobs(model, batch.input_ids, batch.attention_mask,
-                        num_completion_tokens=batch.num_completion_tokens)
+                        num_completion_tokens=batch.num_completion_tokens, share_prompt=False)
     loss, _ = policy_loss(lp, lp.detach(), batch.advantages, batch.completion_mask, agg=agg)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -137,6 +137,26 @@ def test_micro_batches_give_the_update_of_one_big_batch(make_learner, tiny_qwen2
     assert metrics["loss"] == pytest.approx(loss, abs=1e-6)
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
     assert metrics["tokens"] == sum(len(s.completion_ids) for s in samples)
+    assert max_diff(full_weights(learner), expected) < 2e-5
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_shared_prompts_give_the_update_of_unshared_passes(make_learner, tiny_qwen2, zero_stage):
+    # Two prompts x 3 completions, groups interleaved and split across micro-batches (4 + 2):
+    # the learner runs each prompt of a micro-batch once; the update must equal plain
+    # PyTorch running every row in full.
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 1000, (n,), generator=g).tolist() for n in (9, 4)]
+    samples = [Sample(uid=f"s{i}", group_id=f"g{i % 2}", prompt_ids=prompts[i % 2],
+                      completion_ids=torch.randint(100, 1000, (2 + i,), generator=g).tolist(),
+                      advantage=(-1.0) ** i * (0.5 + 0.1 * i)) for i in range(6)]
+    learner = make_learner(zero_stage=zero_stage, micro_batch_size=4, lr=1e-4,
+                           lr_schedule="constant")
+    expected, norm, loss = _plain_torch_step(tiny_qwen2, samples, lr=1e-4, max_grad_norm=1.0,
+                                             pad_token_id=learner.pad_token_id, agg="token_mean")
+    metrics = learner.train_step(learner.collate(samples))
+    assert metrics["loss"] == pytest.approx(loss, abs=1e-6)
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
     assert max_diff(full_weights(learner), expected) < 2e-5
 
 

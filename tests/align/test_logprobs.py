@@ -139,3 +139,60 @@ def test_bad_arguments(text_batch):
         token_logprobs(model, ids, mask, num_completion_tokens=2, chunk_size=0)
     with pytest.raises(ValueError, match="attention_mask"):
         token_logprobs(model, ids, mask[:, 1:], num_completion_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def grouped_batch(tiny_qwen2):
+    """Seven rows over three distinct prompts (two left-padded), groups interleaved as a
+    reordered batch would be, completions of different lengths."""
+    model = load_model(tiny_qwen2, dtype=torch.float32)
+    tok = load_tokenizer(tiny_qwen2)
+    prompts = ["short", "a much longer prompt about a chest x-ray and its findings", "mid size"]
+    order = [0, 1, 0, 2, 1, 0, 2]
+    enc = tok([prompts[i] for i in order], padding=True, return_tensors="pt")
+    completions = [[10 + r, 20 + r, 30 + r, 40 + r][:2 + r % 3] for r in range(len(order))]
+    ids, mask, cmask = _append_completions(enc["input_ids"], enc["attention_mask"], completions,
+                                           tok.pad_token_id)
+    return model, ids, mask, cmask
+
+
+def test_shared_prompt_pass_runs_each_prompt_once_and_matches_naive(grouped_batch):
+    model, ids, mask, cmask = grouped_batch
+    T = cmask.size(1)
+    seen = []
+    hook = model.model.register_forward_hook(
+        lambda _m, _a, kwargs, _out: seen.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            shared, ent = token_logprobs(model, ids, mask, num_completion_tokens=T,
+                                         temperature=0.9, chunk_size=5, with_entropy=True)
+    finally:
+        hook.remove()
+    assert seen == [(3, ids.size(1) - T), (7, T)]  # three prompts once, then seven completions
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected, full = _naive(model, ids, mask, T, 0.9, position_ids=positions)
+    keep = cmask.bool()
+    torch.testing.assert_close(shared[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[keep], -(full.exp() * full).sum(-1)[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_gradients_match_the_unshared_pass(grouped_batch):
+    model, ids, mask, cmask = grouped_batch
+    T = cmask.size(1)
+    weights = torch.linspace(0.5, 1.5, cmask.numel()).view_as(cmask) * cmask
+
+    def grads(share: bool):
+        model.zero_grad(set_to_none=True)
+        logp, ent = token_logprobs(model, ids, mask, num_completion_tokens=T, with_entropy=True,
+                                   share_prompt=share)
+        ((logp + 0.3 * ent) * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared, unshared = grads(True), grads(False)
+    assert shared.keys() == unshared.keys() and len(shared) > 5
+    for name in shared:
+        torch.testing.assert_close(shared[name], unshared[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    model.zero_grad(set_to_none=True)
