@@ -274,10 +274,77 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+class OtherLoad:
+    """CPU time that processes outside this one's process tree use while a benchmark runs.
+
+    The load average cannot tell: a benchmark's own threads (and its Ray actors, which
+    descend from this process) raise it too. A daemon thread reads every process's CPU time
+    from ``/proc`` every ``interval`` seconds and adds up the growth of the processes that do
+    not descend from this one (processes that start and end between two reads are missed).
+    """
+
+    def __init__(self, interval: float = 2.0):
+        import threading
+
+        self.cores = len(os.sched_getaffinity(0))
+        self.other_s = 0.0
+        self.started = time.perf_counter()
+        self._last = self._read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _read() -> dict[int, tuple[int, float]]:
+        """pid -> (parent pid, CPU seconds so far) of every visible process."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:  # the process ended while we looked
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()  # after "pid (name) "
+            out[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        return out
+
+    def _sample(self) -> None:
+        now = self._read()
+        ours, grew = {os.getpid()}, True
+        while grew:  # every descendant of this process
+            before = len(ours)
+            ours |= {pid for pid, (parent, _) in now.items() if parent in ours}
+            grew = len(ours) > before
+        for pid, (_, cpu) in now.items():
+            if pid not in ours:
+                self.other_s += max(0.0, cpu - self._last.get(pid, (0, 0.0))[1])
+        self._last = now
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._sample()
+
+    def stop(self) -> float:
+        """Stop sampling; the share of all cores that others used (0..1)."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        wall = time.perf_counter() - self.started
+        return self.other_s / max(wall * self.cores, 1e-9)
+
+
+_other_load: OtherLoad | None = None  # started by start_clock, read by save_result
+
+
 def machine_line(info: dict[str, Any]) -> str:
     """One line for the top of a benchmark's output."""
-    load = (f"load {info['load_avg_1min_at_start']} at start"
-            + (" (shared, loaded machine)" if info["loaded"] else ""))
+    load = f"load {info['load_avg_1min_at_start']} at start"
+    if info.get("other_cpu_share") is not None:
+        load += f", other processes {info['other_cpu_share']:.0%} of the cores during the run"
+    load += " (shared, loaded machine)" if info["loaded"] else ""
     return (f"machine: {info['cores']} cores ({info['cpu']}), {info['memory_gib']} GiB; "
             f"torch {info['torch']}, transformers {info['transformers']}, vllm {info['vllm']}, "
             f"trl {info['trl']}, ray {info['ray']}, deepspeed {info['deepspeed']}; {load}")
@@ -354,6 +421,11 @@ def save_result(name: str, *, module: str, args: argparse.Namespace, machine: di
         return None
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     machine = dict(machine, load_avg_1min_at_end=round(os.getloadavg()[0], 2))
+    if _other_load is not None:
+        share = _other_load.stop()
+        # Others took more than a fifth of the cores: the figures carry their noise. This
+        # replaces the load average at the start, which counts the benchmark run just before.
+        machine.update(other_cpu_share=round(share, 3), loaded=share > 0.2)
     payload = {"name": name, "command": command_line(module), "quick": args.quick,
                "repeat": args.repeat, "warmup": args.warmup, "threads": args.threads,
                "machine": machine, "settings": settings, "tables": tables, "raw": raw or {},
@@ -365,12 +437,21 @@ def save_result(name: str, *, module: str, args: argparse.Namespace, machine: di
     return path
 
 
-def start_run(args) -> tuple[float, dict, Path]:
-    """The opening every benchmark shares: start the clock, print the machine line, set the
-    torch threads, build the model. Returns (start time, machine info, model folder)."""
+def start_clock() -> tuple[float, dict]:
+    """Start the clock and the watch on other processes' CPU use; print the machine line.
+    Returns (start time, machine info)."""
+    global _other_load
     started = time.time()
+    _other_load = OtherLoad()
     machine = machine_info()
     print(machine_line(machine), flush=True)
+    return started, machine
+
+
+def start_run(args) -> tuple[float, dict, Path]:
+    """The opening every benchmark shares: :func:`start_clock`, set the torch threads, build
+    the model. Returns (start time, machine info, model folder)."""
+    started, machine = start_clock()
     import torch
 
     torch.set_num_threads(args.threads)

@@ -29,14 +29,14 @@ def render(name: str, results_dir: Path = RESULTS_DIR) -> str:
     result = json.loads(path.read_text())
     machine = result["machine"]
     cores = machine["cores"]
-    loaded = machine.get("loaded") or machine.get("load_avg_1min_at_end", 0) > 0.5 * cores
     lines = []
     flags = []
-    if loaded:
+    if machine.get("loaded"):
+        others = machine.get("other_cpu_share")
         flags.append("**measured on a shared, loaded machine** (1-minute load average "
-                     f"{machine['load_avg_1min_at_start']} at the start, "
-                     f"{machine.get('load_avg_1min_at_end')} at the end, on {cores} cores): "
-                     "figures are noisy")
+                     f"{machine['load_avg_1min_at_start']} at the start on {cores} cores"
+                     + (f"; other processes used {others:.0%} of the cores during the run"
+                        if others is not None else "") + "): figures are noisy")
     if result.get("quick"):
         flags.append("**`--quick` settings**: a smoke run, too small for the comparison")
     for flag in flags:
