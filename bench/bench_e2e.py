@@ -220,21 +220,27 @@ def main() -> None:
             base_label = "sync, HF" if backend == "hf" else "sync, vLLM"
             points = ([("G", g, T, 1) for g in (G // 2, 2 * G)]
                       + [("T", G, t, 1) for t in (T // 2, 2 * T)] + [("workers", G, T, 2)])
+            # vLLM compiles its graphs at every start (~30 s here): the scaling runs skip
+            # that (enforce_eager), so their base point is run again the same way.
+            eager = backend == "vllm" and not args.skip_scaling
+            scaling = {} if eager else {("base", G, T, 1): results[base_label]}
+            if eager:
+                points.insert(0, ("base", G, T, 1))
             if args.skip_scaling:
                 points = []
-            scaling = {("base", G, T, 1): results[base_label]}
             for j, (kind, g, t, w) in enumerate(points):
                 print(f"\n--- scaling {backend}: G={g}, T={t}, rollout workers={w}", flush=True)
                 b = dict(base, rollout={**base["rollout"], "group_size": g,
                                         "max_new_tokens": t, "min_new_tokens": t})
                 scaling[(kind, g, t, w)] = run_medrl(
-                    work, f"scaling-{j}", b, layout(backend, False, w), warmup=1,
-                    repeat=args.scaling_repeat, extra_step=False, new_tokens=t)
+                    work, f"scaling-{j}", b,
+                    [*layout(backend, False, w), f"rollout.enforce_eager={str(eager).lower()}"],
+                    warmup=1, repeat=args.scaling_repeat, extra_step=False, new_tokens=t)
     finally:
         stop_ray()
 
     tables = [e2e_table(results, trl_m, args, params, source, ray_init_s),
-              scaling_table(scaling, backend, args, P, G, T),
+              scaling_table(scaling, backend, eager, args, P, G, T),
               memory_table(results, driver_peak_mb, scaling.get(("workers", G, T, 2)))]
     save_result("e2e", module=MODULE, args=args, machine=machine,
                 settings={"size": args.size, "params": params, "group": G,
@@ -293,13 +299,16 @@ def e2e_table(results: dict, trl_m: dict | None, args, params: int, source: str,
          f"turns); async: {half} thread(s) each (they run at once); no TensorBoard, plots or "
          "progress bar (TRL: report_to none)",
          "generate / learn / sync: medians of the driver's phase timers; in async mode "
-         "'generate' is the wait for the batch made during the previous step",
+         "'generate' is the wait for the batch made during the previous step, and 'sync' "
+         "includes waiting for the engine to finish the batch in flight (an actor runs its "
+         "calls in order; the new weights go in between two batches)",
          f"start-up: medrl from train() to its first step (actors, engines, data; Ray was "
          f"started once before, {ray_init_s:.1f} s); TRL: building the trainer + train() to "
          "its first step"])
 
 
-def scaling_table(scaling: dict, backend: str, args, P: int, G: int, T: int) -> dict:
+def scaling_table(scaling: dict, backend: str, eager: bool, args, P: int, G: int, T: int
+                  ) -> dict:
     base = scaling[("base", G, T, 1)]["timing"].median
     rows = []
     for (kind, g, t, w), r in sorted(scaling.items(), key=lambda kv: (kv[0][1], kv[0][2],
@@ -308,13 +317,17 @@ def scaling_table(scaling: dict, backend: str, args, P: int, G: int, T: int) -> 
         work = (g * t) / (G * T)  # completion tokens relative to the base point
         rows.append([g, t, w, P * g * t, s, s / base, work, r["phases"]["generate"],
                      r["phases"]["learn"], r["phases"]["sync"], r["startup_s"]])
+    base_note = (f"every point: median of {args.scaling_repeat} step(s) after 1 warm-up; vLLM "
+                 "with enforce_eager (no graph compilation: start-up in seconds, generation "
+                 "slower than in the table above)" if eager else
+                 f"base point G={G}, {T} tokens, 1 worker: the end-to-end run above "
+                 f"({args.repeat} measured steps); other points: median of "
+                 f"{args.scaling_repeat} step(s) after 1 warm-up")
     return table(
         f"Scaling, medrl synchronous, {backend} engine, {P} prompts per step",
         ["G", "new tokens", "rollout workers", "tokens/step", "median s/step", "x base time",
          "x base tokens", "generate s", "learn s", "sync s", "start-up s"], rows,
-        [f"base point G={G}, {T} tokens, 1 worker: the end-to-end run above "
-         f"({args.repeat} measured steps); other points: median of {args.scaling_repeat} "
-         "step(s) after 1 warm-up",
+        [base_note,
          f"2 rollout workers: one prompt each, {max(1, args.threads // 2)} thread(s) each; "
          f"1 worker: {args.threads} threads"])
 

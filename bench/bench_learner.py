@@ -7,7 +7,9 @@ in interleaved rounds:
 - raw: forward (completion logits only), log-softmax, the clipped GRPO loss
   (``medrl.align.grpo.policy_loss``, token mean), backward, gradient clipping, AdamW step;
 - ``medrl.align.learner.Learner.train_step`` under DeepSpeed ZeRO-0 and ZeRO-2 (one rank,
-  gloo), AdamW from torch, one micro-batch holding the whole batch.
+  gloo), AdamW from torch, one micro-batch holding the whole batch; each prompt of the batch
+  runs once and its 8 completions on its cached keys and values (``share_prompt``, the
+  default), and, to show what that buys, ZeRO-0 with every row run in full as raw does.
 
 Reported: median seconds per step and the ratio to raw (target <= 1.10x). Peak RSS comes
 from one fresh process per contender (``--rss-of NAME``, run automatically): build it, run
@@ -28,7 +30,13 @@ from bench.common import (REPO, base_parser, build_model, count_parameters, curr
 MODULE = "bench.bench_learner"
 LEARNING_RATE = 1e-5
 MAX_GRAD_NORM = 1.0
-CONTENDERS = ("raw", "zero0", "zero2")
+# name: (label, ZeRO stage, share_prompt); raw has no learner
+CONTENDERS = {
+    "raw": ("raw torch (forward + loss + backward + AdamW)", None, False),
+    "zero0": ("Learner.train_step, ZeRO-0", 0, True),
+    "zero0_full": ("Learner.train_step, ZeRO-0, every row in full (share_prompt off)", 0, False),
+    "zero2": ("Learner.train_step, ZeRO-2", 2, True),
+}
 
 
 def parse_args():
@@ -38,7 +46,7 @@ def parse_args():
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="completion length (64; quick 16)")
-    parser.add_argument("--rss-of", choices=CONTENDERS, default=None,
+    parser.add_argument("--rss-of", choices=list(CONTENDERS), default=None,
                         help="(internal) measure the peak RSS of one contender and exit")
     args = parser.parse_args()
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
@@ -106,10 +114,11 @@ class RawStep:
         return float(loss.detach())
 
 
-def make_learner(model_dir, zero_stage: int, micro_batch_size: int):
+def make_learner(model_dir, zero_stage: int, micro_batch_size: int, share_prompt: bool):
     from medrl.align.learner import Learner
 
     return Learner(model_dir, zero_stage=zero_stage, micro_batch_size=micro_batch_size,
+                   share_prompt=share_prompt,
                    optimizer="adamw", lr=LEARNING_RATE, weight_decay=0.0, warmup_steps=0,
                    lr_schedule="constant", max_grad_norm=MAX_GRAD_NORM, ref_model="none",
                    kl_coef=0.0, loss_agg="token_mean", seed=0)
@@ -120,7 +129,8 @@ def build(name: str, model_dir, micro_batch_size: int):
     if name == "raw":
         raw = RawStep(model_dir)
         return lambda batch: raw.step(batch)
-    learner = make_learner(model_dir, {"zero0": 0, "zero2": 2}[name], micro_batch_size)
+    _, zero_stage, share_prompt = CONTENDERS[name]
+    learner = make_learner(model_dir, zero_stage, micro_batch_size, share_prompt)
     return lambda batch: learner.train_step(batch)
 
 
@@ -185,13 +195,12 @@ def main() -> None:
         memory[name] = json.loads(done.stdout.strip().splitlines()[-1])
 
     rows = []
-    for name, label in (("raw", "raw torch (forward + loss + backward + AdamW)"),
-                        ("zero0", "Learner.train_step, ZeRO-0"),
-                        ("zero2", "Learner.train_step, ZeRO-2")):
+    for name, (label, _, _) in CONTENDERS.items():
         mem = memory[name]
         rows.append([label, timing[name].median, paired_ratio(timing[name], timing["raw"]),
                      mem["peak_rss_mb"], mem["peak_rss_mb"] - mem["before_build_mb"]])
     tokens = int(batch.completion_mask.sum())
+    prompt_columns = batch.input_ids.shape[1] - batch.num_completion_tokens
     tables = [table(
         f"Learner step vs raw torch, {params / 1e6:.1f}M parameters, batch of {batch.size} "
         f"samples ({batch.input_ids.shape[1]} columns, {tokens} completion tokens), one "
@@ -203,7 +212,10 @@ def main() -> None:
          "peak RSS: a fresh process per contender (imports torch, transformers, deepspeed), "
          f"{args.warmup + 2} steps; growth = peak minus the RSS once imports and batch were ready",
          "the learner also computes per-token entropy (a logged metric) and recomputes the "
-         "LM-head chunk in the backward pass (memory-light log-probs); raw does neither"])]
+         "LM-head chunk in the backward pass (memory-light log-probs); raw does neither",
+         f"share_prompt: {args.prompts_per_step} prompt passes of {prompt_columns} columns and "
+         f"{batch.size} completion passes of {args.new_tokens} columns on their cached keys "
+         f"and values, instead of {batch.size} passes of {batch.input_ids.shape[1]} columns"])]
     save_result("learner", module=MODULE, args=args, machine=machine,
                 settings={"size": args.size, "params": params, "batch": batch.size,
                           "columns": int(batch.input_ids.shape[1]), "new_tokens": args.new_tokens,

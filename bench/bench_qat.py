@@ -61,7 +61,7 @@ def parse_args():
     args = parser.parse_args()
     # A step takes well under a second: even the smoke run can afford 5 measured rounds.
     if args.repeat is None:
-        args.repeat = 5 if args.quick else 10
+        args.repeat = 5
     return finish_args(args)
 
 

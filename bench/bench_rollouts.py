@@ -5,7 +5,7 @@ completion lengths (``min_new_tokens == max_new_tokens``) for every contender:
 
 1. throughput: vLLM (in-process, ``medrl.rollouts.vllm_engine.VLLMEngine``) vs Hugging Face
    ``generate`` (``medrl.rollouts.hf_engine.HFEngine``): completion tokens per second;
-2. the Ray worker: each engine used directly vs the same engine inside a one-worker
+2. the Ray worker: the HF engine used directly vs the same engine inside a one-worker
    ``RolloutGroup`` actor: the overhead ratio (the samples are pickled both ways);
 3. weight updates: ``update_weights`` of each engine and the object-store path
    (``ray.put`` of the buckets + ``RolloutGroup.update_weights_from_refs``) against a plain
@@ -17,13 +17,13 @@ Run from the repository root: ``python -m bench.bench_rollouts`` (``--quick`` to
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
 
 from bench.common import (base_parser, build_model, count_parameters, finish_args, interleave,
-                          load_prompts, machine_info, machine_line, paired_ratio, save_result,
-                          table)
+                          load_prompts, paired_ratio, save_result, start_clock, table)
 
 MODULE = "bench.bench_rollouts"
 KV_CACHE_BYTES = 256 * 2**20
@@ -32,17 +32,20 @@ BUCKET_MB = 256  # the learner's default bucket size (Learner.state_dict_for_syn
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--prompts", type=int, default=None, help="prompts per call (4; quick 2)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per call (2)")
     parser.add_argument("--group", type=int, default=None, help="completions per prompt (8; quick 4)")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="forced completion length (64; quick 16)")
+    parser.add_argument("--overhead-tokens", type=int, default=16,
+                        help="forced completion length of the Ray-overhead calls (16): the "
+                             "overhead is per call, so short calls show it best")
     parser.add_argument("--sizes", default=None,
                         help="model sizes for the weight updates (5m,40m; quick 5m)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray measurements")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="vLLM without graph compilation (faster start, slower decode)")
     args = parser.parse_args()
-    args.prompts = args.prompts or (2 if args.quick else 4)
+    args.prompts = args.prompts or 2  # one GRPO step of the other benchmarks: 2 prompts x G=8
     args.group = args.group or (4 if args.quick else 8)
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     args.sizes = (args.sizes or ("5m" if args.quick else "5m,40m")).split(",")
@@ -80,9 +83,7 @@ def state_dict_for_push(model_dir):
 
 def main() -> None:
     args = parse_args()
-    started = time.time()
-    machine = machine_info()
-    print(machine_line(machine), flush=True)
+    started, machine = start_clock()
     import torch
 
     from medrl.rollouts.engine import SamplingParams
@@ -107,7 +108,8 @@ def main() -> None:
     tables, raw = [], {"startup_s": {}, "throughput": {}, "ray_overhead": {}, "weights": {}}
     settings = {"prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens,
                 "prompt_source": source, "sizes": args.sizes, "enforce_eager": args.enforce_eager,
-                "kv_cache_bytes": KV_CACHE_BYTES, "bucket_mb": BUCKET_MB}
+                "kv_cache_bytes": KV_CACHE_BYTES, "bucket_mb": BUCKET_MB,
+                "overhead_tokens": args.overhead_tokens}
     weight_rows, overhead_rows = [], []
     for size_index, size in enumerate(args.sizes):
         model_dir = build_model(size)
@@ -181,14 +183,20 @@ def main() -> None:
 
         if ray_mod is not None:
             for backend, engine in engines.items():
-                kwargs = vllm_kwargs if backend == "vllm" else engine_kwargs
+                # The vLLM actor serves the weight path only: no graph compilation (~30 s).
+                kwargs = dict(vllm_kwargs, enforce_eager=True) if backend == "vllm" \
+                    else engine_kwargs
                 t0 = time.perf_counter()
                 group = RolloutGroup(1, backend, str(model_dir), kwargs,
                                      num_cpus_per_worker=args.threads, max_restarts=0)
                 raw["startup_s"][size][f"ray_{backend}"] = time.perf_counter() - t0
-                if size_index == 0:
-                    over = interleave({"direct": lambda e=engine: e.generate(prompts, sampling),
-                                       "ray": lambda g=group: g.generate(prompts, sampling)},
+                if size_index == 0 and backend == "hf":
+                    # The overhead is the hop and the pickling of prompts and samples, the
+                    # same for either engine: measured once, around the HF engine.
+                    short = dataclasses.replace(sampling, max_new_tokens=args.overhead_tokens,
+                                                min_new_tokens=args.overhead_tokens)
+                    over = interleave({"direct": lambda e=engine: e.generate(prompts, short),
+                                       "ray": lambda g=group: g.generate(prompts, short)},
                                       repeat=args.repeat, warmup=args.warmup)
                     raw["ray_overhead"][backend] = {k: v.to_json() for k, v in over.items()}
                     overhead_rows.append([backend, over["direct"].median, over["ray"].median,
@@ -222,12 +230,14 @@ def main() -> None:
 
     if overhead_rows:
         tables.append(table(
-            f"Ray worker overhead: the same generate call, engine in this process vs a "
-            f"one-worker RolloutGroup actor ({args.threads} threads each)",
+            f"Ray worker overhead: the same generate call ({args.prompts} prompts x "
+            f"{args.group} completions x {args.overhead_tokens} forced new tokens), engine in "
+            f"this process vs a one-worker RolloutGroup actor ({args.threads} threads each)",
             ["engine", "direct s", "via Ray s", "Ray / direct"], overhead_rows,
-            ["Ray / direct: median over rounds; includes pickling prompts and samples",
+            ["Ray / direct: median over rounds; includes pickling prompts and samples (the "
+             "same for either engine)",
              "actor start-up (s): " + ", ".join(
-                 f"{k.removeprefix('ray_')} {v:.1f}" for k, v in raw["startup_s"][args.sizes[0]].items()
+                 f"{k.removeprefix('ray_').replace('vllm', 'vllm (eager)')} {v:.1f}" for k, v in raw["startup_s"][args.sizes[0]].items()
                  if k.startswith("ray_"))]))
     tables.append(table(
         "Weight update: one push of the whole state dict (fp32) vs a plain copy_ of the same "
@@ -236,7 +246,8 @@ def main() -> None:
         [f"buckets of {BUCKET_MB} MiB as the learner streams them; the Ray rows include "
          "ray.put in the driver and ray.get + load in the actor",
          "x copy_ time: median over rounds of path time / copy_ time",
-         "vLLM engines of the sizes after the first run with enforce_eager=True"]))
+         "vLLM engines in Ray actors, and of the sizes after the first, with "
+         "enforce_eager=True (the weight path is the same)"]))
     if ray_mod is not None:
         ray_mod.shutdown()
     save_result("rollouts", module=MODULE, args=args, machine=machine, settings=settings,
