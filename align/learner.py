@@ -68,7 +68,8 @@ class Learner:
                  total_steps: int = 1000, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
                  max_grad_norm: float = 1.0, gradient_checkpointing: bool = False,
                  logprob_chunk_size: int = 1024, share_prompt: bool = True,
-                 temperature: float = 1.0, ref_model: str = "auto", lora: dict[str, Any] | None = None,
+                 temperature: float = 1.0, ref_model: str = "auto",
+                 lora: dict[str, Any] | None = None,
                  dtype: torch.dtype | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", loss_agg: str = "token_mean",
                  seed: int = 0, prepare_model: Callable[[torch.nn.Module], Any] | None = None):

@@ -34,7 +34,8 @@ MAX_GRAD_NORM = 1.0
 CONTENDERS = {
     "raw": ("raw torch (forward + loss + backward + AdamW)", None, False),
     "zero0": ("Learner.train_step, ZeRO-0", 0, True),
-    "zero0_full": ("Learner.train_step, ZeRO-0, every row in full (share_prompt off)", 0, False),
+    "zero0_full": ("Learner.train_step, ZeRO-0, every row in full (share_prompt off)", 0,
+                   False),
     "zero2": ("Learner.train_step, ZeRO-2", 2, True),
 }
 
