@@ -19,13 +19,9 @@ Run from the repository root: ``python -m bench.bench_learner`` (``--quick`` to 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from bench.common import (REPO, base_parser, build_model, count_parameters, current_rss_mb,
-                          finish_args, interleave, load_prompts, paired_ratio, peak_rss_mb,
-                          save_result, start_run, table)
+from bench.common import (base_parser, count_parameters, finish_args, interleave, load_prompts,
+                          paired_ratio, peak_rss_per_contender, rss_child, save_result,
+                          start_run, table)
 
 MODULE = "bench.bench_learner"
 LEARNING_RATE = 1e-5
@@ -151,30 +147,10 @@ def prepare_batch(model_dir, args):
     return batch, source
 
 
-def rss_child(args) -> None:
-    """Build one contender in this fresh process, run its steps, print peak RSS as JSON."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    # Every contender's process imports the same libraries before its baseline is taken.
-    import deepspeed
-    import transformers
-
-    del deepspeed, transformers
-
-    model_dir = build_model(args.size)
-    batch, _ = prepare_batch(model_dir, args)
-    baseline = current_rss_mb()
-    step = build(args.rss_of, model_dir, batch.size)
-    for _ in range(args.warmup + 2):
-        step(batch)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "before_build_mb": baseline}))
-
-
 def main() -> None:
     args = parse_args()
     if args.rss_of:
-        rss_child(args)
+        rss_child(args, lambda model_dir: prepare_batch(model_dir, args)[0], build)
         return
     started, machine, model_dir = start_run(args)
     params = count_parameters(model_dir)
@@ -184,16 +160,10 @@ def main() -> None:
                         repeat=args.repeat, warmup=args.warmup)
     del steps
 
-    memory = {}
-    for name in CONTENDERS:
-        cmd = [sys.executable, "-m", MODULE, "--rss-of", name, "--size", args.size,
-               "--group", str(args.group), "--prompts-per-step", str(args.prompts_per_step),
-               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--no-save"]
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"peak-RSS run of {name} failed:\n{done.stderr[-3000:]}")
-        memory[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    memory = peak_rss_per_contender(MODULE, CONTENDERS, [
+        "--size", args.size, "--group", str(args.group),
+        "--prompts-per-step", str(args.prompts_per_step), "--new-tokens", str(args.new_tokens),
+        "--threads", str(args.threads), "--warmup", str(args.warmup)])
 
     rows = []
     for name, (label, _, _) in CONTENDERS.items():

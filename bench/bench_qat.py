@@ -17,19 +17,16 @@ micro-batch holding the whole batch. Contenders, in interleaved rounds:
 
 Reported: median seconds per step and the ratio to ``fp`` (median over rounds of the paired
 ratio). Peak RSS comes from one fresh process per contender (``--rss-of NAME``, run
-automatically), as in ``bench.bench_learner``. A second table times the quantiser alone,
-``medrl.align.qat.quantize(x, fmt)`` on a 4M-element float32 tensor, against ``x.clone()``.
+automatically by ``bench.common.peak_rss_per_contender``). A second table times the
+quantiser alone, ``medrl.align.qat.quantize(x, fmt)`` on a 4M-element float32 tensor,
+against ``x.clone()``.
 Run from the repository root: ``python -m bench.bench_qat`` (``--quick`` to check it).
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from bench.common import (QUICKSTART_DATA, REPO, base_parser, build_model, count_parameters,
-                          current_rss_mb, finish_args, interleave, paired_ratio, peak_rss_mb,
+from bench.common import (QUICKSTART_DATA, base_parser, count_parameters, finish_args,
+                          interleave, paired_ratio, peak_rss_per_contender, rss_child,
                           save_result, start_run, table)
 
 MODULE = "bench.bench_qat"
@@ -134,26 +131,6 @@ def count_quantised(model_dir) -> tuple[int, int]:
     return len(layers), sum(layer.weight.numel() for layer in layers.values())
 
 
-def rss_child(args) -> None:
-    """Build one contender in this fresh process, run its steps, print peak RSS as JSON."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    # Every contender's process imports the same libraries before its baseline is taken.
-    import deepspeed
-    import transformers
-
-    del deepspeed, transformers
-
-    model_dir = build_model(args.size)
-    batch, _ = make_batch(model_dir, args.batch)
-    baseline = current_rss_mb()
-    step = build(args.rss_of, model_dir, batch.size)
-    for _ in range(args.warmup + 2):
-        step(batch)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "before_build_mb": baseline}))
-
-
 # --- the quantiser alone ------------------------------------------------------------------------
 
 
@@ -183,7 +160,7 @@ def time_quantiser(args):
 def main() -> None:
     args = parse_args()
     if args.rss_of:
-        rss_child(args)
+        rss_child(args, lambda model_dir: make_batch(model_dir, args.batch)[0], build)
         return
     started, machine, model_dir = start_run(args)
     params = count_parameters(model_dir)
@@ -198,15 +175,9 @@ def main() -> None:
                         repeat=args.repeat, warmup=args.warmup)
     del steps
 
-    memory = {}
-    for name in CONTENDERS:
-        cmd = [sys.executable, "-m", MODULE, "--rss-of", name, "--size", args.size,
-               "--batch", str(args.batch), "--threads", str(args.threads),
-               "--warmup", str(args.warmup), "--no-save"]
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"peak-RSS run of {name} failed:\n{done.stderr[-3000:]}")
-        memory[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    memory = peak_rss_per_contender(MODULE, CONTENDERS, [
+        "--size", args.size, "--batch", str(args.batch), "--threads", str(args.threads),
+        "--warmup", str(args.warmup)])
 
     kernel_timing, saturated = time_quantiser(args)
 

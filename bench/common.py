@@ -238,6 +238,45 @@ def current_rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def rss_child(args, make_batch: Callable[[Path], Any],
+              build: Callable[[str, Path, int], Callable[[Any], Any]]) -> None:
+    """The ``--rss-of NAME`` side of :func:`peak_rss_per_contender`, in a fresh process: build
+    contender NAME (``build(name, model_dir, batch size)`` -> step function), run
+    ``warmup + 2`` steps on ``make_batch(model_dir)``, print the peak RSS as a JSON line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    # Every contender's process imports the same libraries before its baseline is taken.
+    import deepspeed
+    import transformers
+
+    del deepspeed, transformers
+
+    model_dir = build_model(args.size)
+    batch = make_batch(model_dir)
+    baseline = current_rss_mb()
+    step = build(args.rss_of, model_dir, batch.size)
+    for _ in range(args.warmup + 2):
+        step(batch)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "before_build_mb": baseline}))
+
+
+def peak_rss_per_contender(module: str, names, options: list[str]) -> dict[str, dict]:
+    """Peak memory of each contender, one fresh process each: ``python -m module --rss-of
+    NAME *options`` (the module calls :func:`rss_child`). Returns name -> its JSON report
+    (``peak_rss_mb``, ``before_build_mb``: the RSS once imports and batch were ready)."""
+    import subprocess
+
+    memory = {}
+    for name in names:
+        cmd = [sys.executable, "-m", module, "--rss-of", name, *options, "--no-save"]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"peak-RSS run of {name} failed:\n{done.stderr[-3000:]}")
+        memory[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return memory
+
+
 # --- machine, arguments, output -----------------------------------------------------------------
 
 

@@ -28,6 +28,14 @@ def _naive(model, input_ids, attention_mask, T, temperature, **extra):
     return logp.gather(-1, input_ids[:, L - T:].unsqueeze(-1)).squeeze(-1), logp
 
 
+def assert_same_gradients(got: dict, expected: dict) -> None:
+    """Parameter name -> gradient maps agree (float rounding apart), over more than a few."""
+    assert got.keys() == expected.keys() and len(got) > 5
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.fixture(scope="module")
 def text_batch(tiny_qwen2):
     model = load_model(tiny_qwen2, dtype=torch.float32)
@@ -121,11 +129,7 @@ def test_gradients_match_naive(batch, request):
                                    chunk_size=3, with_entropy=True, **extra)
         return logp + 0.3 * ent
 
-    naive, chunked = grads(naive_fn), grads(chunked_fn)
-    assert naive.keys() == chunked.keys() and len(naive) > 5
-    for name in naive:
-        torch.testing.assert_close(chunked[name], naive[name], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_gradients(grads(chunked_fn), grads(naive_fn))
     model.zero_grad(set_to_none=True)
 
 
@@ -190,9 +194,5 @@ def test_shared_prompt_gradients_match_the_unshared_pass(grouped_batch):
         ((logp + 0.3 * ent) * weights).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    shared, unshared = grads(True), grads(False)
-    assert shared.keys() == unshared.keys() and len(shared) > 5
-    for name in shared:
-        torch.testing.assert_close(shared[name], unshared[name], rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_gradients(grads(True), grads(False))
     model.zero_grad(set_to_none=True)
