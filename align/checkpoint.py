@@ -5,7 +5,8 @@ RUN_DIR/checkpoints/step-000200/
     policy/      Hugging Face folder (written by the learner)
     learner/     optimiser / ZeRO state, scheduler (written by the learner)
     state.json   step, policy version, data cursor, RNG states, anything JSON-able
-    COMPLETE     written last: {"step", "created", "files": {relative path: sha256}}
+    COMPLETE     written last: {"step", "created", "files": {relative path: sha256},
+                 "marker_sha256": sha256 of the other fields, so COMPLETE itself is checked}
 ```
 
 A save is built in a hidden temporary folder (``checkpoints/.tmp-...``) and renamed into
@@ -13,6 +14,10 @@ place only after ``COMPLETE`` is on disk, so a crash at any moment leaves either
 checkpoints untouched or a folder that :func:`list_checkpoints` ignores. Only one process
 writes checkpoints for a run at a time (the driver); the learner ranks write *into* the
 temporary folder the driver hands them.
+
+``medrl resume`` continues only from a checkpoint that :func:`verified_checkpoint` passes:
+every file hashed again (streamed in 1 MiB blocks) and compared with ``COMPLETE``; a damaged
+one is refused with the name of the file and of the newest earlier checkpoint that verifies.
 
 Nothing here unpickles: states are JSON, tensors travel as base64 of their raw bytes.
 """
@@ -78,10 +83,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, write: Callable[[Path], N
     try:
         write(tmp)
         _write_json(tmp / STATE_FILE, {**dict(state), "step": int(step)})
-        files = _hash_tree(tmp, fsync=True)
-        _write_json(tmp / COMPLETE_FILE, {"format": FORMAT_VERSION, "step": int(step),
-                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                          "files": files})
+        marker = {"format": FORMAT_VERSION, "step": int(step),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "files": _hash_tree(tmp, fsync=True)}
+        _write_json(tmp / COMPLETE_FILE, {**marker, "marker_sha256": _marker_sha256(marker)})
         _fsync_dirs(tmp)
         final = root / name
         _move_into_place(tmp, final)
@@ -158,6 +163,12 @@ def _sha256(path: Path, *, fsync: bool = False) -> str:
     return digest.hexdigest()
 
 
+def _marker_sha256(marker: Mapping[str, Any]) -> str:
+    """sha256 of COMPLETE's fields but this one, in a canonical JSON form."""
+    fields = {k: v for k, v in marker.items() if k != "marker_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def _hash_tree(folder: Path, *, fsync: bool = False) -> dict[str, str]:
     """{relative posix path: sha256} for every file under ``folder`` except COMPLETE."""
     files = {}
@@ -226,26 +237,71 @@ def _read_json(path: Path, what: str) -> Any:
 def verify_checkpoint(path: str | Path) -> dict[str, str]:
     """Recompute every checksum listed in COMPLETE; return {file: sha256} when all match.
 
-    Raises UserError naming the first file that is missing, changed, or not listed.
+    Raises UserError naming the first file that is missing, changed (a flipped byte, a
+    truncation), or not listed, or a COMPLETE that is itself damaged or belongs to another
+    step (a renamed folder). Files are hashed in 1 MiB blocks, so any size fits in memory.
     """
     path = Path(path)
-    hint = "the checkpoint is incomplete or damaged; resume from an earlier step instead."
-    marker = _read_json(path / COMPLETE_FILE, hint)
+    damaged = f"so checkpoint {path.name} is damaged."
+    marker = _read_json(path / COMPLETE_FILE, f"checkpoint {path.name} is damaged.")
     listed = marker.get("files") if isinstance(marker, dict) else None
     if not isinstance(listed, dict):
-        raise UserError(f"{path / COMPLETE_FILE}: has no file list; {hint}")
+        raise UserError(f"{path / COMPLETE_FILE}: has no file list, {damaged}")
+    if "marker_sha256" in marker and marker["marker_sha256"] != _marker_sha256(marker):
+        raise UserError(f"{path / COMPLETE_FILE}: its own checksum does not match (the file "
+                        f"changed after the save), {damaged}")
+    match = _STEP_RE.match(path.name)
+    if match and marker.get("step") != int(match.group(1)):
+        raise UserError(f"{path / COMPLETE_FILE}: written for step {marker.get('step')}, but the "
+                        f"folder is named {path.name} (renamed or copied), {damaged}")
     actual = _hash_tree(path)
     for rel, expected in sorted(listed.items()):
         if rel not in actual:
-            raise UserError(f"{path / rel}: listed in COMPLETE but missing; {hint}")
+            raise UserError(f"{path / rel}: listed in COMPLETE but missing, {damaged}")
         if actual[rel] != expected:
             raise UserError(f"{path / rel}: checksum does not match the one in COMPLETE (the file "
-                            f"changed after the save); {hint}")
+                            f"changed after the save), {damaged}")
     extra = sorted(set(actual) - set(listed))
     if extra:
         raise UserError(f"{path / extra[0]}: not part of the saved checkpoint (added after the "
-                        "save); remove it or resume from an earlier step.")
+                        f"save), {damaged} Remove the file if you added it.")
     return actual
+
+
+def verifies(path: Path) -> bool:
+    """Whether :func:`verify_checkpoint` passes on ``path``."""
+    try:
+        verify_checkpoint(path)
+    except UserError:
+        return False
+    return True
+
+
+def resume_advice(run_dir: str | Path, good: Path | None) -> str:
+    """What to do when a checkpoint of ``run_dir`` is damaged; ``good``: one that verifies."""
+    if good is None:
+        return ("No earlier checkpoint of this run verifies; start the run again with "
+                f"`medrl run` (pass --force to replace {run_dir}).")
+    step = checkpoint_step(good)
+    return (f"The newest earlier checkpoint that verifies is step {step}; resume from it with "
+            f"`medrl resume {run_dir} --step {step}`.")
+
+
+def verified_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """:func:`latest_checkpoint` (the newest, or ``step``), refused unless it verifies.
+
+    A damaged checkpoint raises a UserError naming the damaged file, the newest earlier
+    checkpoint that verifies and the command that resumes from it.
+    """
+    path = latest_checkpoint(run_dir, step)
+    try:
+        verify_checkpoint(path)
+    except UserError as exc:
+        earlier = [p for p in list_checkpoints(run_dir)
+                   if checkpoint_step(p) < checkpoint_step(path)]
+        good = next((p for p in reversed(earlier) if verifies(p)), None)
+        raise UserError(f"{exc} {resume_advice(run_dir, good)}") from None
+    return path
 
 
 def read_state(path: str | Path) -> dict[str, Any]:

@@ -28,19 +28,64 @@ def user_error(exc: UserError) -> typer.Exit:
 
 
 @app.command()
-def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
+def validate(recipe: Path = typer.Argument(..., help="recipe YAML, or a run folder"),
              overrides: Optional[List[str]] = typer.Argument(None, help="key.path=value ...")):
-    """Check a recipe (schema, files, rewards) and print it fully resolved."""
+    """Check a recipe (schema, files, rewards) and print it fully resolved.
+
+    Given a run folder, check its saved recipe.yaml (overrides are applied, not saved) and
+    verify the checksums of every complete checkpoint in it.
+    """
     from medrl.launch.recipe import dump_recipe, load_recipe
+    from medrl.launch.rundir import load_run_recipe
     from medrl.launch.stages import check_recipe
 
+    run_dir = recipe if recipe.is_dir() else None
     try:
-        resolved = load_recipe(recipe, overrides or [])
-        checked = check_recipe(resolved, recipe.parent)
+        if run_dir is not None:
+            resolved = load_run_recipe(run_dir, overrides or [], save=False)
+            recipe = run_dir / "recipe.yaml"
+            base = Path(resolved.run.recipe_dir or run_dir)
+        else:
+            resolved = load_recipe(recipe, overrides or [])
+            base = recipe.parent
+        checked = check_recipe(resolved, base)
     except UserError as exc:
         raise user_error(exc) from None
     typer.echo(dump_recipe(resolved), nl=False)
     console.print(f"[green]ok[/green]: {recipe} is valid ({'; '.join(checked)})", highlight=False)
+    if run_dir is not None:
+        try:
+            verify_run_checkpoints(run_dir)
+        except UserError as exc:
+            raise user_error(exc) from None
+
+
+def verify_run_checkpoints(run_dir: Path) -> None:
+    """Verify every complete checkpoint of a run, one line each; UserError if any is damaged."""
+    from medrl.align.checkpoint import list_checkpoints, resume_advice, verify_checkpoint
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        console.print(f"no complete checkpoint in {run_dir} yet", highlight=False)
+    problems: dict[Path, str] = {}
+    for path in found:
+        try:
+            files = verify_checkpoint(path)
+        except UserError as exc:
+            problems[path] = str(exc)
+            console.print(f"[bold red]damaged[/bold red]: checkpoint {path.name}", highlight=False)
+            continue
+        size = sum((path / rel).stat().st_size for rel in files) / 2**20
+        console.print(f"[green]ok[/green]: checkpoint {path.name} verified ({len(files)} files, "
+                      f"{size:.1f} MiB)", highlight=False)
+    if not problems:
+        return
+    good = [p for p in found if p not in problems]
+    summary = " ".join(problems.values())
+    if found[-1] not in problems:
+        raise UserError(f"{summary} The newest checkpoint, {found[-1].name}, verifies: "
+                        f"`medrl resume {run_dir}` continues from it.")
+    raise UserError(f"{summary} {resume_advice(run_dir, good[-1] if good else None)}")
 
 
 @app.command()
@@ -68,19 +113,25 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
 def resume(run_dir: Path = typer.Argument(..., help="a run folder made by `medrl run`"),
            overrides: Optional[List[str]] = typer.Argument(
                None, help="key.path=value ..., e.g. run.max_steps=200 to extend the run"),
-           step: Optional[int] = typer.Option(None, "--step", help="checkpoint step (default: latest)")):
+           step: Optional[int] = typer.Option(None, "--step",
+                                              help="checkpoint step (default: latest)")):
     """Continue a run from its latest (or a chosen) complete checkpoint, exactly.
+
+    The checkpoint's checksums are verified first; a damaged one is refused, naming the file
+    and the newest earlier checkpoint that verifies.
 
     Overrides change the saved recipe for the rest of the run (and are saved back into it);
     anything but run.max_steps may make the continuation differ from an uninterrupted run.
     """
-    from medrl.align.checkpoint import latest_checkpoint
-    from medrl.launch.rundir import load_run_recipe
+    from medrl.align.checkpoint import verified_checkpoint
+    from medrl.launch.rundir import load_run_recipe, save_run_recipe
     from medrl.launch.stages import run_stage
 
     try:
-        resolved = load_run_recipe(run_dir, overrides or [])
-        ckpt = latest_checkpoint(run_dir, step=step)
+        resolved = load_run_recipe(run_dir, overrides or [], save=False)
+        ckpt = verified_checkpoint(run_dir, step=step)  # every file's checksum, before any start
+        if overrides:
+            save_run_recipe(run_dir, resolved)
         run_stage(resolved, run_dir, resume_from=ckpt)
     except UserError as exc:
         raise user_error(exc) from None

@@ -51,11 +51,12 @@ def create_run_dir(recipe: Recipe, *, force: bool = False) -> Path:
     return run_dir
 
 
-def load_run_recipe(run_dir: Path, overrides: list[str] = ()) -> Recipe:
+def load_run_recipe(run_dir: Path, overrides: list[str] = (), *, save: bool = True) -> Recipe:
     """The recipe saved in a run folder (validated again: it may have been edited).
 
-    Overrides given on resume are written back, so the folder always holds the recipe that
-    its latest steps ran with.
+    Overrides given on resume are written back (``save``), so the folder always holds the
+    recipe that its latest steps ran with; ``save=False`` leaves the file as it is (``medrl
+    validate RUN_DIR``, and ``medrl resume`` until the checkpoint has verified).
     """
     from medrl.launch.recipe import load_recipe
 
@@ -63,9 +64,14 @@ def load_run_recipe(run_dir: Path, overrides: list[str] = ()) -> Recipe:
         raise UserError(f"{run_dir} is not a medrl run folder (no recipe.yaml). Pass the folder "
                         "that `medrl run` created, e.g. runs/quickstart.")
     recipe = load_recipe(run_dir / "recipe.yaml", list(overrides))
-    if overrides:
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    if overrides and save:
+        save_run_recipe(run_dir, recipe)
     return recipe
+
+
+def save_run_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """Write ``recipe`` as the run folder's recipe.yaml (what the next resume reads)."""
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
 
 
 class PromptLog:

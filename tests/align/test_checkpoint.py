@@ -18,6 +18,7 @@ from medrl.align.checkpoint import (
     read_state,
     restore_rng,
     save_checkpoint,
+    verified_checkpoint,
     verify_checkpoint,
 )
 from medrl.align.records import UserError
@@ -143,6 +144,110 @@ def test_missing_and_extra_files_fail_verify(tmp_path):
     path = save_checkpoint(tmp_path, 2, write=learner_writer(0), state={})
     (path / "policy" / "stray.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="policy/stray.bin: not part of the saved checkpoint"):
+        verify_checkpoint(path)
+
+
+def flip_byte(path, index=-1, mask=0xFF):
+    raw = bytearray(path.read_bytes())
+    raw[index] ^= mask
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+def add_file(path):
+    (path.parent / "extra.safetensors").write_bytes(b"x")
+
+
+# how each damage is named: (file damaged, relative to the checkpoint; what the message says)
+DAMAGES = {
+    "flipped byte": (flip_byte, "policy/model.safetensors", "checksum does not match"),
+    "flipped byte in state": (flip_byte, "state.json", "checksum does not match"),
+    "truncated": (truncate, "learner/optim.safetensors", "checksum does not match"),
+    "deleted": (lambda p: p.unlink(), "policy/config.json", "listed in COMPLETE but missing"),
+    "added": (add_file, "learner/extra.safetensors", "not part of the saved checkpoint"),
+    "damaged COMPLETE": (lambda p: flip_byte(p, p.read_text().index('"created"') + 13, 1),
+                         "COMPLETE", "its own checksum does not match"),  # a year digit
+    "undecodable COMPLETE": (flip_byte, "COMPLETE", "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_resume_refuses_a_damaged_checkpoint_naming_the_one_that_verifies(tmp_path, damage):
+    run_dir = tmp_path / "run"
+    for step in (2, 4, 6):
+        save_checkpoint(run_dir, step, write=learner_writer(step), state={"v": step})
+    assert verified_checkpoint(run_dir) == run_dir / "checkpoints" / "step-000006"
+    act, rel, what = DAMAGES[damage]
+    newest = run_dir / "checkpoints" / "step-000006"
+    target = newest / (rel if damage != "added" else "learner/optim.safetensors")
+    act(target)
+    with pytest.raises(UserError) as err:
+        verified_checkpoint(run_dir)
+    message = str(err.value)
+    assert message.startswith(f"{newest / rel}: {what}")
+    assert "checkpoint step-000006 is damaged." in message
+    assert message.endswith(f"The newest earlier checkpoint that verifies is step 4; resume from "
+                            f"it with `medrl resume {run_dir} --step 4`.")
+    assert verified_checkpoint(run_dir, step=4) == run_dir / "checkpoints" / "step-000004"
+
+
+def test_resume_advice_skips_earlier_damaged_checkpoints(tmp_path):
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, write=learner_writer(step), state={})
+    flip_byte(tmp_path / "checkpoints" / "step-000006" / "policy" / "model.safetensors", 40)
+    flip_byte(tmp_path / "checkpoints" / "step-000004" / "state.json", 0)
+    with pytest.raises(UserError, match=r"verifies is step 2; resume from it with "
+                                        r"`medrl resume .* --step 2`\.$"):
+        verified_checkpoint(tmp_path)
+    with pytest.raises(UserError, match=r"step-000004/state.json: checksum .* step 2;"):
+        verified_checkpoint(tmp_path, step=4)
+    flip_byte(tmp_path / "checkpoints" / "step-000002" / "learner" / "optim.safetensors")
+    with pytest.raises(UserError, match=r"No earlier checkpoint of this run verifies; start the "
+                                        r"run again with `medrl run`"):
+        verified_checkpoint(tmp_path)
+
+
+def test_a_renamed_checkpoint_folder_fails_verify(tmp_path):
+    import shutil
+
+    path = save_checkpoint(tmp_path, 2, write=learner_writer(0), state={})
+    shutil.copytree(path, tmp_path / "checkpoints" / "step-000008")
+    with pytest.raises(UserError, match=r"COMPLETE: written for step 2, but the folder is named "
+                                        r"step-000008 \(renamed or copied\)"):
+        verified_checkpoint(tmp_path)
+
+
+def test_complete_without_its_own_checksum_still_verifies(tmp_path):
+    """Checkpoints saved before COMPLETE carried a checksum of itself."""
+    path = save_checkpoint(tmp_path, 1, write=learner_writer(0), state={})
+    marker = json.loads((path / "COMPLETE").read_text())
+    del marker["marker_sha256"]
+    (path / "COMPLETE").write_text(json.dumps(marker))
+    assert verified_checkpoint(tmp_path) == path
+
+
+def test_verify_streams_big_files(tmp_path):
+    """A file far larger than the hash block is hashed without being read whole."""
+    import tracemalloc
+
+    def write(tmp):
+        with open(tmp / "big.bin", "wb") as f:
+            for i in range(32):
+                f.write(bytes([i]) * 2**20)
+
+    path = save_checkpoint(tmp_path, 1, write=write, state={})
+    tracemalloc.start()
+    try:
+        verify_checkpoint(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20
+    flip_byte(path / "big.bin", 17 * 2**20 + 3)  # in the middle, not the first block
+    with pytest.raises(UserError, match="big.bin: checksum does not match"):
         verify_checkpoint(path)
 
 

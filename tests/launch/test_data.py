@@ -251,16 +251,99 @@ def uids(samples) -> list[str]:
 def test_stream_order_epochs_and_exact_counts():
     samples = make_samples(5)
     stream = PromptStream(samples, seed=7)
-    got = uids(stream.take(3)) + uids(stream.take(3)) + uids(stream.take(4))
-    order0 = np.random.default_rng(7).permutation(5)
-    order1 = np.random.default_rng(8).permutation(5)
-    assert got == [f"s{i}" for i in list(order0) + list(order1)]
+    order0 = [f"s{i}" for i in np.random.default_rng(7).permutation(5)]  # s2 s0 s4 s1 s3
+    order1 = [f"s{i}" for i in np.random.default_rng(8).permutation(5)]  # s3 s0 s1 s2 s4
+    assert uids(stream.take(3)) == order0[:3]
+    # epoch 1 starts with s3, already in this call: deferred to the next call
+    assert uids(stream.take(3)) == order0[3:] + ["s0"]
+    assert stream.state()["deferred"] == [3]
+    assert uids(stream.take(4)) == ["s3", "s1", "s2", "s4"]
     assert stream.state()["epoch"] == 2 and stream.state()["position"] == 0
-    assert sorted(got[:5]) == sorted(got[5:]) == uids(samples)  # each epoch sees every prompt
-    assert uids(PromptStream(samples, shuffle=False).take(7)) == \
-        ["s0", "s1", "s2", "s3", "s4", "s0", "s1"]
+    assert stream.state()["deferred"] == []
+    assert uids(PromptStream(samples, shuffle=False).take(5)) == ["s0", "s1", "s2", "s3", "s4"]
     with pytest.raises(ValueError):
         stream.take(0)
+
+
+def test_take_more_than_the_dataset_is_a_user_error():
+    stream = PromptStream(make_samples(5), seed=0)
+    with pytest.raises(UserError) as err:
+        stream.take(6)
+    assert str(err.value) == (
+        "rollout.prompts_per_step (sft.batch_size in the sft and qat stages) is 6, but the "
+        "training data has only 5 prompts (after the held-out rows), and a step never holds "
+        "the same prompt twice; set it to at most 5, or use more data.")
+    with pytest.raises(UserError, match=r"^rollout.prompts_per_step is 6, .* at most 5"):
+        stream.check_take(6)
+    stream.check_take(5)
+    assert stream.state()["epoch"] == 0 and stream.state()["position"] == 0  # nothing taken
+
+
+def handed_out(stream: PromptStream, taken: list[str]) -> None:
+    """Every epoch hands out every prompt once: the taken uids are ``epoch`` whole epochs plus
+    the current epoch's order up to the cursor, minus the prompts still deferred."""
+    from collections import Counter
+
+    st = stream.state()
+    expected = Counter(uids(stream.samples) * st["epoch"])
+    expected.update(f"s{i}" for i in stream.order(st["epoch"])[: st["position"]])
+    expected.subtract(f"s{i}" for i in st["deferred"])
+    assert Counter(taken) == +expected and not -expected
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 9), seed=st.integers(0, 2**31), shuffle=st.booleans(),
+       takes=st.lists(st.integers(1, 9), min_size=1, max_size=12))
+def test_no_prompt_twice_in_a_take_and_every_epoch_complete(n, seed, shuffle, takes):
+    stream = PromptStream(make_samples(n), seed=seed, shuffle=shuffle)
+    taken = []
+    for k in takes:
+        k = min(k, n)
+        got = uids(stream.take(k))
+        assert len(got) == k and len(set(got)) == k
+        taken += got
+        handed_out(stream, taken)
+        owed = stream.state()["deferred"]
+        assert len(set(owed)) == len(owed) < n  # owed prompts never pile up
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 9), seed=st.integers(0, 2**31), k=st.integers(1, 9))
+def test_steps_of_one_size_hand_a_deferred_prompt_out_in_the_next_step(n, seed, k):
+    k = min(k, n)
+    stream = PromptStream(make_samples(n), seed=seed)
+    for _ in range(3 * n):
+        owed = [f"s{i}" for i in stream.state()["deferred"]]
+        assert len(owed) < k
+        assert uids(stream.take(k))[: len(owed)] == owed
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 9), seed=st.integers(0, 2**31), data=st.data())
+def test_refills_with_exclude_never_repeat_a_prompt_of_the_step(n, seed, data):
+    """A step takes P prompts, then refills dropped groups with the step's uids excluded."""
+    stream = PromptStream(make_samples(n), seed=seed)
+    taken = []
+    for _ in range(data.draw(st.integers(1, 6))):
+        step = uids(stream.take(data.draw(st.integers(1, n))))
+        for _ in range(data.draw(st.integers(0, 2))):
+            k = data.draw(st.integers(1, n))
+            refill = uids(stream.take(k, exclude=step))
+            assert not set(refill) & set(step) and len(set(refill)) == len(refill)
+            assert len(refill) == min(k, n - len(step))
+            step += refill
+        taken += step
+        handed_out(stream, taken)
+
+
+def test_exclude_defers_and_a_short_refill_returns_what_is_left():
+    stream = PromptStream(make_samples(4), shuffle=False)
+    assert uids(stream.take(2, exclude={"s0", "other"})) == ["s1", "s2"]
+    assert stream.state()["deferred"] == [0]
+    assert uids(stream.take(3)) == ["s0", "s3", "s1"]  # the deferred prompt comes first
+    step = ["s2", "s3", "s0"]
+    assert uids(stream.take(3, exclude=step)) == ["s1"]  # only one prompt is outside the step
+    assert stream.take(1, exclude=["s0", "s1", "s2", "s3"]) == []
 
 
 def test_different_seeds_give_different_orders():
@@ -272,19 +355,28 @@ def test_different_seeds_give_different_orders():
     assert order(5) == order(5)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 9), seed=st.integers(0, 2**31),
-       takes=st.lists(st.integers(1, 7), min_size=2, max_size=6), cut=st.integers(1, 5))
+       takes=st.lists(st.tuples(st.integers(1, 9), st.integers(0, 3)), min_size=2, max_size=8),
+       cut=st.integers(1, 7))
 def test_resumed_stream_continues_exactly(n, seed, takes, cut):
+    """``takes``: (n, how many of the previous call's uids to exclude), across epochs."""
     samples = make_samples(n)
-    straight = PromptStream(samples, seed=seed)
-    expected = [uids(straight.take(k)) for k in takes]
+
+    def run(stream, plan, previous):
+        out = []
+        for k, held in plan:
+            previous = uids(stream.take(min(k, n), exclude=previous[:held]))
+            out.append(previous)
+        return out, previous
+
+    expected, _ = run(PromptStream(samples, seed=seed), takes, [])
     cut = min(cut, len(takes) - 1)
     first = PromptStream(samples, seed=seed)
-    got = [uids(first.take(k)) for k in takes[:cut]]
+    got, previous = run(first, takes[:cut], [])
     state = json.loads(json.dumps(first.state()))  # as stored in state.json
     resumed = PromptStream.from_state(samples, state)
-    got += [uids(resumed.take(k)) for k in takes[cut:]]
+    got += run(resumed, takes[cut:], previous)[0]
     assert got == expected
 
 
@@ -297,6 +389,10 @@ def test_resume_refuses_changed_data():
     renamed[0].uid = "other"
     with pytest.raises(UserError, match="the data changed"):
         PromptStream.from_state(renamed, stream.state())
+    old_state = {k: v for k, v in stream.state().items() if k != "deferred"}
+    assert PromptStream.from_state(make_samples(4), old_state).state() == stream.state()
+    with pytest.raises(UserError, match="deferred prompt index"):
+        PromptStream.from_state(make_samples(4), {**stream.state(), "deferred": [4]})
 
 
 def test_from_recipe_holds_out_eval_rows_and_load_state(tmp_path):
