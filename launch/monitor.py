@@ -2,9 +2,14 @@
 
 ``RUN_DIR/metrics.jsonl`` is the record of truth: one JSON object per logged step
 (``{"step", "time", <metric>: float | null, ...}``), flushed line by line, so a crash loses
-at most the line being written. TensorBoard scalars (``RUN_DIR/tensorboard/``) and the PNGs in
-``RUN_DIR/plots/`` are views of the same numbers; the plots are drawn from the file, so after
-``medrl resume`` they cover the whole run.
+at most the line being written. With ``every=N`` a row is written every N steps, at every
+checkpoint step and at the last step, and holds each metric's mean over the steps since the
+previous row (over the steps that have it), as TRL's ``logging_steps`` does; closing a
+checkpoint's window there makes a resumed run write the same rows as an uninterrupted one.
+TensorBoard scalars (``RUN_DIR/tensorboard/``) and the PNGs in ``RUN_DIR/plots/`` are views
+of the same numbers; the plots are drawn from the file, so after ``medrl resume`` they cover
+the whole run. The closing summary also counts the reward failures that
+``rewards.on_error: skip_sample`` dropped (``RUN_DIR/reward_failures.jsonl``).
 
 Metric names the views know about (the driver produces them):
 ``reward/mean``, ``rewards/<name>/mean`` (one per reward function), ``kl``,
@@ -87,7 +92,11 @@ def _clean(key: str, value: Any) -> float | None:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every line of ``RUN_DIR/metrics.jsonl``; a torn last line (crash mid-write) is skipped."""
-    path = Path(run_dir) / METRICS_FILE
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every line of a JSON-lines log of the run folder; a torn last line is skipped."""
     if not path.exists():
         return []
     rows = []
@@ -111,13 +120,17 @@ def truncate_metrics(run_dir: str | Path, step: int) -> int:
     A resumed run replays the steps after its checkpoint, so without this the file would hold
     those steps twice. The file is rewritten through a temporary file and ``os.replace``.
     """
-    path = Path(run_dir) / METRICS_FILE
+    return truncate_jsonl(Path(run_dir) / METRICS_FILE, step)
+
+
+def truncate_jsonl(path: Path, step: int) -> int:
+    """:func:`truncate_metrics` for any JSON-lines log whose rows carry a ``step``."""
     if not path.exists():
         return 0
-    rows = read_metrics(run_dir)
+    rows = read_jsonl(path)
     kept = [row for row in rows if int(row.get("step", 0)) <= step]
     raw_lines = sum(1 for line in path.read_text().splitlines() if line.strip())
-    tmp = path.with_name(f".{METRICS_FILE}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         for row in kept:
             f.write(json.dumps(row) + "\n")
@@ -140,23 +153,35 @@ class Monitor:
     """Logs one step at a time to every view, and draws the plots at the end.
 
     ``start_step``: the step the run starts after (0 for a fresh run, the checkpoint's step
-    when resuming). Lines in ``metrics.jsonl`` after it are dropped at once, and TensorBoard is
-    told to hide its own older events from that step on (``purge_step``).
+    when resuming). Lines in ``metrics.jsonl`` and ``reward_failures.jsonl`` after it are
+    dropped at once, and TensorBoard is told to hide its own older events from that step on
+    (``purge_step``).
+    ``every``: write a row every N steps (the mean over them); ``checkpoint_every``: the run's
+    checkpoint interval (0: only at the end), whose steps always get a row.
     ``console``: where the progress bar and the summary go (default: stderr).
     """
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, plots: bool = True, progress: bool = True,
+                 every: int = 1, checkpoint_every: int = 0,
                  console: Console | None = None) -> None:
+        from medrl.rewards.runner import FAILURES_FILE
+
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"logging: every must be a whole number >= 1, not {every!r}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps
+        self.every, self.checkpoint_every = every, checkpoint_every
         self.plots_enabled = plots
         self.console = console or Console(stderr=True)
         self.timer = Timer()
         self.dropped_lines = truncate_metrics(self.run_dir, start_step)
+        self._failures_path = self.run_dir / FAILURES_FILE
+        truncate_jsonl(self._failures_path, start_step)
         self._file = open(self.run_dir / METRICS_FILE, "a")
         self._last_log = time.perf_counter()
+        self._window: list[dict[str, Any]] = []  # the steps' rows since the last written row
 
         self._writer = None
         if tensorboard:
@@ -179,6 +204,7 @@ class Monitor:
 
     def truncate_after(self, step: int) -> int:
         """Drop metrics.jsonl lines after ``step`` (already done for ``start_step`` at start)."""
+        self._window = [row for row in self._window if row["step"] <= step]
         self._file.close()
         dropped = truncate_metrics(self.run_dir, step)
         self._file = open(self.run_dir / METRICS_FILE, "a")
@@ -188,35 +214,45 @@ class Monitor:
         """``with monitor.timed("generate"):`` adds ``time/generate`` to the next :meth:`log`."""
         return self.timer.timed(name)
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """Record ``metrics`` for ``step`` everywhere; return the row written to metrics.jsonl.
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Record ``metrics`` for ``step``; return the row written to metrics.jsonl (None while
+        the step's logging window is still open, see ``every``).
 
         Phase times from :meth:`timed` are added; ``time/step`` defaults to the wall time since
-        the previous call.
+        the previous call. The progress bar shows every step's own values.
         """
         now = time.perf_counter()
         values = {**self.timer.pop(), **dict(metrics)}
         values.setdefault("time/step", now - self._last_log)
         self._last_log = now
-        row: dict[str, Any] = {"step": int(step), "time": time.time()}
+        row: dict[str, Any] = {"step": int(step)}
         for key, value in values.items():
             if key in ("step", "time"):
                 raise ValueError(f"metric name {key!r} is reserved in {METRICS_FILE}")
             row[key] = _clean(key, value)
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-
-        if self._writer is not None:
-            for key, value in row.items():
-                if key not in ("step", "time") and value is not None:
-                    self._writer.add_scalar(key, value, global_step=int(step))
-            self._writer.flush()
-
+        self._window.append(row)
         if self._progress is not None:
             self._progress.update(
                 self._task, completed=min(int(step), self.total_steps),
                 reward=_fmt(row.get("reward/mean"), ".3f"), kl=_fmt(row.get("kl"), ".4f"),
                 step_time=_fmt(row.get("time/step"), ".2f", "s"))
+        closes = (step % self.every == 0 or step >= self.total_steps
+                  or (self.checkpoint_every and step % self.checkpoint_every == 0))
+        return self._write_window() if closes else None
+
+    def _write_window(self) -> dict[str, Any] | None:
+        """Write the open window's mean row (at its last step) to every view."""
+        if not self._window:
+            return None
+        row = mean_row(self._window)
+        self._window = []
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "time") and value is not None:
+                    self._writer.add_scalar(key, value, global_step=row["step"])
+            self._writer.flush()
         return row
 
     def plot(self) -> list[Path]:
@@ -227,6 +263,9 @@ class Monitor:
         return write_plots(self.run_dir)
 
     def close(self) -> None:
+        """Write a window a stopped run left open, then close every view."""
+        if not self._file.closed:
+            self._write_window()
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -263,12 +302,40 @@ class Monitor:
         else:
             lines.append("checkpoint: none saved")
         lines.append(f"metrics:    {self.run_dir / METRICS_FILE}")
+        lines += self._failure_lines()
         if self.plots_enabled:
             lines.append(f"plots:      {self.run_dir / PLOTS_DIR}")
         if self._writer is not None or (self.run_dir / TENSORBOARD_DIR).is_dir():
             lines.append(f"tensorboard --logdir {self.run_dir / TENSORBOARD_DIR}")
         self.console.print(Panel("\n".join(lines), title=f"run {self.run_dir.name}",
                                  expand=False), highlight=False)
+
+
+    def _failure_lines(self, first: int = 3) -> list[str]:
+        """How many reward failures ``on_error: skip_sample`` dropped, and the first few."""
+        failures = read_jsonl(self._failures_path)
+        if not failures:
+            return []
+        out = [f"reward failures: {len(failures)} skipped ({self._failures_path})"]
+        for f in failures[:first]:
+            cause = str(f.get("cause", ""))
+            cause = cause if len(cause) <= 160 else cause[:157] + "..."
+            out.append(f"  step {f.get('step')}  {f.get('reward')}  sample {f.get('uid')!r}: "
+                       f"{cause}")
+        if len(failures) > first:
+            out.append(f"  and {len(failures) - first} more")
+        return out
+
+
+def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics row for several steps' rows: the last step, and each metric's mean over
+    the rows that have a number for it (null when none has)."""
+    out: dict[str, Any] = {"step": rows[-1]["step"], "time": time.time()}
+    keys = dict.fromkeys(k for row in rows for k in row if k != "step")
+    for key in keys:
+        numbers = [row[key] for row in rows if row.get(key) is not None]
+        out[key] = sum(numbers) / len(numbers) if numbers else None
+    return out
 
 
 # ----------------------------------------------------------------------------- plots

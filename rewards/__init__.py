@@ -13,18 +13,22 @@ What the training loop calls, in order:
 1. ``load_rewards(specs, *, base_dir, veto=None) -> list[LoadedReward]``: ``specs`` are the
    recipe's ``rewards.functions`` entries as dicts (``name, alias, weight, kwargs, actor,
    num_cpus, num_gpus, timeout_s``); resolves every reference and binds ``kwargs`` to the
-   signatures; imports code but loads no model. ``medrl validate`` calls this.
+   signatures; imports code but loads no model; checks that every veto (``"<reward>[.<dim>]"``
+   or a list of ``{score, threshold, when}``) reads a loaded reward. ``medrl validate`` calls this.
 2. ``RewardRunner(loaded, ctx=RewardContext(...), normalize=, veto=, veto_threshold=, floor=,
-   on_error=, task_pool=0)``, or ``RewardRunner.from_config(recipe.rewards, base_dir=, ctx=)``;
+   veto_margin=, on_error=, task_pool=0)``, or ``RewardRunner.from_config(recipe.rewards,
+   base_dir=, ctx=)``;
    once per run. ``ctx.policy_logprobs`` is the hook counterfactual rewards use: bind it to
    the learner's log-prob computation (``samples -> list[list[float]]``, one log-prob per
    completion token).
 3. ``runner.start()`` (Ray must be initialised when a reward has ``actor: true``; class
    rewards are built and ``setup(ctx)`` once here).
-4. Every step: ``report = runner.score(samples)``: fills ``sample.rewards[name]``,
+4. Every step: ``report = runner.score(samples, step=step)``: fills ``sample.rewards[name]``,
    ``reward_dims[name]``, ``token_weights[name]``, ``reward_info[name]`` and ``sample.reward``;
    ``report.samples`` are the kept samples, ``report.dropped`` the uids dropped under
-   ``on_error: skip_sample``, ``report.metrics`` the per-reward / per-dim statistics.
+   ``on_error: skip_sample`` (``report.failures`` says why; also appended to
+   ``ctx.run_dir/reward_failures.jsonl``), ``report.metrics`` the per-reward / per-dim
+   statistics.
    ``combined_token_weights(sample)`` is the product of all rewards' token weights.
    A failing reward raises :class:`RewardError` (a ``UserError``) under ``on_error: raise``.
 5. ``runner.identities()`` (or ``LoadedReward.identity()``) for checkpoint provenance;
@@ -33,20 +37,23 @@ What the training loop calls, in order:
 
 from medrl.rewards.api import (BatchReward, RewardContext, RewardError, RewardResult,
                                registered, reward)
-from medrl.rewards.combine import combine_scores, group_normalize, multiply_token_weights
-from medrl.rewards.loader import (ENTRY_POINT_GROUP, LoadedReward, bind_kwargs, hash_folder,
-                                  load_reward, load_rewards, resolve)
-from medrl.rewards.runner import (RewardRunner, RewardWorker, ScoreReport, check_result,
-                                  combined_token_weights)
+from medrl.rewards.combine import (combine_scores, group_normalize, multiply_token_weights,
+                                   veto_fires)
+from medrl.rewards.loader import (ENTRY_POINT_GROUP, LoadedReward, Veto, bind_kwargs,
+                                  hash_folder, load_reward, load_rewards, resolve,
+                                  resolve_vetoes)
+from medrl.rewards.runner import (FAILURES_FILE, RewardFailure, RewardRunner, RewardWorker,
+                                  ScoreReport, check_result, combined_token_weights)
 
 # Built-in rewards register themselves on import (no model is loaded by importing them).
 from medrl.rewards import classifier as _classifier  # noqa: E402,F401
 from medrl.rewards import rules as _rules  # noqa: E402,F401
 
 __all__ = [
-    "BatchReward", "ENTRY_POINT_GROUP", "LoadedReward", "RewardContext", "RewardError",
-    "RewardResult", "RewardRunner", "RewardWorker", "ScoreReport", "bind_kwargs",
-    "check_result", "combine_scores", "combined_token_weights", "group_normalize",
-    "hash_folder", "load_reward", "load_rewards", "multiply_token_weights", "registered",
-    "resolve", "reward",
+    "BatchReward", "ENTRY_POINT_GROUP", "FAILURES_FILE", "LoadedReward", "RewardContext",
+    "RewardError", "RewardFailure", "RewardResult", "RewardRunner", "RewardWorker",
+    "ScoreReport", "Veto", "bind_kwargs", "check_result", "combine_scores",
+    "combined_token_weights", "group_normalize", "hash_folder", "load_reward", "load_rewards",
+    "multiply_token_weights", "registered", "resolve", "resolve_vetoes", "reward",
+    "veto_fires",
 ]

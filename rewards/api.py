@@ -36,6 +36,31 @@ class RewardError(UserError):
         self.cause = cause
 
 
+def error_message(name: str, uids: Sequence[str], cause: str) -> str:
+    """The one-paragraph message of a reward failure (RewardError's, and the logs')."""
+    where = f"sample {uids[0]!r}" if len(uids) == 1 else \
+        "samples " + ", ".join(repr(u) for u in uids)
+    return (f"reward {name!r} failed on {where}: {cause}. Fix the reward, or set "
+            "rewards.on_error: skip_sample to drop such samples and go on.")
+
+
+@dataclass
+class RewardFailure:
+    """A reward failure on one sample that ``on_error: skip_sample`` dropped (not raised).
+
+    cause: what went wrong, as in RewardError (the reward's exception type and message, a
+    non-finite value, a wrong count); never the sample's text unless the reward put it there.
+    """
+
+    reward: str
+    uid: str
+    cause: str
+
+    @property
+    def message(self) -> str:
+        return error_message(self.reward, [self.uid], self.cause)
+
+
 @dataclass
 class RewardResult:
     """What a reward says about one sample.

@@ -6,9 +6,13 @@ Pure functions on plain lists (no samples, no config objects), so they are easy 
 - ``normalize="group"``: each reward's scores are first standardised within their GRPO group,
   ``(s - mean_g) / (std_g + eps)`` over the group's applicable scores, so rewards on
   different scales weigh as their weights say (a constant reward in a group contributes 0);
-- veto: when the vetoing score (a reward, or one of its dims) is below ``threshold`` the
-  combined reward is ``floor`` whatever else the sample earned; a None vetoing score does
-  not veto;
+- veto: a sample some veto fired on (:func:`veto_fires`) ranks last in its group whatever
+  else it earned: its combined reward is ``min(floor, lowest - margin)``, ``lowest`` the
+  lowest combined reward of the group's samples no veto fired on (``floor`` when there are
+  none). ``floor`` is what a vetoed sample gets whenever that ranks it last; under
+  ``normalize="group"`` it is in z-score units. Ranking within the group is enough: every
+  advantage scale subtracts the group mean, so a vetoed sample's advantage is below every
+  other sample's of its group, and below 0 when the group holds one that is not vetoed;
 - token weights of several rewards multiply element-wise.
 """
 
@@ -31,16 +35,26 @@ def group_normalize(scores: Sequence[float | None], group_ids: Sequence[str], *,
             for s, g in zip(scores, group_ids)]
 
 
+def veto_fires(values: Sequence[float | None], *, threshold: float,
+               when: str = "below") -> list[bool]:
+    """Where one veto fires: the value is below (``when="below"``) or above (``"above"``)
+    ``threshold``. A None value (the vetoing reward does not apply) never fires."""
+    if when not in ("below", "above"):
+        raise ValueError(f"when must be 'below' or 'above', not {when!r}")
+    return [v is not None and (v < threshold if when == "below" else v > threshold)
+            for v in values]
+
+
 def combine_scores(scores: dict[str, Sequence[float | None]], weights: dict[str, float],
                    group_ids: Sequence[str], *, normalize: str = "none",
-                   veto_scores: Sequence[float | None] | None = None,
-                   veto_threshold: float = 0.5, floor: float = 0.0,
-                   eps: float = 1e-6) -> tuple[list[float], list[bool]]:
-    """Combined reward per sample, and which samples the veto floored.
+                   vetoed: Sequence[bool] | None = None, floor: float = 0.0,
+                   margin: float = 1.0, eps: float = 1e-6) -> list[float]:
+    """Combined reward per sample.
 
-    scores: reward name -> one score (or None) per sample, all lists of the same length.
-    weights: reward name -> weight. group_ids: one GRPO group id per sample.
-    veto_scores: the vetoing score per sample (None: no veto configured or not applicable).
+    scores: reward name -> one score (or None) per sample, all lists of the same length N.
+    weights: reward name -> weight. group_ids: one GRPO group id per sample (N).
+    vetoed: N bools, True where a veto fired (None: no veto). floor, margin (> 0): see the
+    module docstring.
     """
     n = len(group_ids)
     total = [0.0] * n
@@ -55,12 +69,43 @@ def combine_scores(scores: dict[str, Sequence[float | None]], weights: dict[str,
         for i, v in enumerate(values):
             if v is not None:
                 total[i] += w * v
-    vetoed = [False] * n
-    if veto_scores is not None:
-        for i, v in enumerate(veto_scores):
-            if v is not None and v < veto_threshold:
-                total[i], vetoed[i] = floor, True
-    return total, vetoed
+    if vetoed is not None:
+        total = rank_vetoed_last(total, vetoed, group_ids, floor=floor, margin=margin)
+    return total
+
+
+def rank_vetoed_last(total: Sequence[float], vetoed: Sequence[bool], group_ids: Sequence[str],
+                     *, floor: float, margin: float) -> list[float]:
+    """``total`` with every vetoed sample set to ``min(floor, lowest - margin)`` of its group.
+
+    The result is strictly below ``lowest`` even where ``margin`` is lost to rounding.
+    """
+    if len(vetoed) != len(total):
+        raise ValueError(f"vetoed: {len(vetoed)} flags for {len(total)} samples")
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0, not {margin!r}")
+    lowest: dict[str, float] = {}
+    for t, v, g in zip(total, vetoed, group_ids):
+        if not v:
+            lowest[g] = min(t, lowest.get(g, math.inf))
+    out = list(total)
+    for i, (v, g) in enumerate(zip(vetoed, group_ids)):
+        if v:
+            low = lowest.get(g, math.inf)
+            out[i] = min(floor, low - margin)
+            if out[i] >= low:
+                out[i] = math.nextafter(low, -math.inf)
+    return out
+
+
+def subtract_penalty(total: Sequence[float], penalty: Sequence[float], vetoed: Sequence[bool],
+                     group_ids: Sequence[str], *, floor: float, margin: float) -> list[float]:
+    """``total - penalty`` per sample (e.g. the KL in the reward), vetoed samples ranked last
+    again: a smaller penalty must not lift an unsafe answer above a safe one."""
+    out = [t - p for t, p in zip(total, penalty, strict=True)]
+    if any(vetoed):
+        out = rank_vetoed_last(out, vetoed, group_ids, floor=floor, margin=margin)
+    return out
 
 
 def multiply_token_weights(weights: Sequence[Sequence[float]]) -> list[float] | None:

@@ -24,12 +24,16 @@ import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from medrl.align.records import UserError
-from medrl.rewards.api import _REGISTRY, is_class_reward
+from medrl.align.records import Sample, UserError
+from medrl.rewards.api import _REGISTRY, finite, is_class_reward
 
 ENTRY_POINT_GROUP = "medrl.rewards"
+VETO_WHEN = ("below", "above")
+# What a veto is given as: None; "<reward>[.<dim>]" (threshold: veto_threshold, when: below);
+# or a list of {"score": "<reward>[.<dim>]", "threshold": 0.5, "when": "below" | "above"}.
+VetoInput = str | Sequence[Mapping[str, Any]] | None
 
 
 @dataclass
@@ -271,10 +275,11 @@ def load_reward(spec: Mapping[str, Any], *, base_dir: str | Path | None = None,
 
 
 def load_rewards(specs: list[Mapping[str, Any]], *, base_dir: str | Path | None = None,
-                 veto: str | None = None) -> list[LoadedReward]:
+                 veto: VetoInput = None, veto_threshold: float = 0.5) -> list[LoadedReward]:
     """Resolve and check every reward entry; raise one UserError listing every problem.
 
-    ``veto`` (the rewards-level ``veto``, if given) must name one of the loaded rewards.
+    ``veto`` (the rewards-level ``veto``, in any form :func:`resolve_vetoes` takes) must name
+    loaded rewards.
     """
     loaded, problems = [], []
     for i, spec in enumerate(specs):
@@ -287,22 +292,92 @@ def load_rewards(specs: list[Mapping[str, Any]], *, base_dir: str | Path | None 
         problems.append(f"rewards.functions: the name {dup!r} is used more than once; give "
                         "each use its own 'alias' (the metric name).")
     if veto and loaded and not problems:
-        veto_name = split_veto(veto, names)[0]
-        if veto_name not in names:
-            problems.append(f"rewards.veto: {veto!r} names no loaded reward; write <reward> or "
-                            f"<reward>.<dim> with one of: {', '.join(names)}.")
+        problems += _veto_problems(veto, names, veto_threshold)[1]
     if problems:
         raise UserError(f"{len(problems)} problem(s) with the rewards:\n"
                         + "\n".join(f"  - {p}" for p in problems))
     return loaded
 
 
-def split_veto(veto: str, names: list[str]) -> tuple[str, str | None]:
+def split_veto(score: str, names: list[str]) -> tuple[str, str | None]:
     """``"safety"`` -> ("safety", None); ``"rubric.safety"`` -> ("rubric", "safety").
 
     A reward name may itself contain dots (an alias), so the whole string is tried first.
     """
-    if veto in names or "." not in veto:
-        return veto, None
-    name, dim = veto.rsplit(".", 1)
+    if score in names or "." not in score:
+        return score, None
+    name, dim = score.rsplit(".", 1)
     return name, dim
+
+
+@dataclass(frozen=True)
+class Veto:
+    """One veto, resolved against the loaded rewards.
+
+    score: what it reads, as the recipe writes it (``"rubric.safety"``); also its metric name
+        ``rewards/vetoed/<score>``. reward, dim: the same split (dim None: the reward's score).
+    threshold, when: it fires when that score is below (``"below"``) or above the threshold.
+    """
+
+    score: str
+    reward: str
+    dim: str | None
+    threshold: float
+    when: str = "below"
+
+    def read(self, sample: Sample) -> float | None:
+        """The score this veto reads from a scored sample (None, which never vetoes, when
+        the reward does not apply)."""
+        score = sample.rewards[self.reward]
+        if self.dim is None or score is None:
+            return score
+        return sample.reward_dims[self.reward][self.dim]
+
+
+def resolve_vetoes(veto: VetoInput, names: list[str], *,
+                   veto_threshold: float = 0.5) -> list[Veto]:
+    """Every veto of ``veto`` (see ``VetoInput``), checked against the loaded reward ``names``.
+
+    Raises one UserError listing every problem: an entry that names no loaded reward, a
+    ``when`` other than below/above, a threshold that is not a finite number, the same score
+    vetoed on twice.
+    """
+    vetoes, problems = _veto_problems(veto, names, veto_threshold)
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) with the rewards:\n"
+                        + "\n".join(f"  - {p}" for p in problems))
+    return vetoes
+
+
+def _veto_problems(veto: VetoInput, names: list[str],
+                   veto_threshold: float) -> tuple[list[Veto], list[str]]:
+    if not veto:
+        return [], []
+    if isinstance(veto, str):
+        entries, wheres = [{"score": veto, "threshold": veto_threshold}], ["rewards.veto"]
+    else:
+        entries = [dict(e) if isinstance(e, Mapping) else e for e in veto]
+        wheres = [f"rewards.veto[{i}]" for i in range(len(entries))]
+    vetoes, problems = [], []
+    for entry, where in zip(entries, wheres):
+        if not isinstance(entry, dict) or not isinstance(entry.get("score"), str) \
+                or not entry["score"]:
+            problems.append(f"{where}: expected {{score: <reward>[.<dim>], threshold: 0.5, "
+                            "when: below | above}, with 'score' naming a loaded reward.")
+            continue
+        score, when = entry["score"], entry.get("when", "below")
+        threshold = entry.get("threshold", 0.5)
+        reward_name, dim = split_veto(score, names)
+        if reward_name not in names:
+            problems.append(f"{where}: {score!r} names no loaded reward; write <reward> or "
+                            f"<reward>.<dim> with one of: {', '.join(names)}.")
+        if when not in VETO_WHEN:
+            problems.append(f"{where}.when: {when!r} is not one of {', '.join(VETO_WHEN)}.")
+        if isinstance(threshold, bool) or not finite(threshold):
+            problems.append(f"{where}.threshold: {threshold!r} is not a finite number.")
+        if any(v.score == score for v in vetoes):
+            problems.append(f"rewards.veto: {score!r} is vetoed on twice; keep one entry per "
+                            "score.")
+        vetoes.append(Veto(score, reward_name, dim, float(threshold) if finite(threshold) else 0.0,
+                           when))
+    return vetoes, problems

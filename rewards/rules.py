@@ -4,6 +4,9 @@ The answer readers are written against the real evaluation sets' formats: MedQA 
 rows carry ``options`` {letter: text}, ``answer`` (the option *text*) and ``answer_idx`` (the
 letter); CT-RATE style rows carry ``answer`` as the letter; PubMedQA rows carry ``answer``
 "yes" / "no" / "maybe" with ``options`` {"A": "yes", "B": "no", "C": "maybe"}.
+
+A row these rewards cannot read raises a ValueError that names the row field and never its
+text (dataset answers and options are patient text); the runner adds the sample uid.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def _options(row: dict[str, Any]) -> dict[str, str]:
     if isinstance(options, list):  # ["text A", "text B", ...] -> A, B, ...
         options = {chr(ord("A") + i): o for i, o in enumerate(options)}
     if not isinstance(options, dict):
-        raise ValueError(f"row['options'] must be a mapping letter -> text or a list, "
-                         f"not {type(options).__name__}")
+        raise ValueError(f"the row's field 'options' is a {type(options).__name__}; expected a "
+                         "mapping letter -> text or a list of option texts")
     return {str(k).strip().upper(): str(v) for k, v in options.items()}
 
 
@@ -57,8 +60,11 @@ def gold_letter(row: dict[str, Any]) -> str | None:
     matches = [k for k, v in options.items() if _norm(v) == _norm(str(answer))]
     if len(matches) == 1:
         return matches[0]
-    raise ValueError(f"the row's answer {str(answer)[:60]!r} is neither an option letter nor "
-                     f"the text of exactly one option ({', '.join(options) or 'no options'})")
+    found = f"{len(matches)} options" if matches else "no option"
+    raise ValueError(f"the row's field 'answer' is neither an option letter nor the text of "
+                     f"exactly one option (options {', '.join(options) or 'none'}; its text "
+                     f"matches {found}); fix the row, or point data.fields.answer at the column "
+                     "holding the letter (the text is not shown: it is dataset content)")
 
 
 def _letter_in(text: str, options: dict[str, str]) -> str | None:
@@ -168,7 +174,8 @@ def yes_no_maybe(sample: Sample, *, strict: bool = False) -> float | None:
     if gold not in _YNM and gold.upper() in options:  # the answer given as a letter
         gold = _norm(options[gold.upper()])
     if gold not in _YNM:
-        raise ValueError(f"the row's answer {str(answer)[:40]!r} is not yes, no or maybe")
+        raise ValueError("the row's field 'answer' is not yes, no or maybe, nor the letter of "
+                         "an option that is (the text is not shown: it is dataset content)")
     return float(extract_yes_no_maybe(sample.completion_text, options, strict=strict) == gold)
 
 

@@ -11,21 +11,30 @@ Where each reward runs:
 Every reward's output is checked in the driver (count, finite numbers, token-weight lengths),
 then the failure policy applies: ``on_error="raise"`` stops with a :class:`RewardError` naming
 the reward, the sample uid(s) and the cause; ``on_error="skip_sample"`` drops the failed
-samples (their uids are returned and counted) and goes on.
+samples (their uids are returned and counted), appends one line per failure to
+``RUN_DIR/reward_failures.jsonl`` and goes on.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from medrl.align.records import Sample, UserError
-from medrl.rewards.api import RewardContext, RewardError, RewardResult, finite
-from medrl.rewards.combine import combine_scores, multiply_token_weights, score_stats
-from medrl.rewards.loader import LoadedReward, load_rewards, split_veto
+from medrl.rewards.api import (RewardContext, RewardError, RewardFailure, RewardResult,
+                               error_message, finite)
+from medrl.rewards.combine import (combine_scores, multiply_token_weights, score_stats,
+                                   veto_fires)
+from medrl.rewards.loader import LoadedReward, Veto, VetoInput, load_rewards, resolve_vetoes
+
+# One JSON line per (reward, sample) failure skipped under ``on_error: skip_sample``:
+# {"step", "reward", "uid", "cause"}; never the sample's text.
+FAILURES_FILE = "reward_failures.jsonl"
 
 
 @dataclass
@@ -154,13 +163,6 @@ def check_batch(raw: Any, samples: Sequence[Sample]) -> list[RewardResult | Fail
     return [check_result(r, s) for r, s in zip(raw, samples)]
 
 
-def error_message(name: str, uids: Sequence[str], cause: str) -> str:
-    where = f"sample {uids[0]!r}" if len(uids) == 1 else \
-        "samples " + ", ".join(repr(u) for u in uids)
-    return (f"reward {name!r} failed on {where}: {cause}. Fix the reward, or set "
-            "rewards.on_error: skip_sample to drop such samples and go on.")
-
-
 @dataclass
 class ScoreReport:
     """What ``RewardRunner.score`` returns.
@@ -168,13 +170,13 @@ class ScoreReport:
     samples: the samples that were scored (dropped ones removed), in their original order.
     dropped: uids dropped under ``on_error: skip_sample``.
     metrics: flat ``{"rewards/<name>/mean": ...}`` dict for logging (see ``RewardRunner.score``).
-    failures: one message per failed (reward, sample) under ``skip_sample``.
+    failures: one record per failed (reward, sample) under ``skip_sample``.
     """
 
     samples: list[Sample]
     dropped: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
+    failures: list[RewardFailure] = field(default_factory=list)
 
 
 def combined_token_weights(sample: Sample) -> list[float] | None:
@@ -189,8 +191,10 @@ RESTART_TIMEOUT_S = 180.0
 class RewardRunner:
     """Scores batches with the loaded rewards; created once per run.
 
-    rewards: from :func:`load_rewards`. ctx: handed to every class reward's ``setup``.
-    normalize, veto, veto_threshold, floor, on_error: the recipe's rewards-level options.
+    rewards: from :func:`load_rewards`. ctx: handed to every class reward's ``setup``; its
+    ``run_dir`` (when set) receives ``reward_failures.jsonl``.
+    normalize, veto, veto_threshold, floor, veto_margin, on_error: the recipe's rewards-level
+    options (``veto`` in any form :func:`medrl.rewards.loader.resolve_vetoes` takes).
     task_pool: number of Ray tasks a batch of a function reward is split across (0: in the
     driver). max_restarts: Ray restarts of a crashed reward actor (it sets up again on its
     next call; the call in flight when it died fails).
@@ -199,20 +203,22 @@ class RewardRunner:
     """
 
     def __init__(self, rewards: list[LoadedReward], *, ctx: RewardContext | None = None,
-                 normalize: str = "none", veto: str | None = None,
-                 veto_threshold: float = 0.5, floor: float = 0.0, on_error: str = "raise",
+                 normalize: str = "none", veto: VetoInput = None, veto_threshold: float = 0.5,
+                 floor: float = 0.0, veto_margin: float = 1.0, on_error: str = "raise",
                  task_pool: int = 0, max_restarts: int = 0):
         if on_error not in ("raise", "skip_sample"):
             raise UserError(f"rewards.on_error must be 'raise' or 'skip_sample', not {on_error!r}")
         if normalize not in ("none", "group"):
             raise UserError(f"rewards.normalize must be 'none' or 'group', not {normalize!r}")
+        if not (finite(veto_margin) and veto_margin > 0):
+            raise UserError(f"rewards.veto_margin must be a number > 0 (how far below the "
+                            f"group's lowest unvetoed reward a vetoed one goes), not "
+                            f"{veto_margin!r}")
         self.rewards = list(rewards)
-        names = [r.name for r in self.rewards]
-        self.veto = split_veto(veto, names) if veto else None
-        if self.veto and self.veto[0] not in names:
-            raise UserError(f"rewards.veto: {veto!r} names no loaded reward ({', '.join(names)})")
+        self.vetoes: list[Veto] = resolve_vetoes(veto, [r.name for r in self.rewards],
+                                                 veto_threshold=veto_threshold)
         self.ctx = ctx or RewardContext()
-        self.normalize, self.veto_threshold, self.floor = normalize, veto_threshold, floor
+        self.normalize, self.floor, self.veto_margin = normalize, floor, veto_margin
         self.on_error, self.task_pool, self.max_restarts = on_error, task_pool, max_restarts
         self._workers: dict[str, Any] = {}  # name -> RewardWorker or Ray actor handle
         self._task_fn = None
@@ -223,12 +229,15 @@ class RewardRunner:
                     task_pool: int = 0, max_restarts: int = 0) -> "RewardRunner":
         """From the recipe's ``rewards`` section (a RewardsConfig or the same as a dict)."""
         data = config.model_dump() if hasattr(config, "model_dump") else dict(config)
+        threshold = data.get("veto_threshold")
+        threshold = 0.5 if threshold is None else threshold
         loaded = load_rewards(list(data.get("functions", [])), base_dir=base_dir,
-                              veto=data.get("veto"))
+                              veto=data.get("veto"), veto_threshold=threshold)
         return cls(loaded, ctx=ctx, normalize=data.get("normalize", "none"),
-                   veto=data.get("veto"), veto_threshold=data.get("veto_threshold", 0.5),
-                   floor=data.get("floor", 0.0), on_error=data.get("on_error", "raise"),
-                   task_pool=task_pool, max_restarts=max_restarts)
+                   veto=data.get("veto"), veto_threshold=threshold,
+                   floor=data.get("floor", 0.0), veto_margin=data.get("veto_margin", 1.0),
+                   on_error=data.get("on_error", "raise"), task_pool=task_pool,
+                   max_restarts=max_restarts)
 
     def identities(self) -> list[dict[str, Any]]:
         """Provenance of every reward (see ``LoadedReward.identity``), for checkpoints."""
@@ -357,13 +366,17 @@ class RewardRunner:
             ray.kill(self._workers.pop(r.name))
             self._workers[r.name] = self._start_one(r)
 
-    def score(self, samples: list[Sample]) -> ScoreReport:
+    def score(self, samples: list[Sample], *, step: int | None = None) -> ScoreReport:
         """Score a batch: fills ``sample.rewards/reward_dims/token_weights/reward_info[name]``
         and ``sample.reward`` (combined).
 
+        step: the training step, written beside each skipped failure in
+        ``reward_failures.jsonl``; default: the batch's policy version + 1, the step during
+        which a batch made by those weights is scored.
         Metrics (over the kept samples): ``rewards/<name>/{mean,std,not_applicable,errors}``,
         ``rewards/<name>/<dim>/{mean,std,not_applicable}``, ``rewards/combined/{mean,std}``,
-        ``rewards/vetoed`` (share), ``rewards/skipped_samples`` (count).
+        ``rewards/vetoed`` (share of samples any veto fired on), ``rewards/vetoed/<score>`` (share
+        each veto fired on), ``rewards/skipped_samples`` (count).
         """
         if not self._started:
             self.start()
@@ -380,8 +393,7 @@ class RewardRunner:
             if any(isinstance(x, Failure) and x.timed_out for x in results[r.name]):
                 if self.on_error == "skip_sample":
                     self._restart_after_timeout(r)
-        if self.veto and self.veto[1] is not None:
-            self._check_veto_dims(results, samples)
+        self._check_veto_dims(results)
 
         failures, dropped, errors = [], set(), {r.name: 0 for r in self.rewards}
         for r in self.rewards:
@@ -399,24 +411,46 @@ class RewardRunner:
             errors[r.name] = len(failed)
             for s, x in failed:
                 dropped.add(s.uid)
-                failures.append(error_message(r.name, [s.uid], x.cause))
+                failures.append(RewardFailure(r.name, s.uid, x.cause))
+        if failures:
+            if step is None:
+                step = max(s.policy_version for s in samples) + 1
+            self._log_failures(failures, step)
 
         keep = [i for i, s in enumerate(samples) if s.uid not in dropped]
         kept = [samples[i] for i in keep]
-        self._fill(kept, {n: [v[i] for i in keep] for n, v in results.items()})
-        metrics = self._metrics(kept, errors)
+        fired = self._fill(kept, {n: [v[i] for i in keep] for n, v in results.items()})
+        metrics = self._metrics(kept, errors, fired)
         metrics["rewards/skipped_samples"] = float(len(dropped))
         return ScoreReport(kept, [s.uid for s in samples if s.uid in dropped], metrics, failures)
 
-    def _check_veto_dims(self, results, samples) -> None:
-        name, dim = self.veto
-        for i, x in enumerate(results[name]):
-            if isinstance(x, RewardResult) and x.score is not None and dim not in (x.dims or {}):
-                results[name][i] = Failure(
-                    f"returned no dim {dim!r}, which rewards.veto ({name}.{dim}) needs "
-                    f"(dims: {', '.join(sorted(x.dims or {})) or 'none'})")
+    def _log_failures(self, failures: list[RewardFailure], step: int) -> None:
+        """Append the skipped failures to ``RUN_DIR/reward_failures.jsonl`` (no run folder:
+        they stay in the report only)."""
+        if self.ctx.run_dir is None:
+            return
+        path = Path(self.ctx.run_dir) / FAILURES_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            for f in failures:
+                fh.write(json.dumps({"step": int(step), "reward": f.reward, "uid": f.uid,
+                                     "cause": f.cause}) + "\n")
 
-    def _fill(self, kept: list[Sample], results: dict[str, list[RewardResult]]) -> None:
+    def _check_veto_dims(self, results) -> None:
+        for veto in self.vetoes:
+            if veto.dim is None:
+                continue
+            name, dim = veto.reward, veto.dim
+            for i, x in enumerate(results[name]):
+                if isinstance(x, RewardResult) and x.score is not None \
+                        and dim not in (x.dims or {}):
+                    results[name][i] = Failure(
+                        f"returned no dim {dim!r}, which rewards.veto ({veto.score}) needs "
+                        f"(dims: {', '.join(sorted(x.dims or {})) or 'none'})")
+
+    def _fill(self, kept: list[Sample],
+              results: dict[str, list[RewardResult]]) -> dict[str, list[bool]]:
+        """Write the results into the samples; return where each veto fired (by its score)."""
         for r in self.rewards:
             for s, x in zip(kept, results[r.name]):
                 s.rewards[r.name] = x.score
@@ -426,22 +460,23 @@ class RewardRunner:
                     s.token_weights[r.name] = x.token_weights
                 if x.info:
                     s.reward_info[r.name] = x.info
-        veto_scores = None
-        if self.veto:
-            name, dim = self.veto
-            veto_scores = [s.rewards[name] if dim is None or s.rewards[name] is None
-                           else s.reward_dims[name][dim] for s in kept]
-        combined, vetoed = combine_scores(
+        fired = {v.score: veto_fires([v.read(s) for s in kept], threshold=v.threshold,
+                                  when=v.when) for v in self.vetoes}
+        combined = combine_scores(
             {r.name: [s.rewards[r.name] for s in kept] for r in self.rewards},
             {r.name: r.weight for r in self.rewards}, [s.group_id for s in kept],
-            normalize=self.normalize, veto_scores=veto_scores,
-            veto_threshold=self.veto_threshold, floor=self.floor)
-        for s, c, v in zip(kept, combined, vetoed):
+            normalize=self.normalize, floor=self.floor, margin=self.veto_margin,
+            vetoed=[any(f[i] for f in fired.values()) for i in range(len(kept))]
+            if fired else None)
+        for i, (s, c) in enumerate(zip(kept, combined)):
             s.reward = c
-            if v:
-                s.reward_info["_veto"] = True
+            which = [name for name, f in fired.items() if f[i]]
+            if which:  # the vetoes that fired on this sample
+                s.reward_info["_veto"] = which
+        return fired
 
-    def _metrics(self, kept: list[Sample], errors: dict[str, int]) -> dict[str, float]:
+    def _metrics(self, kept: list[Sample], errors: dict[str, int],
+                 fired: dict[str, list[bool]]) -> dict[str, float]:
         m: dict[str, float] = {}
         for r in self.rewards:
             prefix = f"rewards/{r.name}"
@@ -455,4 +490,6 @@ class RewardRunner:
         m.pop("rewards/combined/not_applicable", None)
         if kept:
             m["rewards/vetoed"] = sum(bool(s.reward_info.get("_veto")) for s in kept) / len(kept)
+            for name, f in fired.items():
+                m[f"rewards/vetoed/{name}"] = sum(f) / len(kept)
         return m

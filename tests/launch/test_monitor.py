@@ -196,3 +196,91 @@ def test_summary_names_checkpoint_resume_and_views(tmp_path):
     assert "step-000002" in text
     assert f"medrl resume {tmp_path}" in text
     assert "tensorboard --logdir" in text and "plots" in text
+
+
+# -- logging.every: one row per N steps, the mean over them ----------------------------------
+def log_steps(run_dir, steps, *, start_step=0, total=10, every=4, checkpoint_every=5,
+              tensorboard=False):
+    mon = Monitor(run_dir, total_steps=total, start_step=start_step, every=every,
+                  checkpoint_every=checkpoint_every, tensorboard=tensorboard, plots=False,
+                  progress=False)
+    for step in steps:
+        metrics = {"reward/mean": float(step), "time/step": 1.0}
+        if step % 3 == 0:  # a metric some steps lack (an eval every third step)
+            metrics["eval/loss"] = 10.0 * step
+        mon.log(step, metrics)
+    return mon
+
+
+def test_every_n_steps_logs_the_mean_of_the_window(tmp_path):
+    log_steps(tmp_path, range(1, 11), tensorboard=True).close()
+    rows = lines(tmp_path)
+    # windows close every 4 steps, at every checkpoint step (5, 10) and at the last step
+    assert [r["step"] for r in rows] == [4, 5, 8, 10]
+    assert [r["reward/mean"] for r in rows] == [2.5, 5.0, 7.0, 9.5]
+    assert [r.get("eval/loss") for r in rows] == [30.0, None, 60.0, 90.0]
+    assert all(r["time/step"] == 1.0 for r in rows)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("reward/mean")] == \
+        [(4, 2.5), (5, 5.0), (8, 7.0), (10, 9.5)]
+
+
+def test_every_n_steps_resumes_to_the_same_rows(tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    log_steps(whole, range(1, 11)).close()
+    log_steps(broken, range(1, 8)).close()  # stops at step 7: its open window is written
+    assert [r["step"] for r in lines(broken)] == [4, 5, 7]
+    log_steps(broken, range(6, 11), start_step=5).close()  # resumed from the step-5 checkpoint
+    keep = ("step", "reward/mean", "eval/loss", "time/step")
+    assert [{k: r.get(k) for k in keep} for r in lines(broken)] == \
+        [{k: r.get(k) for k in keep} for r in lines(whole)]
+
+
+def test_every_one_logs_each_step_and_a_bad_value_fails_at_once(tmp_path):
+    mon = log_steps(tmp_path, range(1, 4), every=1, checkpoint_every=0, total=3)
+    with pytest.raises(TypeError, match="metric 'note'"):
+        mon.log(4, {"note": "text"})
+    mon.close()
+    assert [r["step"] for r in lines(tmp_path)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="every must be a whole number >= 1"):
+        Monitor(tmp_path / "x", total_steps=1, every=0, tensorboard=False, progress=False)
+
+
+# -- the summary names reward failures --------------------------------------------------------
+def test_summary_counts_reward_failures_and_shows_the_first(tmp_path):
+    from medrl.align.records import Sample
+    from medrl.rewards import RewardContext, RewardRunner, load_rewards
+
+    here = __import__("pathlib").Path(__file__).parents[1] / "rewards"
+    rewards = RewardRunner(load_rewards([{"name": "plugins.py:ok_or_boom"}], base_dir=here),
+                           on_error="skip_sample", ctx=RewardContext(run_dir=tmp_path))
+    console, buffer = quiet_console()
+    mon = Monitor(tmp_path, total_steps=2, progress=False, tensorboard=False, console=console)
+    for step in (1, 2):
+        samples = [Sample(uid=f"q{step}/{i}", group_id=f"q{step}", row={"boom": i > 0})
+                   for i in range(5)]
+        report = rewards.score(samples, step=step)
+        assert report.metrics["rewards/skipped_samples"] == 4.0
+        mon.log(step, report.metrics)
+    mon.close()
+    mon.summary()
+    text = buffer.getvalue()
+    assert "reward failures: 8 skipped" in text and "reward_failures.jsonl" in text
+    assert "step 1  ok_or_boom  sample 'q1/1': raised ValueError: bad row" in text
+    assert "q1/3" in text and "q1/4" not in text and "and 5 more" in text
+    # resuming from step 1 drops the failures logged after it, as it drops metrics
+    Monitor(tmp_path, total_steps=2, start_step=1, progress=False, tensorboard=False).close()
+    logged = [json.loads(x) for x in (tmp_path / "reward_failures.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 1, 1, 1]
+
+
+def test_summary_without_failures_says_nothing_of_them(tmp_path):
+    console, buffer = quiet_console()
+    with Monitor(tmp_path, total_steps=1, progress=False, tensorboard=False,
+                 console=console) as mon:
+        mon.log(1, {"reward/mean": 1.0})
+    mon.summary()
+    assert "reward failures" not in buffer.getvalue()

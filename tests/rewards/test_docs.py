@@ -37,7 +37,9 @@ def test_recipe_snippet_is_a_valid_rewards_section(tmp_path):
 
     section = yaml.safe_load(blocks("yaml")[0])["rewards"]
     config = RewardsConfig.model_validate(section)
-    assert config.veto == "rubric.safety" and len(config.functions) == 4
+    assert [(v.score, v.threshold, v.when) for v in config.veto] == [
+        ("rubric.safety", 0.5, "below"), ("sequence_classifier", 0.8, "above")]
+    assert len(config.functions) == 4
     # the built-in entries of the snippet load with their kwargs as written
     builtin = [f.model_dump() for f in config.functions if ":" not in f.name
                and f.name != "sequence_classifier"]

@@ -156,9 +156,9 @@ def test_task_pool_and_actor_failures(ray_local):
     report = pool.score(samples)
     assert {s.reward_info["where_am_i"]["pid"] for s in report.samples}.isdisjoint({os.getpid()})
     assert report.dropped == ["g/3"]
-    assert report.failures == ["reward 'ok_or_boom' failed on sample 'g/3': raised ValueError: "
-                               "bad row. Fix the reward, or set rewards.on_error: skip_sample "
-                               "to drop such samples and go on."]
+    assert [f.message for f in report.failures] == [
+        "reward 'ok_or_boom' failed on sample 'g/3': raised ValueError: bad row. Fix the "
+        "reward, or set rewards.on_error: skip_sample to drop such samples and go on."]
 
     slow = RewardRunner(load_rewards([{"name": "plugins.py:SleepyBatch", "actor": True,
                                        "num_cpus": 0.5, "timeout_s": 0.5,
@@ -169,8 +169,8 @@ def test_task_pool_and_actor_failures(ray_local):
                             Sample(uid="a/1", group_id="a")])
         assert first.dropped == ["a/0", "a/1"]  # a batch call that times out loses the batch
         assert first.metrics["rewards/SleepyBatch/errors"] == 2.0
-        assert first.failures[0].startswith("reward 'SleepyBatch' failed on sample 'a/0': "
-                                            "exceeded its timeout of 0.5 s.")
+        assert first.failures[0].message.startswith(
+            "reward 'SleepyBatch' failed on sample 'a/0': exceeded its timeout of 0.5 s.")
         second = slow.score([Sample(uid="b/0", group_id="b")])  # a fresh actor carries on
         assert second.dropped == [] and second.samples[0].reward == 1.0
     finally:

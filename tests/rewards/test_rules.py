@@ -99,3 +99,31 @@ def test_overlong_penalty_dapo_ramp():
     assert got == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
     with pytest.raises(ValueError, match="must not exceed max_length"):
         overlong_penalty(sample({}, "", 3), max_length=4, buffer=5)
+
+
+@pytest.mark.parametrize("name,row", [
+    ("mcq_letter", {"options": {"A": "Aspirin", "B": "Heparin"},
+                    "answer": "Warfarin for Mrs Jones after her stroke"}),
+    ("yes_no_maybe", {"options": {"A": "yes", "B": "no", "C": "maybe"},
+                      "answer": "Probably, given Mrs Jones's stroke"}),
+    ("mcq_letter", {"options": "A) Aspirin for Mrs Jones B) Heparin", "answer": "A"}),
+])
+def test_rule_failures_name_field_and_sample_not_the_text(name, row, tmp_path):
+    from medrl.rewards import RewardContext, RewardError, RewardRunner, load_rewards
+
+    row = {**row, "question": "Mrs Jones, 81, had a stroke last week. What now?"}
+    s = Sample(uid="medqa-17/3", group_id="medqa-17", row=row,
+               completion_text="Mrs Jones should get heparin.", completion_ids=[1, 2])
+    runner = RewardRunner(load_rewards([{"name": name}]))
+    with pytest.raises(RewardError) as err:
+        runner.score([s])
+    message = str(err.value)
+    assert "Mrs Jones" not in message and "stroke" not in message
+    field = "options" if isinstance(row["options"], str) else "answer"
+    assert f"'{field}'" in message and "'medqa-17/3'" in message
+    # the same cause goes to the run folder's failures log under skip_sample
+    skipping = RewardRunner(load_rewards([{"name": name}]), on_error="skip_sample",
+                            ctx=RewardContext(run_dir=tmp_path))
+    skipping.score([s], step=1)
+    logged = (tmp_path / "reward_failures.jsonl").read_text()
+    assert "Mrs Jones" not in logged and "medqa-17/3" in logged

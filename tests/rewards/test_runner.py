@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
 from medrl.align.records import Sample, UserError
-from medrl.rewards import (RewardError, RewardRunner, combine_scores, combined_token_weights,
-                           group_normalize, load_rewards)
+from medrl.rewards import (RewardContext, RewardError, RewardRunner, combine_scores,
+                           combined_token_weights, group_normalize, load_rewards)
 
 HERE = Path(__file__).parent
 FIX = ". Fix the reward, or set rewards.on_error: skip_sample to drop such samples and go on."
@@ -55,11 +56,10 @@ def test_weighted_sum_none_excluded_and_metrics():
 
 def test_group_normalisation_before_summing():
     scores = {"a": [1.0, 3.0, 10.0, 10.0], "b": [0.0, 100.0, None, 5.0]}
-    combined, vetoed = combine_scores(scores, {"a": 1.0, "b": 0.5}, ["x", "x", "y", "y"],
-                                      normalize="group")
+    combined = combine_scores(scores, {"a": 1.0, "b": 0.5}, ["x", "x", "y", "y"],
+                              normalize="group")
     # group x: a -> (-1, 1), b -> (-1, 1); group y: a constant -> 0, b has one score -> 0
     assert combined == pytest.approx([-1.5, 1.5, 0.0, 0.0], abs=1e-5)
-    assert vetoed == [False] * 4
     assert group_normalize([2.0, None, 4.0], ["g", "g", "g"]) == pytest.approx([-1, None, 1],
                                                                                 abs=1e-5)
 
@@ -165,8 +165,8 @@ def test_skip_sample_drops_counts_and_goes_on():
     assert m["rewards/ok_or_boom/errors"] == 2.0 and m["rewards/nan_when_asked/errors"] == 2.0
     assert m["rewards/length_score/errors"] == 0.0 and m["rewards/skipped_samples"] == 3.0
     assert m["rewards/ok_or_boom/mean"] == 1.0  # statistics over the kept samples
-    assert report.failures[0] == ("reward 'ok_or_boom' failed on sample 'g0/1': raised "
-                                  "ValueError: bad row" + FIX)
+    assert report.failures[0].message == ("reward 'ok_or_boom' failed on sample 'g0/1': "
+                                          "raised ValueError: bad row" + FIX)
     assert len(report.failures) == 4
     assert samples[1].rewards == {} and samples[1].reward is None  # untouched when dropped
     # the run goes on: the next batch scores normally
@@ -184,7 +184,7 @@ def test_bad_options_are_user_errors():
     loaded = load_rewards([{"name": "mcq_letter"}])
     with pytest.raises(UserError, match="rewards.on_error must be 'raise' or 'skip_sample'"):
         RewardRunner(loaded, on_error="ignore")
-    assert math.isclose(combine_scores({"a": [1.0]}, {"a": 2.0}, ["g"])[0][0], 2.0)
+    assert math.isclose(combine_scores({"a": [1.0]}, {"a": 2.0}, ["g"])[0], 2.0)
 
 
 def test_from_config_dict():
@@ -204,3 +204,40 @@ def test_empty_batch_and_duplicate_uids():
     twice[1].uid = twice[0].uid
     with pytest.raises(ValueError, match="sample uids must be unique within a batch"):
         r.score(twice)
+
+
+# -- the failures log --------------------------------------------------------------------
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_skipped_failures_are_logged_to_the_run_folder(tmp_path):
+    r = runner("plugins.py:ok_or_boom", "plugins.py:length_score", on_error="skip_sample",
+               ctx=RewardContext(run_dir=tmp_path))
+    rows = [{"question": "62-year-old woman, chest pain"}, {"boom": True}, {}, {"boom": True}]
+    report = r.score(make_samples(rows), step=3)
+    assert report.dropped == ["g0/1", "g0/3"]
+    assert report.metrics["rewards/skipped_samples"] == 2.0  # the count stays a metric
+    assert report.metrics["rewards/ok_or_boom/errors"] == 2.0
+    assert [(f.reward, f.uid, f.cause) for f in report.failures] == \
+        [("ok_or_boom", "g0/1", "raised ValueError: bad row"),
+         ("ok_or_boom", "g0/3", "raised ValueError: bad row")]
+    assert report.failures[0].message == ("reward 'ok_or_boom' failed on sample 'g0/1': raised "
+                                          "ValueError: bad row" + FIX)
+    # the next step appends; without an explicit step a batch made by the weights of
+    # version v is scored during step v + 1
+    later = make_samples([{"boom": True}])
+    later[0].policy_version = 4
+    r.score(later)
+    logged = read_jsonl(tmp_path / "reward_failures.jsonl")
+    assert [{k: row[k] for k in ("step", "reward", "uid", "cause")} for row in logged] == [
+        {"step": 3, "reward": "ok_or_boom", "uid": "g0/1", "cause": "raised ValueError: bad row"},
+        {"step": 3, "reward": "ok_or_boom", "uid": "g0/3", "cause": "raised ValueError: bad row"},
+        {"step": 5, "reward": "ok_or_boom", "uid": "g0/0", "cause": "raised ValueError: bad row"}]
+    assert "chest pain" not in (tmp_path / "reward_failures.jsonl").read_text()
+
+
+def test_no_failures_no_file(tmp_path):
+    r = runner("plugins.py:ok_or_boom", on_error="skip_sample", ctx=RewardContext(run_dir=tmp_path))
+    r.score(make_samples([{}, {}]), step=1)
+    assert not (tmp_path / "reward_failures.jsonl").exists()
