@@ -23,6 +23,8 @@ import torch
 SCALES = ("group", "batch", "none")
 AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+CORRECTIONS = ("none", "truncate", "mask")
+CORRECTION_LEVELS = ("token", "sequence")
 
 # A group whose reward std is at most this share of its largest |reward| (or of 1, whichever
 # is larger) counts as zero-variance: float noise must not turn into a learning signal.
@@ -163,7 +165,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0,
                 kl_estimator: str = "k3", agg: str = "token_mean",
                 token_weights: torch.Tensor | None = None,
-                entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                entropy: torch.Tensor | None = None,
+                max_completion_length: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped GRPO surrogate loss and its metrics.
 
     logprobs: Tensor[B, T], log pi_theta of the completion tokens (carries the gradient).
@@ -179,7 +182,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     KL by ``kl_estimator`` (see :func:`kl_per_token`). loss = -agg(obj) with
       token_mean   = sum(obj*mask) / sum(mask)                       (DAPO),
       seq_mean     = mean_b( sum_t(obj*mask) / max(1, sum_t mask) )  (DeepSeekMath GRPO),
-      seq_sum_norm = sum(obj*mask) / (B * T), T = the mask's width   (Dr. GRPO).
+      seq_sum_norm = sum(obj*mask) / (B * L)                         (Dr. GRPO),
+    L = ``max_completion_length``, a constant of the run (the recipe's maximum completion
+    length), required for seq_sum_norm: never the batch's padded width, which changes with
+    every batch and micro-batch split.
     Under seq_mean a sequence without tokens contributes 0 but still counts in the mean over B,
     as in TRL.
 
@@ -208,6 +214,11 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         raise ValueError("ref_logprobs: required when kl_coef != 0.")
     shape = logprobs.shape
     B, T = shape
+    if agg == "seq_sum_norm" and not (isinstance(max_completion_length, int)
+                                      and max_completion_length >= T):
+        raise ValueError(f"max_completion_length: seq_sum_norm needs the run's maximum "
+                         f"completion length (an int >= the batch width {T}), got "
+                         f"{max_completion_length!r}.")
     _check_2d("old_logprobs", old_logprobs, shape)
     _check_2d("ref_logprobs", ref_logprobs, shape)
     _check_2d("token_weights", token_weights, shape)
@@ -248,7 +259,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     elif agg == "seq_mean":
         total = ((obj * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)).mean()
     else:
-        total = (obj * maskf).sum() / (B * T)
+        total = (obj * maskf).sum() / (B * max_completion_length)
     loss = -total
 
     with torch.no_grad():
@@ -296,3 +307,54 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
                       estimator)
     maskf = keep.to(kl.dtype)
     return (kl * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)
+
+
+def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                       mask: torch.Tensor, *, mode: str = "truncate", level: str = "token",
+                       threshold: float = 2.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Importance weights for tokens sampled by another policy than the learner's old one.
+
+    The engine that sampled the tokens (another process, other kernels, weights one or more
+    updates old in async mode) is not exactly the learner's pi_old, so the clipped surrogate
+    is taken under pi_old and re-weighted by rho = pi_old / pi_rollout (decoupled PPO):
+
+      token level:    log rho_t = old_t - rollout_t
+      sequence level: log rho_t = sum_t'(old_t' - rollout_t') for every t of the sequence
+      mode "truncate" (truncated IS):  w = min(rho, threshold)
+      mode "mask"     (masked IS):     w = 1 if 1/threshold <= rho <= threshold else 0
+
+    old_logprobs, rollout_logprobs, mask: Tensor[B, T] (mask 0/1; masked positions ignored).
+    threshold: C > 1. Returns (weights: float Tensor[B, T], detached, 0 on masked positions;
+    metrics): ``rollout_mismatch/logprob_abs_diff`` (mean |old - rollout| over tokens),
+    ``rollout_mismatch/truncated_share`` or ``/masked_share`` (share of tokens whose weight
+    the correction changed), ``rollout_mismatch/log_rho_abs_max`` (largest |log rho|).
+    """
+    if mode not in CORRECTIONS or mode == "none":
+        raise ValueError(f"mode: {mode!r} is not one of truncate, mask.")
+    if level not in CORRECTION_LEVELS:
+        raise ValueError(f"level: {level!r} is not one of {', '.join(CORRECTION_LEVELS)}.")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 1):
+        raise ValueError(f"threshold: must be a finite number > 1, got {threshold!r}.")
+    _check_2d("rollout_logprobs", rollout_logprobs, old_logprobs.shape)
+    keep = _check_mask(mask, old_logprobs.shape)
+    for name, x in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs)):
+        _check_finite(name, x, keep)
+    zero = torch.zeros((), dtype=old_logprobs.dtype, device=old_logprobs.device)
+    diff = torch.where(keep, old_logprobs.detach() - rollout_logprobs.detach(), zero)
+    log_rho = diff if level == "token" else diff.sum(-1, keepdim=True).expand_as(diff)
+    log_c = math.log(threshold)
+    if mode == "truncate":
+        weights = torch.exp(log_rho.clamp(max=log_c))
+        changed = log_rho > log_c
+    else:
+        changed = log_rho.abs() > log_c
+        weights = (~changed).to(diff.dtype)
+    weights = torch.where(keep, weights, zero)
+    n = keep.sum()
+    share = "truncated_share" if mode == "truncate" else "masked_share"
+    metrics = {
+        "rollout_mismatch/logprob_abs_diff": (diff.abs()[keep].mean()).item(),
+        f"rollout_mismatch/{share}": ((changed & keep).sum() / n).item(),
+        "rollout_mismatch/log_rho_abs_max": log_rho.abs()[keep].max().item(),
+    }
+    return weights, metrics

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medrl.align import group_advantages, policy_loss
-from medrl.align.grpo import sequence_kl
+from medrl.align.grpo import rollout_correction, sequence_kl
 
 # ---------------------------------------------------------------------------------------------
 # group_advantages
@@ -96,11 +96,11 @@ def _batch():
 @pytest.mark.parametrize("agg, expected", [
     ("token_mean", 0.9 / 5),
     ("seq_mean", -((1.2 + 0.7 + 1.0) / 3 + (-2.2 - 1.6) / 2) / 2),
-    ("seq_sum_norm", 0.9 / 6),
+    ("seq_sum_norm", 0.9 / (2 * 5)),  # B x L, L = 5 the run's maximum, not the width 3
 ])
 def test_policy_loss_aggregations_by_hand(agg, expected):
     lp, old = _batch()
-    loss, m = policy_loss(lp, old, ADV, MASK, agg=agg)
+    loss, m = policy_loss(lp, old, ADV, MASK, agg=agg, max_completion_length=5)
     assert loss.item() == pytest.approx(expected, abs=1e-12)
     assert m["clip_frac_high"] == pytest.approx(1 / 5)
     assert m["clip_frac_low"] == pytest.approx(1 / 5)
@@ -204,7 +204,7 @@ def test_gradcheck(agg):
 
     def f(x):
         return policy_loss(x, old, adv, mask, ref_logprobs=ref, kl_coef=0.05, agg=agg,
-                           token_weights=w, clip_high=0.28)[0]
+                           token_weights=w, clip_high=0.28, max_completion_length=6)[0]
 
     assert torch.autograd.gradcheck(f, (lp,))
 
@@ -278,13 +278,13 @@ class _TRLLoss:
     The trainer's forward pass is replaced by the prepared log-probs; everything after it (the
     ratio, clipping, k3 KL, masking and aggregation) is TRL's code. The model is in eval mode
     so that no gradient-accumulation factor enters, and:
-    - dr_grpo divides by B * max_completion_length: set max_completion_length = T (the mask's
-      width), which is our seq_sum_norm;
+    - dr_grpo divides by B * max_completion_length, a constant of the run: it is set larger
+      than the mask's width T, as in a real batch, and our seq_sum_norm gets the same one;
     - dapo divides by num_items_in_batch / num_processes: one process and num_items_in_batch =
       the number of unmasked tokens make it our token_mean.
     """
 
-    def __init__(self, loss_type, logprobs, *, eps_low, eps_high, beta):
+    def __init__(self, loss_type, logprobs, *, eps_low, eps_high, beta, max_completion_length):
         self.loss_type, self.beta = loss_type, beta
         self.epsilon_low, self.epsilon_high = eps_low, eps_high
         self.top_entropy_quantile = 1.0
@@ -295,7 +295,7 @@ class _TRLLoss:
         self.vllm_importance_sampling_correction = False
         self.model = SimpleNamespace(training=False)
         self.current_gradient_accumulation_steps = 1
-        self.max_completion_length = logprobs.size(1)
+        self.max_completion_length = max_completion_length
         self.accelerator = _OneProcess()
         self._entropy_bonus_enabled = False
         self.aux_loss_enabled = False
@@ -338,13 +338,15 @@ def test_matches_trl_grpo_loss(trl_type, agg, beta):
     mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
 
     lp_trl = base.clone().requires_grad_(True)
-    trl = _TRLLoss(trl_type, lp_trl, eps_low=0.2, eps_high=0.28, beta=beta)
+    max_len = T + 3  # no completion of this batch reached the run's maximum length
+    trl = _TRLLoss(trl_type, lp_trl, eps_low=0.2, eps_high=0.28, beta=beta,
+                   max_completion_length=max_len)
     trl_loss = trl.loss(old, ref, adv, mask)
     trl_loss.backward()
 
     lp = base.clone().requires_grad_(True)
     loss, m = policy_loss(lp, old, adv, mask, ref_logprobs=ref, clip_low=0.2, clip_high=0.28,
-                          kl_coef=beta, kl_estimator="k3", agg=agg)
+                          kl_coef=beta, kl_estimator="k3", agg=agg, max_completion_length=max_len)
     loss.backward()
 
     torch.testing.assert_close(loss, trl_loss)
@@ -356,3 +358,60 @@ def test_matches_trl_grpo_loss(trl_type, agg, beta):
     assert m["clip_frac"] > 0  # the case really exercises clipping
     if beta:
         assert m["kl"] == pytest.approx(metrics["kl"][0])
+
+
+def test_seq_sum_norm_needs_the_runs_maximum_length():
+    lp, old = _batch()
+    with pytest.raises(ValueError, match="max_completion_length"):
+        policy_loss(lp, old, ADV, MASK, agg="seq_sum_norm")
+    with pytest.raises(ValueError, match="max_completion_length"):  # shorter than the batch
+        policy_loss(lp, old, ADV, MASK, agg="seq_sum_norm", max_completion_length=2)
+
+
+def test_seq_sum_norm_does_not_depend_on_the_batch_width():
+    """Dr. GRPO's constant normaliser: padding a batch wider changes nothing."""
+    lp, old = _batch()
+    narrow, _ = policy_loss(lp, old, ADV, MASK, agg="seq_sum_norm", max_completion_length=8)
+    pad = torch.zeros(2, 2, dtype=torch.float64)
+    wide, _ = policy_loss(torch.cat([lp, pad], 1), torch.cat([old, pad], 1), ADV,
+                          torch.cat([MASK, pad.long()], 1), agg="seq_sum_norm",
+                          max_completion_length=8)
+    assert wide.item() == pytest.approx(narrow.item(), abs=1e-15)
+
+
+def _ratios(old_minus_rollout):
+    """A [1, 3] batch whose learner old log-probs exceed the rollout's by the given amounts."""
+    rollout = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    return rollout + torch.tensor([old_minus_rollout], dtype=torch.float64), rollout
+
+
+def test_truncated_importance_weights_by_hand():
+    old, rollout = _ratios([math.log(3.0), math.log(0.5), 0.0])
+    mask = torch.tensor([[1, 1, 1]])
+    w, m = rollout_correction(old, rollout, mask, mode="truncate", threshold=2.0)
+    assert w[0].tolist() == pytest.approx([2.0, 0.5, 1.0])  # min(rho, C)
+    assert m["rollout_mismatch/truncated_share"] == pytest.approx(1 / 3)
+    expected = (math.log(3.0) + math.log(2.0)) / 3
+    assert m["rollout_mismatch/logprob_abs_diff"] == pytest.approx(expected)
+
+
+def test_masked_importance_weights_token_and_sequence_level():
+    old, rollout = _ratios([math.log(3.0), math.log(0.25), math.log(1.5)])
+    mask = torch.tensor([[1, 1, 1]])
+    w, m = rollout_correction(old, rollout, mask, mode="mask", threshold=2.0)
+    assert w.tolist() == [[0.0, 0.0, 1.0]]  # rho outside [1/2, 2] is dropped
+    assert m["rollout_mismatch/masked_share"] == pytest.approx(2 / 3)
+    # Sequence level: rho = 3 * 0.25 * 1.5 = 1.125 lies inside [1/2, 2]: the row is kept.
+    w, m = rollout_correction(old, rollout, mask, mode="mask", level="sequence", threshold=2.0)
+    assert w.tolist() == [[1.0, 1.0, 1.0]]
+    w, _ = rollout_correction(old, rollout, mask, mode="truncate", level="sequence",
+                              threshold=1.1)
+    assert w[0].tolist() == pytest.approx([1.1, 1.1, 1.1])
+
+
+def test_importance_weights_ignore_padding():
+    old, rollout = _ratios([math.log(3.0), 0.0, 0.0])
+    rollout[0, 2] = float("nan")
+    w, m = rollout_correction(old, rollout, torch.tensor([[1, 1, 0]]), mode="truncate")
+    assert w[0].tolist() == pytest.approx([2.0, 1.0, 0.0])
+    assert m["rollout_mismatch/truncated_share"] == pytest.approx(1 / 2)
