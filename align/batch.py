@@ -33,7 +33,9 @@ class TrainBatch:
     input_ids: torch.Tensor  # [B, P+T] long; prompt left-padded, completion right-padded
     attention_mask: torch.Tensor  # [B, P+T] long; 1 on real tokens
     completion_mask: torch.Tensor  # [B, T] float; 1 on real completion tokens
-    old_logprobs: torch.Tensor | None = None  # [B, T] float; rollout log-probs (0 on padding)
+    rollout_logprobs: torch.Tensor | None = None  # [B, T] float; the engine's (0 on padding)
+    policy_versions: torch.Tensor | None = None  # [B] long; the policy that sampled each row
+    old_logprobs: torch.Tensor | None = None  # [B, T] float; pi_old, set by the learner step
     advantages: torch.Tensor | None = None  # [B] float; one advantage per sample
     token_advantages: torch.Tensor | None = None  # [B, T] float; per-token advantages
     token_weights: torch.Tensor | None = None  # [B, T] float; product of all weight lists
@@ -181,7 +183,8 @@ def collate(samples: Sequence[Sample], *, pad_token_id: int, processor: Any = No
             missing = next(s.uid for s, h in zip(samples, has_old) if not h)
             raise UserError(f"Sample {missing} has no rollout_logprobs while others in the batch "
                             "do; set algorithm.old_logprobs: recompute, or fix the rollout engine.")
-        batch.old_logprobs = _pad([s.rollout_logprobs for s in samples], T, 0.0)
+        batch.rollout_logprobs = _pad([s.rollout_logprobs for s in samples], T, 0.0)
+    batch.policy_versions = torch.tensor([s.policy_version for s in samples], dtype=torch.long)
 
     if any(s.token_advantages is not None for s in samples):
         batch.token_advantages = _pad(

@@ -5,6 +5,7 @@ Kept apart from :mod:`medrl.align.learner` so that the learner reads as its life
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -60,6 +61,26 @@ def deepspeed_config(*, zero_stage: int, micro_batch_size: int, dtype: torch.dty
         config["optimizer"] = {"type": "AdamW", "params": {
             "lr": lr, "betas": list(betas), "weight_decay": weight_decay}}
     return config
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict[str, Any], zero_stage: int):
+    """Under ZeRO-3, make ``from_pretrained`` partition weights while it loads them.
+
+    transformers reads a process-wide (weakly held) DeepSpeed config; it is set only for the
+    duration of the block so that other models in the process load whole.
+    """
+    if zero_stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_config = HfDeepSpeedConfig(ds_config)  # registers itself while alive
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_config
 
 
 class LRSchedule:

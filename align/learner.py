@@ -14,7 +14,7 @@ with several ranks, all of them call it, in the same order, each with its own sh
    PPO epoch one optimiser step is taken over the whole batch, in micro-batches whose losses
    are weighted so that the update equals one pass over the global batch (all ranks).
 4. ``state_dict_for_sync()`` streams the full weights (LoRA merged) bucket by bucket for the
-   rollout engines.
+   rollout engines (weights out and in live in :mod:`medrl.align.learner_state`).
 5. ``save(dir)`` writes ``policy/`` (loads with ``from_pretrained``), ``learner/`` (DeepSpeed
    optimiser and schedule state, RNG) and ``adapter/`` with LoRA; to resume, build the learner
    from the *original* model folder (the reference model stays the starting policy) and call
@@ -28,34 +28,37 @@ DeepSpeed/Python types DeepSpeed puts in them, so a tampered file cannot run cod
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from medrl.align import learner_state
 from medrl.align.batch import TrainBatch, collate
-from medrl.align.distributed import (LRSchedule, WeightsOnlyCheckpointEngine, deepspeed_config,
-                                     free_port, init_distributed)
-from medrl.align.models import is_vision_model, load_model, load_tokenizer
+from medrl.align.distributed import (LRSchedule, deepspeed_config, free_port, init_distributed,
+                                     partitioned_loading)
+from medrl.align.logprobs import Scorer
+from medrl.align.models import is_vision_model, load_model, load_tokenizer, resolve_dtype
 from medrl.align.records import Sample, UserError
+from medrl.align.reference import Reference, load_reference
 
-TAG = "state"  # the DeepSpeed checkpoint tag inside learner/
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 class Learner:
     """A DeepSpeed ZeRO policy learner (see the module docstring for its life cycle).
 
     ``total_steps`` and ``warmup_steps`` count optimiser steps (train steps x PPO epochs).
-    ``dtype`` defaults to bf16 on GPU and fp32 on CPU. ``ref_model``: ``auto`` is none when
-    ``kl_coef == 0``, else a frozen copy beside the policy (a forward-only ZeRO-3 engine under
-    ZeRO-3); ``cpu`` keeps a whole frozen copy on the CPU (its KL is reported even when
-    ``kl_coef == 0``); with LoRA the reference is the policy with its adapters switched off.
-    ``lora``: ``{"r", "alpha", "dropout", "target_modules"}``. Loss options are those of
-    :func:`medrl.align.grpo.policy_loss` (``loss_agg`` is its ``agg``). ``prepare_model(model)``
+    ``dtype``: a ``torch.dtype`` or a ``model.dtype`` name; "auto"/None is bf16 on GPU and fp32
+    on CPU (:func:`medrl.align.models.resolve_dtype`), and DeepSpeed's bf16/fp16 mode follows
+    it. ``reference``: where the frozen reference policy lives (:class:`Reference`, resolved
+    from the recipe by :func:`~medrl.align.reference.reference_placement`); its KL is
+    reported whenever it exists and penalised with ``kl_coef``. ``lora``: ``{"r", "alpha",
+    "dropout", "target_modules"}``. Loss options are those of
+    :func:`medrl.align.grpo.policy_loss` (``loss_agg`` is its ``agg``; ``max_completion_length``
+    its normaliser for ``seq_sum_norm``). ``old_logprobs``: "recompute" (the learner's own,
+    before the update) or "rollout" (the engine's); ``correction`` ("none", "truncate",
+    "mask"), ``correction_level`` and ``correction_threshold`` re-weight tokens by
+    pi_old / pi_rollout (:func:`medrl.align.grpo.rollout_correction`). ``prepare_model(model)``
     runs on the freshly loaded Hugging Face model before LoRA and DeepSpeed wrap it (the QAT
     stage swaps in fake-quantised layers there). ``share_prompt``: rows of a micro-batch that
     share a prompt run it once (:func:`medrl.align.logprobs.token_logprobs`).
@@ -68,10 +71,13 @@ class Learner:
                  total_steps: int = 1000, lr_schedule: str = "cosine", min_lr_ratio: float = 0.0,
                  max_grad_norm: float = 1.0, gradient_checkpointing: bool = False,
                  logprob_chunk_size: int = 1024, share_prompt: bool = True,
-                 temperature: float = 1.0, ref_model: str = "auto",
-                 lora: dict[str, Any] | None = None,
-                 dtype: torch.dtype | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
-                 kl_coef: float = 0.0, kl_estimator: str = "k3", loss_agg: str = "token_mean",
+                 temperature: float = 1.0, reference: Reference = Reference.NONE,
+                 lora: dict[str, Any] | None = None, dtype: torch.dtype | str | None = None,
+                 attn_implementation: str = "sdpa", clip_low: float = 0.2,
+                 clip_high: float = 0.2, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                 loss_agg: str = "token_mean", max_completion_length: int | None = None,
+                 old_logprobs: str = "recompute", correction: str = "none",
+                 correction_level: str = "token", correction_threshold: float = 2.0,
                  seed: int = 0, prepare_model: Callable[[torch.nn.Module], Any] | None = None):
         import deepspeed
         import torch.distributed as dist
@@ -82,11 +88,17 @@ class Learner:
         if optimizer not in ("adamw", "deepspeed_adam"):
             raise UserError("learner.optimizer must be adamw or deepspeed_adam, "
                             f"got {optimizer!r}.")
-        if ref_model not in ("auto", "cpu", "none"):
-            raise UserError(f"learner.ref_model must be auto, cpu or none, got {ref_model!r}.")
-        if kl_coef > 0 and ref_model == "none":
-            raise UserError("algorithm.kl.coef > 0 needs a reference model, but learner.ref_model "
-                            "is none; set ref_model: auto (or cpu), or the KL coefficient to 0.")
+        reference = Reference(reference)
+        if kl_coef > 0 and reference is Reference.NONE:
+            raise UserError("algorithm.kl.coef > 0 needs a reference model, but the learner has "
+                            "none; set learner.ref_model: auto (or cpu), or the coefficient to 0.")
+        if old_logprobs not in ("recompute", "rollout"):
+            raise UserError(f"algorithm.old_logprobs must be recompute or rollout, "
+                            f"got {old_logprobs!r}.")
+        if correction != "none" and old_logprobs != "recompute":
+            raise UserError("algorithm.rollout_correction needs algorithm.old_logprobs: "
+                            "recompute (it re-weights by the learner's old log-probs over the "
+                            "rollout's).")
         if not dist.is_initialized():
             init_distributed(0, 1, "127.0.0.1", free_port())
         self.model_dir = Path(model_dir)
@@ -94,12 +106,16 @@ class Learner:
         self.zero_stage, self.micro_batch_size = zero_stage, micro_batch_size
         self.temperature, self.logprob_chunk_size = temperature, logprob_chunk_size
         self.loss_options = dict(clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef,
-                                 kl_estimator=kl_estimator, agg=loss_agg)
+                                 kl_estimator=kl_estimator, agg=loss_agg,
+                                 max_completion_length=max_completion_length)
+        self.old_logprobs = old_logprobs
+        self.correction = dict(mode=correction, level=correction_level,
+                               threshold=correction_threshold)
         self.lora = dict(lora) if lora else None
         self.on_gpu = get_accelerator().device_name() != "cpu"
         self.device = torch.device(get_accelerator().current_device_name()
                                    if self.on_gpu else "cpu")
-        self.dtype = dtype or (torch.bfloat16 if self.on_gpu else torch.float32)
+        self.dtype = resolve_dtype(dtype, on_gpu=self.on_gpu)
         torch.manual_seed(seed)
 
         self.tokenizer = load_tokenizer(self.model_dir)  # a processor for VLMs
@@ -112,12 +128,18 @@ class Learner:
             max_grad_norm=max_grad_norm, offload_optimizer=offload_optimizer, optimizer=optimizer,
             lr=lr, betas=betas, weight_decay=weight_decay)
 
-        self.ref_mode = self._resolve_ref_mode(ref_model, kl_coef)
+        if reference is Reference.ADAPTERS and not self.lora:
+            raise UserError("the reference 'adapters' needs LoRA (learner.lora).")
+        self.reference = reference
         scorer = dict(temperature=temperature, chunk_size=logprob_chunk_size,
                       share_prompt=share_prompt)
-        self.ref_model = self._load_reference(scorer) if self.ref_mode in ("cpu", "copy") else None
-        with self._partitioned_loading():
-            model = load_model(self.model_dir, dtype=self.dtype)
+        self.ref_model = load_reference(
+            self.model_dir, reference, dtype=self.dtype, device=self.device,
+            zero_stage=zero_stage, ds_config=self.ds_config, scorer_kwargs=scorer,
+            attn_implementation=attn_implementation)
+        with partitioned_loading(self.ds_config, zero_stage):
+            model = load_model(self.model_dir, dtype=self.dtype,
+                               attn_implementation=attn_implementation)
         if prepare_model is not None:  # e.g. fake quantisation: before PEFT and DeepSpeed wrap it
             prepare_model(model)
         if gradient_checkpointing:
@@ -142,61 +164,9 @@ class Learner:
                                           weight_decay=weight_decay)
         schedule = LRSchedule(warmup_steps, total_steps, lr_schedule, min_lr_ratio)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=_Scorer(model, **scorer), model_parameters=params, optimizer=torch_opt,
+            model=Scorer(model, **scorer), model_parameters=params, optimizer=torch_opt,
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-
-    # ----------------------------------------------------------------------------- set-up
-    def _resolve_ref_mode(self, ref_model: str, kl_coef: float) -> str:
-        """none | adapters (LoRA switched off) | cpu (whole copy on CPU) | copy (beside policy).
-
-        ``ref_model``: "auto" (none when kl_coef is 0), "none", "cpu" or "copy" (wanted even
-        with kl_coef 0 when the KL lives in the reward).
-        """
-        if ref_model == "none" or (ref_model == "auto" and kl_coef == 0):
-            return "none"
-        if self.lora:
-            return "adapters"
-        return "cpu" if ref_model == "cpu" else "copy"
-
-    def _load_reference(self, scorer: dict) -> torch.nn.Module:
-        """A frozen copy of the starting policy: on the CPU ("cpu"), as a forward-only ZeRO-3
-        engine under ZeRO-3, else beside the policy. The CPU copy loads whole."""
-        import deepspeed
-
-        on_cpu = self.ref_mode == "cpu"
-        with contextlib.nullcontext() if on_cpu else self._partitioned_loading():
-            ref = _Scorer(load_model(self.model_dir, dtype=self.dtype), **scorer)
-        ref.eval()
-        ref.requires_grad_(False)
-        if on_cpu:
-            return ref
-        if self.zero_stage != 3:
-            return ref.to(self.device)
-        config = {k: v for k, v in self.ds_config.items()
-                  if k not in ("optimizer", "gradient_clipping")}
-        engine, *_ = deepspeed.initialize(model=ref, config=config)
-        engine.eval()
-        return engine
-
-    @contextlib.contextmanager
-    def _partitioned_loading(self):
-        """Under ZeRO-3, make ``from_pretrained`` partition weights while it loads them.
-
-        transformers reads a process-wide (weakly held) DeepSpeed config; it is set only for
-        the duration of the loads so that other models in the process load whole.
-        """
-        if self.zero_stage != 3:
-            yield
-            return
-        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-        hf_config = HfDeepSpeedConfig(self.ds_config)  # registers itself while alive
-        try:
-            yield
-        finally:
-            unset_hf_deepspeed_config()
-            del hf_config
 
     # ------------------------------------------------------------------------- batches
     def collate(self, samples: Sequence[Sample]) -> TrainBatch:
@@ -240,7 +210,7 @@ class Learner:
 
     # ------------------------------------------------------------------------ log-probs
     def _token_logprobs(self, scorer, mb: TrainBatch, with_entropy: bool = False):
-        """[B, T] log-probs (and entropies) of a micro-batch; ``scorer`` a :class:`_Scorer`
+        """[B, T] log-probs (and entropies) of a micro-batch; ``scorer`` a :class:`Scorer`
         or a DeepSpeed engine around one."""
         return scorer(mb.input_ids, mb.attention_mask, mb.num_completion_tokens,
                       with_entropy=with_entropy, model_inputs=mb.model_inputs())
@@ -274,13 +244,13 @@ class Learner:
     @torch.no_grad()
     def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor | None:
         """Log-probs under the reference policy, [B, T] float32; None without one."""
-        if self.ref_mode == "none":
+        if self.reference is Reference.NONE:
             return None
-        if self.ref_mode == "adapters":
+        if self.reference is Reference.ADAPTERS:
             self.engine.eval()
             with self.model.disable_adapter():
                 return self._run_no_grad(self.engine, batch)
-        if self.ref_mode == "cpu":
+        if self.reference is Reference.CPU:
             return self._run_no_grad(self.ref_model, batch, torch.device("cpu"))
         return self._run_no_grad(self.ref_model, batch)
 
@@ -296,32 +266,50 @@ class Learner:
         for mb, real in micro:
             if agg == "token_mean":
                 size = float(mb.completion_mask.sum()) if real else 0.0
-            else:  # seq_mean: samples; seq_sum_norm: samples x padded length
+            else:  # seq_mean and seq_sum_norm (a constant length) normalise per sample
                 size = float(mb.size) if real else 0.0
             sizes.append(size)
         total = self._all_reduce(torch.tensor([sum(sizes)], dtype=torch.float64))[0].item()
-        if agg == "seq_sum_norm":  # the global padded length normalises every sequence
-            t_local = torch.tensor([micro[0][0].num_completion_tokens], dtype=torch.float64)
-            t_max = self._all_reduce(t_local, "max")[0].item()
-            return [s * mb.num_completion_tokens / (total * t_max) for s, (mb, _) in
-                    zip(sizes, micro)]
         return [s / total if total > 0 else 0.0 for s in sizes]
 
     def train_step(self, batch: TrainBatch, *, ppo_epochs: int = 1,
-                   recompute_old_logprobs: bool = False) -> dict[str, float]:
+                   policy_version: int | None = None) -> dict[str, float]:
         """PPO epochs over ``batch`` (this rank's shard), one optimiser step per epoch.
 
-        Old log-probs are ``batch.old_logprobs`` (the rollout's) unless absent or
-        ``recompute_old_logprobs``, then the current policy's before the first update.
-        Returns the global batch's metrics, averaged over epochs: loss, grad_norm, lr and
+        Old log-probs (the clip's anchor) are ``batch.old_logprobs`` when the caller set them;
+        else, with ``old_logprobs="rollout"``, the engine's; with "recompute", the current
+        policy's before the first update, except for rows sampled by an older policy than
+        ``policy_version`` (the version of the learner's current weights; async mode): the
+        learner no longer holds those weights, so such rows keep the rollout's log-probs
+        unless a ``correction`` re-weights them by pi_old / pi_rollout instead.
+        Returns the global batch's metrics, averaged over epochs: loss, grad_norm, lr,
         ``policy_loss``'s metrics (weighted like the loss; ``*max`` / ``*min`` keys reduced
-        by max / min).
+        by max / min) and ``rollout_mismatch/*`` when rollout log-probs are there.
         """
-        from medrl.align.grpo import policy_loss
+        from medrl.align.grpo import policy_loss, rollout_correction
 
         batch = batch.to(self.device)
-        if batch.old_logprobs is None or recompute_old_logprobs:
-            batch.old_logprobs = self.logprobs(batch)
+        rollout = batch.rollout_logprobs
+        mismatch: dict[str, float] = {}
+        if batch.old_logprobs is None:
+            if self.old_logprobs == "rollout":
+                if rollout is None:
+                    raise UserError("algorithm.old_logprobs is rollout, but the samples carry "
+                                    "no rollout log-probs; set old_logprobs: recompute.")
+                batch.old_logprobs = rollout
+            else:
+                batch.old_logprobs = self.logprobs(batch)
+                if rollout is not None:
+                    mismatch = self._mismatch(batch.old_logprobs, rollout, batch.completion_mask)
+                stale = (batch.policy_versions != policy_version
+                         if policy_version is not None and batch.policy_versions is not None
+                         else None)
+                if (self.correction["mode"] == "none" and rollout is not None
+                        and stale is not None and bool(stale.any())):
+                    batch.old_logprobs = torch.where(stale[:, None], rollout, batch.old_logprobs)
+        if self.correction["mode"] != "none" and rollout is None:
+            raise UserError("algorithm.rollout_correction needs the rollout's log-probs, but the "
+                            "samples carry none.")
         ref = self.ref_logprobs(batch)  # also reported as "kl" when its coefficient is 0
         micro = self._micro_batches(batch)
         # Reference log-probs per micro-batch; padding micro-batches repeat the first one.
@@ -330,17 +318,34 @@ class Learner:
         shares = self._weights(micro)
 
         def loss_of(i: int, mb: TrainBatch):
+            weights, extra = mb.token_weights, {}
+            if self.correction["mode"] != "none":
+                w, extra = rollout_correction(mb.old_logprobs, mb.rollout_logprobs,
+                                              mb.completion_mask, **self.correction)
+                weights = w if weights is None else weights * w
             logprobs, entropy = self._token_logprobs(self.engine, mb, with_entropy=True)
-            return policy_loss(
+            loss, metrics = policy_loss(
                 logprobs.float(), mb.old_logprobs, mb.advantage_tensor(), mb.completion_mask,
-                ref_logprobs=refs[i], token_weights=mb.token_weights, entropy=entropy,
+                ref_logprobs=refs[i], token_weights=weights, entropy=entropy,
                 **self.loss_options)
+            return loss, {**metrics, **extra}
 
         summed: dict[str, float] = {}
         extremes: dict[str, float] = {}
         for _ in range(ppo_epochs):
-            self._optimizer_step(micro, shares, loss_of, summed, extremes)
-        return self._reduce_metrics(summed, extremes, ppo_epochs)
+            # No dropout in the policy-gradient pass: the ratio must compare pi_theta with
+            # pi_old as the same function (old log-probs are computed without dropout too).
+            self._optimizer_step(micro, shares, loss_of, summed, extremes, dropout=False)
+        return {**self._reduce_metrics(summed, extremes, ppo_epochs), **mismatch}
+
+    def _mismatch(self, old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor
+                  ) -> dict[str, float]:
+        """Mean |log pi_learner - log pi_rollout| over the global batch's tokens."""
+        keep = mask.bool()
+        local = torch.tensor([(old - rollout).abs()[keep].sum().item(), float(keep.sum())],
+                             dtype=torch.float64)
+        total = self._all_reduce(local)
+        return {"rollout_mismatch/logprob_abs_diff": (total[0] / total[1].clamp(min=1)).item()}
 
     # ------------------------------------------------- other losses (SFT, QAT stages)
     def train_step_with(self, loss_fn: Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict]],
@@ -365,16 +370,22 @@ class Learner:
         extremes: dict[str, float] = {}
         self._optimizer_step(
             micro, shares, lambda i, mb: loss_fn(self._token_logprobs(self.engine, mb).float(), mb),
-            summed, extremes)
+            summed, extremes, dropout=True)
         return self._reduce_metrics(summed, extremes, 1)
 
     # ------------------------------------------------------- the shared optimiser step
     def _optimizer_step(self, micro: list[tuple[TrainBatch, bool]], shares: list[float],
                         loss_of: Callable[[int, TrainBatch], tuple[torch.Tensor, dict]],
-                        summed: dict[str, float], extremes: dict[str, float]) -> None:
+                        summed: dict[str, float], extremes: dict[str, float], *,
+                        dropout: bool) -> None:
         """Backward every micro-batch's loss scaled by its share, then one optimiser step;
-        metrics are added into ``summed`` / ``extremes`` (see :func:`_tally`)."""
+        metrics are added into ``summed`` / ``extremes`` (see :func:`_tally`). ``dropout``:
+        whether dropout layers (LoRA's included) are active; the rest is in training mode."""
         self.engine.train()
+        if not dropout:
+            for module in self.engine.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.eval()
         lr = self.scheduler.get_last_lr()[0]
         for i, ((mb, real), share) in enumerate(zip(micro, shares)):
             self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
@@ -410,155 +421,20 @@ class Learner:
         return float(torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
 
-    # ------------------------------------------------------------------------- weights
-    def _gathered(self, params: list[torch.nn.Parameter]):
-        """Under ZeRO-3, the full values of ``params`` inside the block (collective)."""
-        if self.zero_stage != 3:
-            return contextlib.nullcontext()
-        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-        return GatheredParameters(params, modifier_rank=None)
-
-    def _sync_entries(self) -> list[tuple[str, torch.nn.Parameter, torch.nn.Module | None]]:
-        """(HF name, parameter, LoRA layer whose delta is added or None), in model order.
-
-        With LoRA the adapter parameters are left out and the base weights are renamed from
-        ``base_model.model.<name>.base_layer.weight`` to ``<name>.weight``.
-        """
-        if not self.lora:
-            return [(name, p, None) for name, p in self.model.named_parameters()]
-        from peft.tuners.lora import LoraLayer
-
-        layers = {name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
-        out = []
-        for name, p in self.model.named_parameters():
-            if ".lora_" in name or "lora_embedding" in name:
-                continue
-            owner, _, leaf = name.rpartition(".")
-            layer = None
-            if owner.endswith(".base_layer") and leaf == "weight":
-                layer = layers.get(owner[: -len(".base_layer")])
-            hf_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            out.append((hf_name, p, layer))
-        return out
-
+    # ------------------------------------------------- weights out and in (learner_state)
     def state_dict_for_sync(self, bucket_mb: float = 256
                             ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """The policy's full weights in Hugging Face naming, bucket by bucket (CPU tensors).
+        """The full weights, bucket by bucket (:func:`learner_state.state_dict_for_sync`)."""
+        return learner_state.state_dict_for_sync(self, bucket_mb)
 
-        Collective under ZeRO-3: every rank iterates to the end, and only the weights of one
-        bucket are gathered at a time. LoRA deltas are merged into their base weights. Tied
-        weights appear once (under the name ``named_parameters`` gives them).
-        """
-        limit = bucket_mb * 2**20
-        bucket: list[tuple[str, torch.nn.Parameter, Any]] = []
-        size = 0
-
-        def flush():
-            params = [p for _, p, _ in bucket]
-            for _, _, layer in bucket:
-                if layer is not None:
-                    params += [p for n, p in layer.named_parameters() if "lora_" in n]
-            with self._gathered(params), torch.no_grad():
-                out = []
-                for name, p, layer in bucket:
-                    value = p.detach()
-                    if layer is not None:
-                        for adapter in layer.active_adapters:
-                            value = value + layer.get_delta_weight(adapter).to(value.dtype)
-                    out.append((name, value.to("cpu", copy=True)))
-            return out
-
-        for entry in self._sync_entries():
-            p = entry[1]
-            size += getattr(p, "ds_numel", p.numel()) * p.element_size()
-            bucket.append(entry)
-            if size >= limit:
-                yield flush()
-                bucket, size = [], 0
-        if bucket:
-            yield flush()
-
-    # ------------------------------------------------------------------- checkpoints
     def save(self, out_dir: str | Path) -> None:
-        """Write ``policy/``, ``learner/`` and (LoRA) ``adapter/`` under ``out_dir``. Collective.
-
-        ``policy/`` holds merged weights: ``from_pretrained`` loads it as it is.
-        """
-        import torch.distributed as dist
-        from safetensors.torch import save_file
-
-        out_dir = Path(out_dir)
-        full: dict[str, torch.Tensor] = {}
-        for bucket in self.state_dict_for_sync():
-            if self.rank == 0:
-                full.update(bucket)
-        if self.rank == 0:
-            self._write_policy(out_dir / "policy", full)
-        del full
-        if self.lora:
-            self._write_adapter(out_dir / "adapter")
-        learner_dir = out_dir / "learner"
-        self.engine.save_checkpoint(str(learner_dir), tag=TAG, save_latest=False)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(learner_dir / f"rng-rank{self.rank}.safetensors"))
-        if self.rank == 0:
-            (learner_dir / "learner.json").write_text(json.dumps({
-                "world_size": self.world_size, "zero_stage": self.zero_stage,
-                "lora": self.lora, "global_steps": self.engine.global_steps}, indent=1))
-        dist.barrier()
-
-    def _hf_model(self) -> torch.nn.Module:
-        """The Hugging Face model inside the (PEFT-wrapped) policy."""
-        return self.model.get_base_model() if self.lora else self.model
-
-    def _write_policy(self, policy_dir: Path, state: dict[str, torch.Tensor]) -> None:
-        """save_pretrained with the gathered weights, plus the tokenizer/processor files."""
-        policy_dir.mkdir(parents=True, exist_ok=True)
-        self._hf_model().save_pretrained(policy_dir, state_dict=state, safe_serialization=True)
-        for src in self.model_dir.iterdir():
-            if (src.is_file() and not src.name.endswith(WEIGHT_FILES)
-                    and not (policy_dir / src.name).exists()):
-                shutil.copy2(src, policy_dir / src.name)
-
-    def _write_adapter(self, adapter_dir: Path) -> None:
-        with self._gathered([p for n, p in self.model.named_parameters() if "lora_" in n]):
-            if self.rank == 0:
-                self.model.save_pretrained(adapter_dir, safe_serialization=True)
+        """Write ``policy/``, ``learner/`` and (LoRA) ``adapter/``; collective
+        (:func:`learner_state.save`)."""
+        learner_state.save(self, out_dir)
 
     def load(self, out_dir: str | Path) -> None:
-        """Restore the optimiser, schedule, weights and RNG saved by :meth:`save`. Collective.
-
-        Build the learner with the same settings and number of ranks first.
-        """
-        from safetensors.torch import load_file
-
-        learner_dir = Path(out_dir) / "learner"
-        meta_path = learner_dir / "learner.json"
-        if not meta_path.is_file():
-            raise UserError(f"{learner_dir}: no learner.json; this is not a learner checkpoint "
-                            "written by medrl (or it was not finished).")
-        meta = json.loads(meta_path.read_text())
-        lora = json.loads(json.dumps(self.lora))  # as saved (tuples become lists)
-        for key, mine in (("world_size", self.world_size), ("zero_stage", self.zero_stage),
-                          ("lora", lora)):
-            if meta.get(key) != mine:
-                raise UserError(f"{learner_dir}: saved with {key}={meta.get(key)!r}, but this "
-                                f"learner has {key}={mine!r}; resume with the same learner "
-                                "settings and number of learner workers.")
-        if not isinstance(self.engine.checkpoint_engine, WeightsOnlyCheckpointEngine):
-            self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(
-                self.engine.checkpoint_engine)
-        path, _ = self.engine.load_checkpoint(str(learner_dir), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise UserError(f"{learner_dir}: DeepSpeed found no checkpoint tagged {TAG!r}.")
-        rng = load_file(str(learner_dir / f"rng-rank{self.rank}.safetensors"))
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        """Restore what :meth:`save` wrote; collective (:func:`learner_state.load`)."""
+        learner_state.load(self, out_dir)
 
 
 def _tally(summed: dict, extremes: dict, metrics: dict, share: float, real: bool) -> None:
@@ -573,29 +449,3 @@ def _tally(summed: dict, extremes: dict, metrics: dict, share: float, real: bool
         else:
             weight = (1.0 if real else 0.0) if key == "tokens" else share
             summed[key] = summed.get(key, 0.0) + value * weight
-
-
-class _Scorer(torch.nn.Module):
-    """The policy behind one ``forward`` that returns completion log-probs.
-
-    DeepSpeed hooks its ZeRO bookkeeping (gradient accumulation, ZeRO-3 gathering) onto the
-    engine's forward, while ``token_logprobs`` calls the model's backbone and LM head
-    separately; wrapping it in a module lets each micro-batch pass through the engine once.
-    """
-
-    def __init__(self, policy: torch.nn.Module, *, temperature: float, chunk_size: int,
-                 share_prompt: bool):
-        super().__init__()
-        self.policy = policy
-        self.temperature, self.chunk_size = temperature, chunk_size
-        self.share_prompt = share_prompt
-
-    def forward(self, input_ids, attention_mask, num_completion_tokens: int, *,
-                with_entropy: bool = False, model_inputs: dict | None = None):
-        from medrl.align.logprobs import token_logprobs
-
-        return token_logprobs(self.policy, input_ids, attention_mask,
-                              num_completion_tokens=num_completion_tokens,
-                              temperature=self.temperature, chunk_size=self.chunk_size,
-                              with_entropy=with_entropy, share_prompt=self.share_prompt,
-                              **(model_inputs or {}))

@@ -161,3 +161,27 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not with_entropy:
         return logprobs
     return logprobs, torch.cat(entropies).view(B, T)
+
+
+class Scorer(torch.nn.Module):
+    """The policy behind one ``forward`` that returns completion log-probs.
+
+    DeepSpeed hooks its ZeRO bookkeeping (gradient accumulation, ZeRO-3 gathering) onto the
+    engine's forward, while :func:`token_logprobs` calls the model's backbone and LM head
+    separately; wrapping it in a module lets each micro-batch pass through the engine once.
+    """
+
+    def __init__(self, policy: torch.nn.Module, *, temperature: float, chunk_size: int,
+                 share_prompt: bool):
+        super().__init__()
+        self.policy = policy
+        self.temperature, self.chunk_size = temperature, chunk_size
+        self.share_prompt = share_prompt
+
+    def forward(self, input_ids, attention_mask, num_completion_tokens: int, *,
+                with_entropy: bool = False, model_inputs: dict | None = None):
+        return token_logprobs(self.policy, input_ids, attention_mask,
+                              num_completion_tokens=num_completion_tokens,
+                              temperature=self.temperature, chunk_size=self.chunk_size,
+                              with_entropy=with_entropy, share_prompt=self.share_prompt,
+                              **(model_inputs or {}))

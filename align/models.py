@@ -199,8 +199,43 @@ def load_tokenizer(model_dir: str | Path):
     return AutoProcessor.from_pretrained(model_dir)
 
 
+# The recipe's ``model.dtype`` names; "auto" is bf16 on a GPU and fp32 on the CPU.
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype, *, on_gpu: bool):
+    """The one place a dtype name becomes a ``torch.dtype``: learner and engines alike.
+
+    dtype: a name of ``DTYPE_NAMES``, a ``torch.dtype``, or None (= "auto"). on_gpu: whether
+    the caller's process computes on a GPU (decides "auto").
+    """
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"model.dtype: {dtype!r} is not one of {', '.join(DTYPE_NAMES)}.")
+    return getattr(torch, dtype)
+
+
+def context_length(model_dir: str | Path) -> int | None:
+    """The model's maximum positions (``max_position_embeddings``), None when it has none."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    value = config.get("max_position_embeddings",
+                       (config.get("text_config") or {}).get("max_position_embeddings"))
+    return int(value) if value else None
+
+
 def load_model(model_dir: str | Path, *, dtype=None, attn_implementation: str = "sdpa"):
-    """Load the policy as a causal LM (text) or image-text-to-text model (VLM)."""
+    """Load the policy as a causal LM (text) or image-text-to-text model (VLM).
+
+    dtype: a ``torch.dtype`` (None: float32). attn_implementation: "sdpa", "eager" or
+    "flash_attention_2" (the recipe's ``model.attn_implementation``).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 

@@ -117,7 +117,7 @@ def make_learner(model_dir, zero_stage: int, micro_batch_size: int, share_prompt
     return Learner(model_dir, zero_stage=zero_stage, micro_batch_size=micro_batch_size,
                    share_prompt=share_prompt,
                    optimizer="adamw", lr=LEARNING_RATE, weight_decay=0.0, warmup_steps=0,
-                   lr_schedule="constant", max_grad_norm=MAX_GRAD_NORM, ref_model="none",
+                   lr_schedule="constant", max_grad_norm=MAX_GRAD_NORM, reference="none",
                    kl_coef=0.0, loss_agg="token_mean", seed=0)
 
 

@@ -112,7 +112,7 @@ def build(name: str, model_dir, micro_batch_size: int):
     fmt, on = CONTENDERS[name]
     learner = Learner(model_dir, zero_stage=0, micro_batch_size=micro_batch_size,
                       optimizer="adamw", lr=LEARNING_RATE, weight_decay=0.0, warmup_steps=0,
-                      lr_schedule="constant", max_grad_norm=MAX_GRAD_NORM, ref_model="none",
+                      lr_schedule="constant", max_grad_norm=MAX_GRAD_NORM, reference="none",
                       kl_coef=0.0, temperature=1.0, seed=0,
                       prepare_model=quantise_with(fmt, on) if fmt else None)
     return lambda batch: learner.train_step_with(batch_loss, batch, size_fn=batch_weight)

@@ -149,6 +149,26 @@ def finished_sample(prompt: Sample, index: int, *, prompt_ids: Sequence[int],
     return out
 
 
+def check_context(prompts: Sequence[Sample], prompt_ids: Sequence[Sequence[int]],
+                  max_new_tokens: int, max_model_len: int | None) -> None:
+    """Refuse prompts whose tokens plus ``max_new_tokens`` exceed the engine's context.
+
+    prompts / prompt_ids: the samples and their encoded prompts, in the same order. The error
+    names the sample, not its text (prompts hold patient text).
+    """
+    if max_model_len is None:
+        return
+    for sample, ids in zip(prompts, prompt_ids):
+        if len(ids) + max_new_tokens > max_model_len:
+            raise UserError(
+                f"sample {sample.group_id}: its prompt is {len(ids)} tokens (chat template "
+                f"included), and with rollout.max_new_tokens={max_new_tokens} it does not fit "
+                f"the engines' context of {max_model_len} tokens (rollout.max_prompt_tokens + "
+                "max_new_tokens, capped by the model's max_position_embeddings). Raise "
+                "rollout.max_prompt_tokens if the model allows, shorten the prompt (system "
+                "prompt, context), or drop the row from the data.")
+
+
 def check_weight_names(names: Iterable[str], known: set[str], where: str) -> None:
     """Raise :class:`WeightSyncError` when any pushed name is not a parameter of the model."""
     unknown = sorted(set(names) - known)
@@ -209,11 +229,11 @@ def create_engine(backend: str, model_dir: str, **engine_kwargs: Any) -> Rollout
         from medrl.rollouts.hf_engine import HFEngine
 
         engine_kwargs.pop("kv_cache_memory_bytes", None)  # vLLM-only settings
-        engine_kwargs.pop("max_model_len", None)
         engine_kwargs.pop("enforce_eager", None)
         return HFEngine(model_dir, **engine_kwargs)
     if backend == "vllm":
         from medrl.rollouts.vllm_engine import VLLMEngine
 
+        engine_kwargs.pop("attn_implementation", None)  # vLLM picks its attention backend
         return VLLMEngine(model_dir, **engine_kwargs)
     raise UserError(f"rollout.backend: unknown backend {backend!r}; choose 'hf' or 'vllm'.")

@@ -13,24 +13,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medrl.align.models import is_vision_model, load_model, load_tokenizer
-from medrl.align.records import Sample, UserError
+from medrl.align.models import is_vision_model, load_model, load_tokenizer, resolve_dtype
+from medrl.align.records import Sample
 from medrl.rollouts.encode import EncodedBatch, encode_batch, text_tokenizer
-from medrl.rollouts.engine import (SamplingParams, WeightSyncError, check_weight_names,
-                                   finished_sample)
-
-
-def _torch_dtype(dtype):
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype or torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise UserError(f"rollout engine dtype {dtype!r} is not supported; use one of "
-                        f"{', '.join(names)}.")
-    return names[dtype]
+from medrl.rollouts.engine import (SamplingParams, WeightSyncError, check_context,
+                                   check_weight_names, finished_sample)
 
 
 class _FinishTracker:
@@ -78,14 +65,17 @@ class HFEngine:
     """A rollout engine around a Hugging Face model in this process.
 
     ``model_dir``: a local Hugging Face folder (text or vision-language model).
-    ``dtype``: "float32" (default) or "bfloat16"; ``seed``: base seed for calls whose
-    ``SamplingParams.seed`` is None; ``num_threads``: torch intra-op threads (None: leave).
+    ``dtype``: a ``model.dtype`` name or ``torch.dtype`` ("auto": bf16 on GPU, fp32 on CPU);
+    ``seed``: base seed for calls whose ``SamplingParams.seed`` is None; ``num_threads``: torch
+    intra-op threads (None: leave); ``max_model_len``: prompt + completion tokens a call may
+    need (None: unchecked); ``attn_implementation``: the model's attention kernel.
     """
 
     supports_sleep = False
 
     def __init__(self, model_dir: str | Path, *, dtype: Any = "float32", seed: int = 0,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, max_model_len: int | None = None,
+                 attn_implementation: str = "sdpa"):
         import torch
 
         if num_threads:
@@ -94,7 +84,10 @@ class HFEngine:
         self.is_vision = is_vision_model(self.model_dir)
         self.processor = load_tokenizer(self.model_dir)  # a processor for VLMs
         self.tokenizer = text_tokenizer(self.processor)
-        self.model = load_model(self.model_dir, dtype=_torch_dtype(dtype)).eval()
+        self.dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
+        self.max_model_len = max_model_len
+        self.model = load_model(self.model_dir, dtype=self.dtype,
+                                attn_implementation=attn_implementation).eval()
         self.seed = seed
         self._calls = 0
         self.policy_version = 0
@@ -116,6 +109,8 @@ class HFEngine:
         # One row per completion (prompt-major): images repeat with their prompt, and greedy
         # decoding works for n > 1 too (generate's num_return_sequences refuses it).
         batch = encode_batch(self.processor, [p for p in prompts for _ in range(sampling.n)])
+        check_context(prompts, batch.prompt_ids[::sampling.n], sampling.max_new_tokens,
+                      self.max_model_len)
         prompt_len = batch.inputs["input_ids"].shape[1]
         rows = len(prompts) * sampling.n
         tracker = _FinishTracker(self.tokenizer, prompt_len, rows, self.eos_ids, sampling.stop,

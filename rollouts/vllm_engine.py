@@ -21,10 +21,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medrl.align.models import is_vision_model, load_tokenizer
+from medrl.align.models import is_vision_model, load_tokenizer, resolve_dtype
 from medrl.align.records import Sample, UserError
 from medrl.rollouts.encode import encode_batch, render, text_tokenizer
-from medrl.rollouts.engine import SamplingParams, check_weight_names, finished_sample
+from medrl.rollouts.engine import (SamplingParams, check_context, check_weight_names,
+                                   finished_sample)
 
 
 class WeightSyncExtension:
@@ -55,11 +56,6 @@ def hf_parameter_names(model_dir: str | Path) -> set[str]:
     with torch.device("meta"):
         model = factory.from_config(config)
     return set(model.state_dict())
-
-
-def _dtype_name(dtype: Any) -> str:
-    text = str(dtype).replace("torch.", "")
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(text, text)
 
 
 class VLLMEngine:
@@ -106,6 +102,7 @@ class VLLMEngine:
         self.tokenizer = text_tokenizer(self.processor)
         self.known_names = hf_parameter_names(self.model_dir)
         self.seed = seed
+        self.max_model_len = max_model_len
         self._calls = 0
         self.policy_version = 0
         self._pending: list[list[tuple[str, Any]]] = []  # buckets of an unfinished update
@@ -120,7 +117,9 @@ class VLLMEngine:
                               max_num_batched_tokens=max(max_model_len, 4096))
         self.llm = LLM(
             model=str(self.model_dir), tokenizer=str(self.model_dir),
-            dtype=_dtype_name(dtype), seed=seed, max_model_len=max_model_len,
+            dtype=str(resolve_dtype(dtype, on_gpu=not current_platform.is_cpu())).replace(
+                "torch.", ""),
+            seed=seed, max_model_len=max_model_len,
             kv_cache_memory_bytes=int(kv_cache_memory_bytes),
             logprobs_mode="processed_logprobs",
             worker_extension_cls=f"{__name__}.WeightSyncExtension",
@@ -153,7 +152,9 @@ class VLLMEngine:
                 if prompt.images:
                     request["multi_modal_data"] = {"image": list(prompt.images)}
             else:
-                request = {"prompt_token_ids": encode_batch(self.processor, [prompt]).prompt_ids[0]}
+                ids = encode_batch(self.processor, [prompt]).prompt_ids[0]
+                check_context([prompt], [ids], sampling.max_new_tokens, self.max_model_len)
+                request = {"prompt_token_ids": ids}
             for c in range(copies):
                 requests.append(request)
                 # vLLM gives child i of a request seed + i: spacing by n keeps seeds distinct.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from medrl.align.batch import collate
 from medrl.align.records import Sample, UserError
+from medrl.align.reference import Reference, reference_placement
 
 
 def make_samples(n: int = 4, *, seed: int = 0, advantages=None) -> list[Sample]:
@@ -35,25 +35,6 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.fixture
-def make_learner(tiny_qwen2):
-    """Build learners; ZeRO engines are released at the end of each test."""
-    from medrl.align.learner import Learner
-
-    made = []
-
-    def make(model_dir=None, **kwargs):
-        kwargs.setdefault("micro_batch_size", 4)
-        kwargs.setdefault("lr", 1e-3)
-        learner = Learner(model_dir or tiny_qwen2, **kwargs)
-        made.append(learner)
-        return learner
-
-    yield make
-    made.clear()
-    gc.collect()
-
-
 def test_collate_pads_prompts_left_completions_right():
     samples = make_samples(3)
     samples[0].rollout_logprobs = [-1.0, -2.0]
@@ -69,7 +50,8 @@ def test_collate_pads_prompts_left_completions_right():
     assert batch.input_ids[0, 7:].tolist() == [7] * 4
     assert batch.attention_mask[0].tolist() == [0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0]
     assert batch.completion_mask.sum(1).tolist() == [2, 4, 6]
-    assert batch.old_logprobs[0].tolist() == [-1.0, -2.0, 0, 0, 0, 0]
+    assert batch.rollout_logprobs[0].tolist() == [-1.0, -2.0, 0, 0, 0, 0]
+    assert batch.old_logprobs is None  # the learner step decides pi_old
     assert batch.advantages.tolist() == [1.0, -0.5, 1.0]
     # Weights: product of every reward's list for sample 1, ones for the others (on tokens).
     assert batch.token_weights[1, :4].tolist() == [2.0, 1.0, 1.0, 0.0]
@@ -102,6 +84,9 @@ def test_train_step_raises_the_likelihood_of_rewarded_completions(make_learner):
     assert learner.engine.global_steps == 5 and metrics["ratio_max"] > 1.0
 
 
+MAX_LEN = 16  # the run's maximum completion length: above every test completion's
+
+
 def _plain_torch_step(model_dir, samples, lr, max_grad_norm, pad_token_id, agg):
     """The reference update: HF model + torch AdamW, one pass over the whole batch."""
     from medrl.align.grpo import policy_loss
@@ -113,7 +98,8 @@ def _plain_torch_step(model_dir, samples, lr, max_grad_norm, pad_token_id, agg):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     lp = token_logprobs(model, batch.input_ids, batch.attention_mask,
                         num_completion_tokens=batch.num_completion_tokens, share_prompt=False)
-    loss, _ = policy_loss(lp, lp.detach(), batch.advantages, batch.completion_mask, agg=agg)
+    loss, _ = policy_loss(lp, lp.detach(), batch.advantages, batch.completion_mask, agg=agg,
+                          max_completion_length=MAX_LEN)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     opt.step()
@@ -130,7 +116,7 @@ def test_micro_batches_give_the_update_of_one_big_batch(make_learner, tiny_qwen2
     # tolerance 2e-5 is 20x below one lr-sized (1e-4) update.
     samples = make_samples(5)
     learner = make_learner(zero_stage=zero_stage, micro_batch_size=micro_batch_size, lr=1e-4,
-                           lr_schedule="constant", loss_agg=agg)
+                           lr_schedule="constant", loss_agg=agg, max_completion_length=MAX_LEN)
     expected, norm, loss = _plain_torch_step(tiny_qwen2, samples, lr=1e-4, max_grad_norm=1.0,
                                              pad_token_id=learner.pad_token_id, agg=agg)
     metrics = learner.train_step(learner.collate(samples))
@@ -189,7 +175,7 @@ def test_save_then_load_continues_exactly(make_learner, tmp_path, monkeypatch, z
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(zero_stage=zero_stage, micro_batch_size=2, kl_coef=0.1, warmup_steps=2,
-                  total_steps=6)
+                  total_steps=6, reference=Reference.BESIDE)
     first = make_learner(**kwargs)
     batch = first.collate(make_samples(3))
     m1 = first.train_step(batch)
@@ -226,10 +212,10 @@ def test_lora_merges_for_sync_and_uses_base_as_reference(make_learner, tiny_qwen
     from medrl.align.logprobs import token_logprobs
     from medrl.align.models import load_model
 
-    learner = make_learner(zero_stage=2, kl_coef=0.1, lr=1e-2,
-                           lora=dict(r=4, alpha=8, dropout=0.0,
-                                     target_modules=["q_proj", "v_proj"]))
-    assert learner.ref_mode == "adapters" and learner.ref_model is None
+    lora = dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    placement = reference_placement("auto", kl_coef=0.1, lora=True)
+    learner = make_learner(zero_stage=2, kl_coef=0.1, lr=1e-2, lora=lora, reference=placement)
+    assert learner.reference is Reference.ADAPTERS and learner.ref_model is None
     base = load_model(tiny_qwen2)
     batch = learner.collate(make_samples(3))
     before = full_weights(learner)

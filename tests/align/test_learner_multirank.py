@@ -38,7 +38,7 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(ray_local, tiny_qwen2, tmp
     # (the short rank pads with a zero-weight pass, as ZeRO-3's collective forward needs).
     samples = make_samples(5)
     kwargs = dict(zero_stage=zero_stage, micro_batch_size=1, lr=1e-4, kl_coef=0.05,
-                  lr_schedule="constant", seed=0)
+                  lr_schedule="constant", seed=0, reference="beside")
     group = LearnerGroup(2, tiny_qwen2, kwargs, num_cpus_per_worker=1)
     try:
         multi = group.train_step(samples)
@@ -67,3 +67,33 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(ray_local, tiny_qwen2, tmp
     lp = single.logprobs(batch)
     for i, s in enumerate(samples):
         assert torch.allclose(multi_lp[i], lp[i, :len(s.completion_ids)], atol=1e-5)
+
+
+def test_calls_from_two_threads_reach_every_rank_in_the_same_order(ray_local, tiny_qwen2):
+    """Async mode calls the learner from the rollout thread (the policy log-prob hook) while
+    the loop trains: the group serialises its calls, so both ranks run one sequence."""
+    import sys
+    import threading
+
+    from medrl.launch.learner_group import LearnerGroup
+
+    group = LearnerGroup(2, tiny_qwen2, dict(zero_stage=2, micro_batch_size=2),
+                         num_cpus_per_worker=1)
+    try:
+        samples = make_samples(4)
+        threads = [threading.Thread(target=lambda: [group.logprobs(samples) for _ in range(30)]),
+                   threading.Thread(target=lambda: [group.fingerprints() for _ in range(30)])]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads often: between the two ranks' submissions
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+        finally:
+            sys.setswitchinterval(interval)
+        first, second = group.call_histories()
+        assert sorted(first) == ["fingerprint"] * 30 + ["logprobs"] * 30
+        assert first == second
+    finally:
+        group.shutdown()

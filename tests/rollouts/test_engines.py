@@ -44,7 +44,7 @@ def naive_logprobs(model, sample: Sample, temperature: float = 1.0) -> torch.Ten
 def hf_engine(tiny_qwen2):
     from medrl.rollouts.hf_engine import HFEngine
 
-    return HFEngine(tiny_qwen2, seed=0)
+    return HFEngine(tiny_qwen2, seed=0, max_model_len=512)
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +275,17 @@ def test_unknown_weight_names_are_named(engine, reference):
     assert engine.policy_version == version
 
 
+def test_prompts_that_do_not_fit_the_context_are_refused(engine):
+    """Both engines hold 512 tokens: a prompt that leaves no room for max_new_tokens is
+    refused with the sample named and none of its (patient) text."""
+    text = "Persistent cough with fever and night sweats. " * 60
+    with pytest.raises(UserError, match="q7: its prompt is .* does not fit .* 512 tokens") as err:
+        engine.generate([prompt(7, text)], SamplingParams(max_new_tokens=16, n=2, seed=0))
+    assert "cough" not in str(err.value)
+    fits = engine.generate([prompt(8)], SamplingParams(max_new_tokens=16, n=2, seed=0))
+    assert len(fits) == 2
+
+
 def test_sampling_params_reject_bad_values():
     with pytest.raises(UserError, match="top_p"):
         SamplingParams(top_p=0.0)
@@ -324,3 +335,13 @@ def test_vllm_engine_refuses_a_vlm_without_torchvision(tiny_qwen2_vl):
 
     with pytest.raises(UserError, match="rollout.backend: hf"):
         VLLMEngine(tiny_qwen2_vl)
+
+
+def test_hf_engine_takes_the_recipes_dtype_and_attention(tiny_qwen2):
+    from medrl.rollouts.hf_engine import HFEngine
+
+    engine = HFEngine(tiny_qwen2, dtype="bfloat16", attn_implementation="eager")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert engine.model.config._attn_implementation == "eager"
+    out = engine.generate([prompt(1)], SamplingParams(max_new_tokens=4, n=2, seed=0))
+    assert len(out) == 2 and all(len(s.rollout_logprobs) == len(s.completion_ids) for s in out)
