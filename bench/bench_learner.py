@@ -56,7 +56,7 @@ def make_samples(model_dir, args):
     import torch
     from transformers import AutoTokenizer
 
-    from medrl.rollouts.encode import encode_batch
+    from medrl.align.encode import encode_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts, source = load_prompts(args.prompts_per_step)

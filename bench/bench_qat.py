@@ -2,7 +2,7 @@
 
 One process, the same threads, the same SFT batch: the first 8 bundled quick-start
 multiple-choice items (``recipes/data/quickstart_mcq.jsonl``) rendered by the SFT stage's own
-``medrl.align.sft.build_example`` (chat template, generation prompt), the answer being the
+``medrl.align.stages.sft.build_example`` (chat template, generation prompt), the answer being the
 correct option written out (``"B. Right coronary artery"``) plus the end-of-turn token.
 Every contender runs the step the SFT / QAT stage runs: ``Learner.train_step_with(batch_loss,
 batch, size_fn=batch_weight)`` under DeepSpeed ZeRO-0, one rank (gloo), fp32, AdamW, one
@@ -70,7 +70,7 @@ def make_batch(model_dir, n: int):
     from transformers import AutoTokenizer
 
     from medrl.align.batch import collate
-    from medrl.align.sft import ExampleSpec, build_example
+    from medrl.align.stages.sft import ExampleSpec, build_example
     from medrl.launch.data import load_samples
     from medrl.launch.recipe import DataConfig
 
@@ -85,7 +85,7 @@ def make_batch(model_dir, n: int):
         examples.append(build_example(tokenizer, s, ExampleSpec(response_field="response")))
     batch = collate(examples, pad_token_id=tokenizer.pad_token_id)
     source = (f"first {n} items of the bundled {QUICKSTART_DATA.name}, rendered by "
-              "medrl.align.sft.build_example; answer = the correct option written out")
+              "medrl.align.stages.sft.build_example; answer = the correct option written out")
     return batch, source
 
 
@@ -107,7 +107,7 @@ def quantise_with(fmt: str, on: bool):
 def build(name: str, model_dir, micro_batch_size: int):
     """The step function of contender ``name`` (its learner kept alive by the closure)."""
     from medrl.align.learner import Learner
-    from medrl.align.sft import batch_loss, batch_weight
+    from medrl.align.stages.sft import batch_loss, batch_weight
 
     fmt, on = CONTENDERS[name]
     learner = Learner(model_dir, zero_stage=0, micro_batch_size=micro_batch_size,

@@ -3,7 +3,7 @@
 ``load_samples(cfg)`` reads the file named by the recipe's ``data`` section through the
 ``datasets`` library (JSON, JSON lines, Parquet, or a folder written by ``save_to_disk``),
 maps the recipe's ``data.fields`` onto canonical names and renders each row into chat
-messages (``medrl.rollouts.prompts``). The result is one :class:`Sample` per row:
+messages (``medrl.align.prompts``). The result is one :class:`Sample` per row:
 
 - ``uid`` = ``group_id`` = the row's id column (``fields.id``), or the key of a JSON file
   keyed by id, or ``<file stem>-<row index>``; ids must be unique;
@@ -36,7 +36,7 @@ import numpy as np
 from medrl.align.records import Sample, UserError
 from medrl.launch.recipe import DataConfig, VolumeConfig, resolve_path
 from medrl.rollouts.multimodal import load_image, load_volume, volume_to_slices
-from medrl.rollouts.prompts import count_image_parts, letter_options, render_messages
+from medrl.align.prompts import count_image_parts, letter_options, render_messages
 
 FORMATS_BY_SUFFIX = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
                      ".parquet": "parquet", ".pq": "parquet"}

@@ -36,7 +36,8 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
         from medrl.rewards import load_rewards
 
         loaded = load_rewards([s.model_dump() for s in recipe.rewards.functions],
-                              base_dir=recipe_dir, veto=recipe.rewards.veto)
+                              base_dir=recipe_dir,
+                              veto=[v.model_dump() for v in recipe.rewards.veto])
         checked.append(f"{len(loaded)} reward(s) loaded, arguments bound")
     return checked
 
@@ -49,7 +50,7 @@ def run_stage(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None)
 
         return train(recipe, run_dir, resume_from=resume_from)
     if stage in ("sft", "qat"):
-        from medrl.align.sft import run_stage as run_sft_stage
+        from medrl.align.stages.sft import run_stage as run_sft_stage
 
         return run_sft_stage(stage_io(recipe, run_dir), run_dir, resume_from=resume_from,
                              hooks=qat_hooks(recipe) if stage == "qat" else None, stage=stage)
@@ -63,7 +64,7 @@ def stage_io(recipe: Recipe, run_dir: Path):
     """The sft / qat stage's inputs from the recipe: policy, data stream, monitor, learner."""
     from medrl.align.models import resolve_policy
     from medrl.align.records import UserError
-    from medrl.align.sft import ExampleSpec, StageIO
+    from medrl.align.stages.sft import ExampleSpec, StageIO
     from medrl.launch.data import PromptStream, load_media
     from medrl.launch.driver import learner_kwargs
     from medrl.launch.monitor import Monitor
@@ -76,15 +77,17 @@ def stage_io(recipe: Recipe, run_dir: Path):
     sft = recipe.sft or SFTConfig()
     stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed,
                                       recipe_dir=Path(recipe.run.recipe_dir or "."))
+    stream.check_take(sft.batch_size, field="sft.batch_size")
     lg = recipe.logging
-    kwargs = dict(learner_kwargs(recipe), ref_model="none", kl_coef=0.0)
+    kwargs = dict(learner_kwargs(recipe), reference="none", kl_coef=0.0)
     return StageIO(
         policy_dir=resolve_policy(recipe.model.policy, seed=recipe.run.seed),
         stream=stream,
         eval_samples=[load_media(s, recipe.data.volume) for s in stream.eval_samples],
         monitor_factory=lambda total, start: Monitor(
             run_dir, total_steps=total, start_step=start, tensorboard=lg.tensorboard,
-            plots=lg.plots, progress=lg.progress),
+            plots=lg.plots, progress=lg.progress, every=lg.every,
+            checkpoint_every=recipe.checkpoint.every),
         learner_kwargs=kwargs,
         spec=ExampleSpec(response_field=sft.response_field, weight_field=sft.weight_field,
                          abnormal_weight=sft.abnormal_weight, max_length=sft.max_length,
@@ -98,7 +101,8 @@ def qat_hooks(recipe: Recipe):
     """The qat stage's hooks from ``recipe.qat``; the probe rows load like any MCQ data."""
     from rich.console import Console
 
-    from medrl.align.qat_stage import QATHooks
+    from medrl.align.stages.qat import QATHooks
+    from medrl.rewards.rules import gold_letter  # the answer extractor labels the probe
     from medrl.launch.data import load_media, load_samples
     from medrl.launch.recipe import DataConfig, QATConfig
 
@@ -113,4 +117,4 @@ def qat_hooks(recipe: Recipe):
                     history=q.amax_history, reduction=q.amax_reduction, margin=q.margin,
                     clip_warn_threshold=q.clip_warn_threshold, probe_samples=probe,
                     probe_every=q.probe_every, export_fake_quant=q.export_fake_quant,
-                    console=Console(stderr=True))
+                    console=Console(stderr=True), gold_letter=gold_letter)

@@ -220,20 +220,3 @@ def verify_sync(engine: RolloutEngine,
             f"at sample {uid}, completion token {pos} (engine {x:.6f}, learner {y:.6f}). "
             "The engine is generating with stale or wrongly mapped weights.")
     return worst
-
-
-def create_engine(backend: str, model_dir: str, **engine_kwargs: Any) -> RolloutEngine:
-    """The engine for ``rollout.backend``: "hf" (:class:`~medrl.rollouts.hf_engine.HFEngine`)
-    or "vllm" (:class:`~medrl.rollouts.vllm_engine.VLLMEngine`)."""
-    if backend == "hf":
-        from medrl.rollouts.hf_engine import HFEngine
-
-        engine_kwargs.pop("kv_cache_memory_bytes", None)  # vLLM-only settings
-        engine_kwargs.pop("enforce_eager", None)
-        return HFEngine(model_dir, **engine_kwargs)
-    if backend == "vllm":
-        from medrl.rollouts.vllm_engine import VLLMEngine
-
-        engine_kwargs.pop("attn_implementation", None)  # vLLM picks its attention backend
-        return VLLMEngine(model_dir, **engine_kwargs)
-    raise UserError(f"rollout.backend: unknown backend {backend!r}; choose 'hf' or 'vllm'.")

@@ -15,7 +15,7 @@ from typing import Any
 
 from medrl.align.models import is_vision_model, load_model, load_tokenizer, resolve_dtype
 from medrl.align.records import Sample
-from medrl.rollouts.encode import EncodedBatch, encode_batch, text_tokenizer
+from medrl.align.encode import EncodedBatch, encode_batch, text_tokenizer
 from medrl.rollouts.engine import (SamplingParams, WeightSyncError, check_context,
                                    check_weight_names, finished_sample)
 

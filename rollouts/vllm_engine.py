@@ -23,7 +23,7 @@ from typing import Any
 
 from medrl.align.models import is_vision_model, load_tokenizer, resolve_dtype
 from medrl.align.records import Sample, UserError
-from medrl.rollouts.encode import encode_batch, render, text_tokenizer
+from medrl.align.encode import encode_batch, render, text_tokenizer
 from medrl.rollouts.engine import (SamplingParams, check_context, check_weight_names,
                                    finished_sample)
 

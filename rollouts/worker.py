@@ -19,9 +19,25 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from medrl.align.records import Sample
-from medrl.rollouts.engine import (SamplingParams, WeightSyncError, create_engine,
-                                   verify_sync)
+from medrl.align.records import Sample, UserError
+from medrl.rollouts.engine import RolloutEngine, SamplingParams, WeightSyncError, verify_sync
+
+
+def create_engine(backend: str, model_dir: str, **engine_kwargs: Any) -> RolloutEngine:
+    """The engine for ``rollout.backend``: "hf" (:class:`~medrl.rollouts.hf_engine.HFEngine`)
+    or "vllm" (:class:`~medrl.rollouts.vllm_engine.VLLMEngine`)."""
+    if backend == "hf":
+        from medrl.rollouts.hf_engine import HFEngine
+
+        engine_kwargs.pop("kv_cache_memory_bytes", None)  # vLLM-only settings
+        engine_kwargs.pop("enforce_eager", None)
+        return HFEngine(model_dir, **engine_kwargs)
+    if backend == "vllm":
+        from medrl.rollouts.vllm_engine import VLLMEngine
+
+        engine_kwargs.pop("attn_implementation", None)  # vLLM picks its attention backend
+        return VLLMEngine(model_dir, **engine_kwargs)
+    raise UserError(f"rollout.backend: unknown backend {backend!r}; choose 'hf' or 'vllm'.")
 
 
 class RolloutWorker:
@@ -71,14 +87,17 @@ class RolloutGroup:
     ``backend``: "hf" | "vllm"; ``engine_kwargs`` go to the engine constructor;
     ``num_cpus_per_worker``: the actor's Ray CPUs (and its OMP/torch threads unless
     ``engine_kwargs["num_threads"]`` says otherwise); ``max_restarts``: how often Ray may
-    restart a dead worker; ``restart_timeout_s``: how long to wait for one to come back.
+    restart a dead worker; ``restart_timeout_s``: how long to wait for one to come back;
+    ``resources``: custom Ray resources each worker asks for (it lands only on nodes that
+    have them, a restarted one too).
     """
 
     def __init__(self, num_workers: int, backend: str, model_dir: str,
                  engine_kwargs: dict[str, Any] | None = None, *,
                  num_cpus_per_worker: float = 1, num_gpus_per_worker: float = 0,
                  max_restarts: int = 1, restart_timeout_s: float = 180.0,
-                 placement_group=None, bundle_indices: Sequence[int] | None = None):
+                 placement_group=None, bundle_indices: Sequence[int] | None = None,
+                 resources: dict[str, float] | None = None):
         import ray
 
         engine_kwargs = dict(engine_kwargs or {})
@@ -86,7 +105,7 @@ class RolloutGroup:
         engine_kwargs["num_threads"] = threads
         options: dict[str, Any] = dict(
             num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
-            max_restarts=max_restarts,
+            resources=dict(resources or {}), max_restarts=max_restarts,
             max_task_retries=0,  # retries are ours: weights must be re-pushed first
             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                       "OMP_NUM_THREADS": str(threads)}})

@@ -114,8 +114,8 @@ def test_saturation_is_reported_and_warned(tiny_qwen2, tmp_path):
 
     from medrl.align.learner import Learner
     from medrl.align.qat import qat_layers
-    from medrl.align.qat_stage import QATHooks
-    from medrl.align.sft import ExampleSpec, batch_loss, batch_weight, build_example
+    from medrl.align.stages.qat import QATHooks
+    from medrl.align.stages.sft import ExampleSpec, batch_loss, batch_weight, build_example
     from medrl.launch.data import load_samples
 
     out = io.StringIO()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medrl.align.records import Sample, UserError
-from medrl.align.sft import (ExampleSpec, batch_loss, batch_weight, build_example,
+from medrl.align.stages.sft import (ExampleSpec, batch_loss, batch_weight, build_example,
                              encode_weighted_text, sft_loss)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def test_example_masks_the_prompt_and_weights_abnormal_sentences(tiny_qwen2, tmp
     spec = ExampleSpec(response_field="findings", weight_field="abnormal", abnormal_weight=1.1)
     ex = build_example(tok, sample, spec)
     # The prompt is exactly what a rollout renders; the completion is the report + <|im_end|>.
-    from medrl.rollouts.encode import encode_prompt
+    from medrl.align.encode import encode_prompt
 
     assert ex.prompt_ids == encode_prompt(tok, sample).prompt_ids[0]
     assert tok.decode(ex.completion_ids) == " ".join(sample.row["findings"]) + "<|im_end|>"
@@ -169,7 +169,7 @@ def test_lora_recipe_saves_adapters_and_merged_policy(tiny_qwen2, tmp_path):
 
 
 def test_epochs_decide_the_number_of_steps():
-    from medrl.align.sft import total_steps
+    from medrl.align.stages.sft import total_steps
 
     assert total_steps(max_steps=99, epochs=3, num_train=5, batch_size=2) == 8
     assert total_steps(max_steps=7, epochs=None, num_train=5, batch_size=2) == 7
@@ -179,7 +179,7 @@ def test_vlm_step_trains_on_answer_tokens_with_the_image(tiny_qwen2_vl):
     from PIL import Image
 
     from medrl.align.learner import Learner
-    from medrl.rollouts.prompts import open_messages
+    from medrl.align.prompts import open_messages
 
     learner = Learner(tiny_qwen2_vl, zero_stage=0, micro_batch_size=2, lr=1e-3, temperature=1.0)
     image = Image.new("RGB", (56, 56), (120, 30, 30))

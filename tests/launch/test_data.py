@@ -18,7 +18,7 @@ from medrl.align.records import Sample, UserError
 from medrl.launch.data import (PromptStream, load_samples, load_train_eval, read_rows,
                                split_eval)
 from medrl.launch.recipe import DataConfig, VolumeConfig, load_recipe
-from medrl.rollouts.prompts import MCQ_INSTRUCTION
+from medrl.align.prompts import MCQ_INSTRUCTION
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [

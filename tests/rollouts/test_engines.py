@@ -15,7 +15,7 @@ import torch
 
 from medrl.align.models import load_model, load_tokenizer
 from medrl.align.records import Sample, UserError
-from medrl.rollouts.encode import encode_prompt
+from medrl.align.encode import encode_prompt
 from medrl.rollouts.engine import SamplingParams, WeightSyncError, verify_sync
 
 ATOL = 1e-4

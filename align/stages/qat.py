@@ -1,6 +1,6 @@
 """The QAT stage: full-precision warm-up, then HiF8 / E4M3 W8A8 fake-quantised training.
 
-It is the SFT loop (:func:`medrl.align.sft.run_stage`, same loss, data, checkpoints and
+It is the SFT loop (:func:`medrl.align.stages.sft.run_stage`, same loss, data, checkpoints and
 resume) with :class:`QATHooks` plugged in:
 
 - every ``nn.Linear`` but the LM head becomes a :class:`~medrl.align.qat.QATLinear` before
@@ -31,7 +31,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -54,10 +54,14 @@ class ProbeItem:
     images: list[Any]
 
 
-def probe_items(tokenizer_or_processor, samples: Sequence[Sample]) -> list[ProbeItem]:
-    """Rendered probe items; rows without a gold letter are skipped (unlabelled)."""
-    from medrl.rewards.rules import gold_letter
-    from medrl.rollouts.encode import encode_prompt, text_tokenizer
+def probe_items(tokenizer_or_processor, samples: Sequence[Sample],
+                gold_letter: Callable[[dict], str | None]) -> list[ProbeItem]:
+    """Rendered probe items; rows without a gold letter are skipped (unlabelled).
+
+    gold_letter(row): the row's correct option letter, None when unlabelled; raises
+    ``ValueError`` for a malformed row (the answer extractor, passed in by the caller).
+    """
+    from medrl.align.encode import encode_prompt, text_tokenizer
 
     tok = text_tokenizer(tokenizer_or_processor)
     items = []
@@ -101,18 +105,26 @@ def score_probe(learner, items: Sequence[ProbeItem], batch_size: int = 16) -> di
 
 
 class QATHooks:
-    """The QAT stage's additions to the SFT loop (see the module docstring)."""
+    """The QAT stage's additions to the SFT loop (see the module docstring).
+
+    ``gold_letter(row)``: the answer extractor that labels the probe rows (needed with
+    ``probe_samples``; ``medrl.rewards.rules.gold_letter`` from the launcher).
+    """
 
     def __init__(self, *, fmt: str = "hif8", warmup_steps: int = 500, qat_lr: float = 1e-5,
                  history: int = 64, reduction: str = "max", margin: int = 0,
                  clip_warn_threshold: float = 0.01, probe_samples: Sequence[Sample] = (),
-                 probe_every: int = 0, export_fake_quant: bool = False, console=None):
+                 probe_every: int = 0, export_fake_quant: bool = False, console=None,
+                 gold_letter: Callable[[dict], str | None] | None = None):
         self.fmt, self.warmup_steps, self.qat_lr = fmt, warmup_steps, qat_lr
         self.history, self.reduction, self.margin = history, reduction, margin
         self.clip_warn_threshold = clip_warn_threshold
         self.probe_samples, self.probe_every = list(probe_samples), probe_every
         self.export_fake_quant = export_fake_quant
         self.console = console
+        self.gold_letter = gold_letter
+        if self.probe_samples and gold_letter is None:
+            raise ValueError("gold_letter: needed to label the probe samples")
         self.learner = None
         self.items: list[ProbeItem] = []
         self.baseline: dict[str, float] | None = None
@@ -138,7 +150,7 @@ class QATHooks:
                             "(its policy/ holds merged weights).")
         self.learner = learner
         if self.probe_samples:
-            self.items = probe_items(learner.tokenizer, self.probe_samples)
+            self.items = probe_items(learner.tokenizer, self.probe_samples, self.gold_letter)
         if state is not None:
             path = Path(resume_from) / "learner" / QAT_STATE_FILE
             if not path.is_file():

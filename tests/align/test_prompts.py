@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from medrl.align.records import UserError
-from medrl.rollouts.prompts import (MCQ_INSTRUCTION, chat_messages, count_image_parts,
+from medrl.align.prompts import (MCQ_INSTRUCTION, chat_messages, count_image_parts,
                                     letter_options, mcq_messages, open_messages,
                                     render_messages)
 

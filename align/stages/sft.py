@@ -1,7 +1,7 @@
 """Supervised fine-tuning: the weighted answer-token loss and the single-learner stage loop.
 
 A training example is a :class:`~medrl.align.records.Sample` whose ``prompt_ids`` are the
-prompt rendered exactly as a rollout renders it (``medrl.rollouts.encode``: chat template,
+prompt rendered exactly as a rollout renders it (``medrl.align.encode``: chat template,
 generation prompt, image tokens expanded for a VLM) and whose ``completion_ids`` are the
 answer followed by the end-of-turn token. The learner's ``collate`` pads it like a rollout
 sample, so the loss only ever sees answer tokens: prompt tokens are masked by construction.
@@ -124,7 +124,7 @@ class ExampleSpec:
 
 def _templated(sample: Sample, template: str) -> Sample:
     """The sample with its user message's text replaced by ``template.format_map(row)``."""
-    from medrl.rollouts.prompts import count_image_parts, user_content
+    from medrl.align.prompts import count_image_parts, user_content
 
     try:
         text = template.format_map(sample.row)
@@ -145,7 +145,7 @@ def build_example(tokenizer_or_processor, sample: Sample, spec: ExampleSpec) -> 
     match the sentences, or the prompt alone fills ``max_length``. An answer that does not fit
     is cut at ``max_length`` (the end-of-turn token is then dropped too).
     """
-    from medrl.rollouts.encode import encode_prompt, text_tokenizer
+    from medrl.align.encode import encode_prompt, text_tokenizer
 
     if spec.prompt_template:
         sample = _templated(sample, spec.prompt_template)
