@@ -1,17 +1,30 @@
 """Ray: an embedded local cluster by default, or an existing one at ``cluster.address``.
 
-The embedded cluster listens on loopback only and starts no dashboard unless the recipe asks
-for one (``cluster.include_dashboard``, bound to ``cluster.dashboard_host``, 127.0.0.1 by
-default). Ray's CPU count is a scheduling resource, not a thread count: the embedded cluster
-gets at least as many logical CPUs as the recipe's actors ask for, so a 2-core laptop can run
-one rollout worker, one learner and a reward actor side by side.
+The embedded cluster listens on loopback only: every Ray server (GCS, raylet, object manager,
+core workers, dashboard agent, runtime-env agent, metrics) binds the node's IP address, and
+that address is kept at 127.0.0.1. It starts no dashboard unless the recipe asks for one
+(``cluster.include_dashboard``, bound to ``cluster.dashboard_host``, 127.0.0.1 by default; a
+host other than loopback needs ``cluster.allow_remote: true``, since the Jobs API served there
+runs any code it is sent). Ray's CPU count is a scheduling resource, not a thread count: the
+embedded cluster gets at least as many logical CPUs as the recipe's actors ask for, so a
+2-core laptop can run one rollout worker, one learner and a reward actor side by side.
+
+On an existing cluster (``cluster.address``) ``cluster.learner_resources`` and
+``cluster.rollout_resources`` place the actors: each learner rank / rollout worker asks for
+those custom Ray resources, so it lands only on a node that has them. The embedded cluster
+holds as many of them as the actors ask for, so such a recipe also runs on one machine.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import warnings
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from medrl.launch.recipe import Recipe
+if TYPE_CHECKING:  # the recipe imports is_loopback from here
+    from medrl.launch.recipe import Recipe
 
 # Environment every actor needs: DeepSpeed on CPU picks its CPU accelerator, vLLM runs its
 # engine in the actor's own process (its multiprocessing mode ignores Ray's CPU allocation),
@@ -27,6 +40,8 @@ ACTOR_ENV = {
 # Set by Ray's job manager in the environment of a submitted job's entrypoint.
 IN_RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
+LOOPBACK = "127.0.0.1"  # the embedded cluster's node address: every Ray server binds it
+
 
 def cpus_needed(recipe: Recipe) -> float:
     """Logical CPUs the recipe's actors reserve."""
@@ -34,6 +49,47 @@ def cpus_needed(recipe: Recipe) -> float:
     rewards = sum(r.num_cpus for r in recipe.rewards.functions if r.actor)
     return (recipe.rollout.num_workers * c.rollout_cpus
             + recipe.learner.num_workers * c.learner_cpus + rewards)
+
+
+def resources_needed(recipe: Recipe) -> dict[str, float]:
+    """The custom Ray resources all the recipe's learner ranks and rollout workers ask for."""
+    c = recipe.cluster
+    total: dict[str, float] = {}
+    for per_actor, count in ((c.learner_resources, recipe.learner.num_workers),
+                             (c.rollout_resources, recipe.rollout.num_workers)):
+        for name, amount in per_actor.items():
+            total[name] = total.get(name, 0.0) + amount * count
+    return total
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address, ``[v6]`` or ``localhost``) names this machine only.
+
+    Any other host name counts as remote: it may resolve to an outward interface.
+    """
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or ip).is_loopback
+
+
+def dashboard_exposure(include_dashboard: bool, dashboard_host: str) -> str | None:
+    """The warning for an embedded cluster's dashboard on a non-loopback host, else None.
+
+    The recipe refuses such a host unless ``cluster.allow_remote`` is set (see
+    ``ClusterConfig``); this is what a run that allows it says when it starts.
+    """
+    if not include_dashboard or is_loopback(dashboard_host):
+        return None
+    return (f"cluster.dashboard_host is {dashboard_host} (cluster.allow_remote: true): the "
+            "Ray dashboard and its Jobs API, which runs any code it is sent, are reachable "
+            "from other machines, guarded only by the cluster's token and sent over plain "
+            "HTTP.")
 
 
 def start_ray(recipe: Recipe) -> None:
@@ -53,25 +109,65 @@ def start_ray(recipe: Recipe) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
+    risk = dashboard_exposure(c.include_dashboard, c.dashboard_host)
+    if risk:
+        warnings.warn(risk, stacklevel=2)
+    # The learners' collectives listen on the interface these name (gloo would take the one
+    # the host name resolves to, NCCL the first outward one): loopback, like the rest.
+    lo = _loopback_interface()
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if lo and name not in os.environ:
+            env[name] = lo
     num_cpus = c.num_cpus or max(os.cpu_count() or 1, int(cpus_needed(recipe) + 0.999))
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=c.include_dashboard,
-        dashboard_host=c.dashboard_host,
-        runtime_env=runtime_env,
-        log_to_driver=True,
-        _node_ip_address="127.0.0.1",
-    )
+    with _keep_loopback_node_ip():
+        ray.init(
+            num_cpus=num_cpus,
+            resources=resources_needed(recipe),
+            include_dashboard=c.include_dashboard,
+            dashboard_host=c.dashboard_host if c.include_dashboard else LOOPBACK,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            _node_ip_address=LOOPBACK,
+        )
+    node_ip = ray.util.get_node_ip_address()
+    if not is_loopback(node_ip):
+        warnings.warn(f"the embedded Ray cluster took the node address {node_ip} instead of "
+                      f"{LOOPBACK}: its servers listen on that interface.", stacklevel=2)
+
+
+@contextmanager
+def _keep_loopback_node_ip():
+    """Let ``ray.init(_node_ip_address="127.0.0.1")`` keep the loopback address.
+
+    Ray (2.60) replaces a loopback node address with the machine's outward one unless it
+    believes it runs a single-machine session (its constant ``ENABLE_RAY_CLUSTER``, read from
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when Ray is imported, so setting the variable now
+    would be too late). Every Ray server binds the node address, so the outward address would
+    expose them all. The switch is flipped only around the call that starts the node: the
+    processes it starts receive the address on their command lines.
+    """
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved is None:
+            del ray_constants.ENABLE_RAY_CLUSTER
+        else:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def placement(recipe: Recipe):
     """Where the rollout workers and learner ranks go.
 
-    ``cluster.colocate: false`` (default): no placement group; Ray spreads the actors by
-    their CPU/GPU requests. ``true``: one STRICT_PACK placement group, one bundle per rollout
-    worker then one per learner rank, so they share a node (and, with fractional
-    ``rollout_gpus`` / ``learner_gpus`` such as 0.5 each, the same GPUs). Returns
-    ``(placement_group, rollout_bundles, learner_bundles)`` or ``(None, None, None)``.
+    ``cluster.colocate: false`` (default): no placement group; Ray places the actors by
+    their CPU/GPU requests and custom resources (``cluster.learner_resources`` /
+    ``rollout_resources``). ``true``: one STRICT_PACK placement group, one bundle per rollout
+    worker then one per learner rank (custom resources included), so they share a node (and,
+    with fractional ``rollout_gpus`` / ``learner_gpus`` such as 0.5 each, the same GPUs).
+    Returns ``(placement_group, rollout_bundles, learner_bundles)`` or ``(None, None, None)``.
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -79,14 +175,24 @@ def placement(recipe: Recipe):
     c = recipe.cluster
     if not c.colocate:
         return None, None, None
-    rollout = [{"CPU": c.rollout_cpus, **({"GPU": c.rollout_gpus} if c.rollout_gpus else {})}
-               for _ in range(recipe.rollout.num_workers)]
-    learner = [{"CPU": c.learner_cpus, **({"GPU": c.learner_gpus} if c.learner_gpus else {})}
-               for _ in range(recipe.learner.num_workers)]
+    rollout = [{"CPU": c.rollout_cpus, **({"GPU": c.rollout_gpus} if c.rollout_gpus else {}),
+                **c.rollout_resources} for _ in range(recipe.rollout.num_workers)]
+    learner = [{"CPU": c.learner_cpus, **({"GPU": c.learner_gpus} if c.learner_gpus else {}),
+                **c.learner_resources} for _ in range(recipe.learner.num_workers)]
     pg = placement_group(rollout + learner, strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=300)
     n = len(rollout)
     return pg, list(range(n)), list(range(n, n + len(learner)))
+
+
+def _loopback_interface() -> str | None:
+    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == LOOPBACK for a in addresses):
+            return name
+    return None
 
 
 def stop_ray() -> None:

@@ -17,6 +17,11 @@ Authentication: Ray 2.60 clusters started with ``ray start`` check a token on ev
 dashboard request (``RAY_AUTH_MODE=token``). The client sends ``Authorization: Bearer
 <token>``; the token comes from ``--token``, else ``RAY_AUTH_TOKEN``, else the file named by
 ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (the places Ray itself reads).
+
+Transport: the Jobs API runs whatever it is sent. A plain ``http://`` address on another
+machine would carry the token, the recipe and its data unencrypted, open to reading and
+tampering on the way, so ``submit`` refuses one unless ``allow_remote`` (``--allow-remote``)
+says so, and then warns. ``https://`` and loopback addresses (an SSH tunnel) need nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
 import yaml
 
 from medrl.align.records import UserError
+from medrl.launch.cluster import is_loopback
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Above this a file or folder stays where it is: the whole upload must fit in one of Ray's
@@ -96,6 +103,33 @@ def _normalise(address: str) -> str:
         raise UserError(f"--address {address}: Ray Jobs talk to the dashboard, not the Ray "
                         "client port; use http://HEAD_NODE:8265.")
     return address if "://" in address else f"http://{address}"
+
+
+class RemoteExposureWarning(UserWarning):
+    """A job goes over plain HTTP to another machine (allowed with ``allow_remote``)."""
+
+
+def check_transport(address: str, allow_remote: bool = False) -> str | None:
+    """Refuse plain HTTP to another machine unless ``allow_remote``.
+
+    Returns None for ``https://`` and loopback addresses, the warning to show when a plain
+    HTTP remote address is allowed; raises :class:`UserError` when it is not.
+    """
+    from urllib.parse import urlsplit
+
+    url = _normalise(address)
+    parts = urlsplit(url)
+    if parts.scheme == "https" or is_loopback(parts.hostname or ""):
+        return None
+    risk = (f"--address {url} is plain HTTP to another machine: the Ray Jobs API runs any code "
+            "it is sent, and the cluster token, the recipe and its data would cross the "
+            "network unencrypted, open to reading and tampering on the way")
+    if not allow_remote:
+        raise UserError(f"{risk}. Use an https:// address (a TLS proxy in front of the "
+                        "dashboard), or an SSH tunnel (ssh -L 8265:127.0.0.1:8265 HEAD_NODE, "
+                        "then --address http://127.0.0.1:8265), or pass --allow-remote to "
+                        "accept the risk.")
+    return f"{risk} (allowed by --allow-remote)."
 
 
 def _client(address: str, token: str | None):
@@ -299,10 +333,18 @@ def pack_recipe(recipe_path: str | Path, overrides: Sequence[str], folder: Path,
 
 def submit_entrypoint(address: str, entrypoint: str, *, working_dir: str | Path | None = None,
                       token: str | None = None, env_vars: dict[str, str] | None = None,
-                      metadata: dict[str, str] | None = None) -> str:
-    """Start ``entrypoint`` (a shell command) as a Ray Job; return its submission id."""
+                      metadata: dict[str, str] | None = None,
+                      allow_remote: bool = False) -> str:
+    """Start ``entrypoint`` (a shell command) as a Ray Job; return its submission id.
+
+    ``allow_remote``: accept a plain ``http://`` address on another machine (see
+    :func:`check_transport`); a :class:`RemoteExposureWarning` is issued then.
+    """
     from ray.exceptions import AuthenticationError
 
+    risk = check_transport(address, allow_remote)
+    if risk:
+        warnings.warn(risk, RemoteExposureWarning, stacklevel=2)
     client = _client(address, token)
     runtime_env: dict[str, Any] = {}
     if working_dir is not None:
@@ -321,13 +363,15 @@ def submit_entrypoint(address: str, entrypoint: str, *, working_dir: str | Path 
 def submit(recipe_path: str | Path, address: str, overrides: Sequence[str] = (), *,
            command: str = "run", extra_files: Iterable[str | Path] = (),
            token: str | None = None, env_vars: dict[str, str] | None = None,
-           on_note: Callable[[str], None] | None = None) -> str:
+           on_note: Callable[[str], None] | None = None, allow_remote: bool = False) -> str:
     """Pack ``recipe_path`` with its local files and start ``medrl <command> <recipe> <overrides>``
     on the cluster at ``address``; return the job's submission id.
 
     ``on_note`` receives one line per packing decision the user should know about (a path left
-    for the cluster to resolve, a relative output folder).
+    for the cluster to resolve, a relative output folder). ``allow_remote``: see
+    :func:`submit_entrypoint`.
     """
+    check_transport(address, allow_remote)  # before anything is packed
     with tempfile.TemporaryDirectory(prefix="medrl-submit-") as tmp:
         packed = pack_recipe(recipe_path, overrides, Path(tmp), extra_files)
         for note in packed.notes:
@@ -336,7 +380,7 @@ def submit(recipe_path: str | Path, address: str, overrides: Sequence[str] = (),
         entrypoint = shlex.join(["medrl", command, packed.recipe_name, *packed.overrides])
         # submit_job uploads the folder before it returns, so the temporary folder may go.
         return submit_entrypoint(address, entrypoint, working_dir=tmp, token=token,
-                                 env_vars=env_vars,
+                                 env_vars=env_vars, allow_remote=allow_remote,
                                  metadata={"medrl_recipe": Path(recipe_path).name})
 
 
@@ -405,12 +449,22 @@ def register(app) -> None:
     @app.command("submit")
     def submit_cmd(recipe: Path = typer.Argument(..., help="recipe YAML"),
                    overrides: Optional[List[str]] = typer.Argument(None, help="key.path=value ..."),
-                   address: str = address_opt, token: Optional[str] = token_opt):
+                   address: str = address_opt, token: Optional[str] = token_opt,
+                   allow_remote: bool = typer.Option(
+                       False, "--allow-remote", help="accept a plain http:// address on another "
+                       "machine (token, recipe and data travel unencrypted)")):
         """Run a recipe on a Ray cluster as a Ray Job (prints the job id)."""
         try:
-            job_id = submit(recipe, address, overrides or [], token=token,
-                            on_note=lambda note: err.print(f"[yellow]note:[/yellow] {note}",
-                                                           highlight=False, soft_wrap=True))
+            risk = check_transport(address, allow_remote)
+            if risk:
+                err.print(f"[bold red]warning:[/bold red] {risk}", highlight=False,
+                          soft_wrap=True)
+            with warnings.catch_warnings():  # printed above
+                warnings.simplefilter("ignore", RemoteExposureWarning)
+                job_id = submit(recipe, address, overrides or [], token=token,
+                                allow_remote=allow_remote,
+                                on_note=lambda note: err.print(f"[yellow]note:[/yellow] {note}",
+                                                               highlight=False, soft_wrap=True))
         except UserError as exc:
             raise fail(exc) from None
         out.print(job_id, highlight=False)

@@ -139,6 +139,56 @@ def test_unreachable_address_says_what_to_do():
         sub.status("raysubmit_x", "ray://127.0.0.1:10001")
 
 
+# ----------------------------------------------------------------------------- transport
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "127.0.0.1:8265", "localhost:8265",
+                                     "http://[::1]:8265", "https://head.example.org:8443",
+                                     "https://10.0.0.5:8265"])
+def test_loopback_and_https_addresses_need_nothing(address):
+    assert sub.check_transport(address) is None
+
+
+@pytest.mark.parametrize("address", ["http://10.0.0.5:8265", "10.0.0.5:8265",
+                                     "http://head.example.org:8265", "http://0.0.0.0:8265"])
+def test_plain_http_to_another_machine_needs_allow_remote(address):
+    with pytest.raises(UserError, match="plain HTTP to another machine") as refused:
+        sub.check_transport(address)
+    assert "--allow-remote" in str(refused.value) and "ssh -L" in str(refused.value)
+    assert "allowed by --allow-remote" in sub.check_transport(address, allow_remote=True)
+
+
+def test_submit_refuses_plain_http_before_packing_or_connecting(tmp_path, monkeypatch):
+    packed = []
+    monkeypatch.setattr(sub, "pack_recipe", lambda *a, **k: packed.append(a))
+    with pytest.raises(UserError, match="--allow-remote"):
+        sub.submit(make_recipe(tmp_path), "http://10.0.0.5:8265")
+    with pytest.raises(UserError, match="--allow-remote"):
+        sub.submit_entrypoint("http://10.0.0.5:8265", "echo hi")
+    assert packed == []
+    # allowed: a loud warning, then the usual path (here: the dashboard is unreachable)
+    with pytest.warns(sub.RemoteExposureWarning, match="unencrypted"), \
+            pytest.raises(UserError, match="cannot reach the Ray dashboard"):
+        sub.submit_entrypoint("http://0.0.0.0:1", "echo hi", allow_remote=True)
+
+
+def test_cli_submit_allow_remote_flag(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    sub.register(app)
+    missing = str(tmp_path / "missing.yaml")
+    result = CliRunner().invoke(app, ["submit", missing, "--address", "http://10.0.0.5:8265"])
+    assert result.exit_code == 2 and "--allow-remote" in result.output
+    assert "recipe file not found" not in result.output  # refused before reading anything
+    result = CliRunner().invoke(app, ["submit", missing, "--address", "http://10.0.0.5:8265",
+                                      "--allow-remote"])
+    assert result.exit_code == 2 and "warning:" in result.output
+    assert "plain HTTP to another machine" in result.output
+    assert "recipe file not found" in result.output  # then it went on to pack the recipe
+
+
 # ----------------------------------------------------------------------------- a real cluster
 
 
