@@ -6,12 +6,14 @@ Kept apart from :mod:`medrl.align.learner` so that the learner reads as its life
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import socket
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 
 def free_port() -> int:
@@ -35,7 +37,34 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    dist.init_process_group(backend, store=rendezvous_store(rank, world_size, master_addr,
+                                                             master_port),
+                            rank=rank, world_size=world_size, timeout=RENDEZVOUS_TIMEOUT)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts it
+
+
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int):
+    """The ranks' key-value store, served by rank 0 on ``master_addr`` only.
+
+    torch's own ``env://`` rendezvous listens on every interface whatever ``MASTER_ADDR``
+    says; rank 0 binds the listening socket itself (loopback for a one-node group, its node
+    address otherwise) and hands it to the store.
+    """
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, is_master=False,
+                             timeout=RENDEZVOUS_TIMEOUT)
+    family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((master_addr, master_port))
+    listener.listen(max(128, world_size))
+    # detach: the store owns the descriptor from here (Python must not close it under it)
+    return dist.TCPStore(master_addr, master_port, world_size, is_master=True,
+                         timeout=RENDEZVOUS_TIMEOUT, master_listen_fd=listener.detach(),
+                         use_libuv=False)
 
 
 def deepspeed_config(*, zero_stage: int, micro_batch_size: int, dtype: torch.dtype,
