@@ -14,13 +14,24 @@ same completions and compute the same losses.
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from medrl.align.records import Sample, UserError
 from medrl.launch.recipe import Recipe
+
+if TYPE_CHECKING:  # heavy imports (Ray, torch), needed only for the annotations
+    from ray.util.placement_group import PlacementGroup
+
+    from medrl.launch.data import PromptStream
+    from medrl.launch.learner_group import LearnerGroup
+    from medrl.launch.monitor import Monitor
+    from medrl.launch.rundir import PromptLog
+    from medrl.rewards import RewardRunner
+    from medrl.rollouts.worker import RolloutGroup
 
 
 # Engine vs learner log-prob agreement after a sync, fp32 (DESIGN.md measured <= 6e-5 on
@@ -36,15 +47,15 @@ class RunFailed(RuntimeError):
 class Components:
     """Everything one run holds; built by :func:`build`, closed by :meth:`close`."""
 
-    stream: object  # medrl.launch.data.PromptStream
-    rollouts: object  # medrl.rollouts.worker.RolloutGroup
-    learner: object  # medrl.launch.learner_group.LearnerGroup
-    rewards: object  # medrl.rewards.RewardRunner
-    monitor: object  # medrl.launch.monitor.Monitor
-    prompt_log: object  # medrl.launch.rundir.PromptLog
+    stream: PromptStream
+    rollouts: RolloutGroup
+    learner: LearnerGroup
+    rewards: RewardRunner
+    monitor: Monitor
+    prompt_log: PromptLog
     policy_dir: Path
     start_step: int
-    placement_group: object = None  # with cluster.colocate: its CPUs/GPUs are held until close
+    placement_group: PlacementGroup | None = None  # colocate: CPUs/GPUs held until close
 
     def close(self) -> None:
         self.rewards.close()
@@ -69,19 +80,13 @@ def sampling_for(recipe: Recipe, step: int, attempt: int = 0):
                           seed=(recipe.run.seed * 1_000_003 + step) * 4 + attempt)
 
 
-def reference_mode(ref_model: str, kl_coef: float) -> str:
-    """The learner's reference model: "auto" keeps one only when the KL has a coefficient
-    (in the loss or the reward); "cpu" always keeps a CPU copy, so the KL is logged even
-    when it is not penalised."""
-    if ref_model == "none" or (ref_model == "auto" and kl_coef == 0):
-        return "none"
-    return "cpu" if ref_model == "cpu" else "copy"
-
-
 def learner_kwargs(recipe: Recipe) -> dict:
     """The recipe's learner and loss settings as the learner's plain keyword arguments."""
+    from medrl.align.reference import reference_placement
+
     ln, alg = recipe.learner, recipe.algorithm
     kl_in_loss = alg.kl.where == "loss"
+    rc = alg.rollout_correction
     return dict(
         zero_stage=ln.zero_stage, offload_optimizer=ln.offload_optimizer,
         micro_batch_size=ln.micro_batch_size, optimizer=ln.optimizer, lr=ln.lr,
@@ -91,13 +96,34 @@ def learner_kwargs(recipe: Recipe) -> dict:
         gradient_checkpointing=ln.gradient_checkpointing, logprob_chunk_size=ln.logprob_chunk_size,
         share_prompt=ln.share_prompt,
         temperature=recipe.rollout.temperature,
-        ref_model=reference_mode(ln.ref_model, alg.kl.coef),
+        # KL in the reward needs the reference as much as KL in the loss does
+        reference=reference_placement(ln.ref_model, kl_coef=alg.kl.coef, lora=bool(ln.lora)),
         lora=ln.lora.model_dump() if ln.lora else None,
-        dtype=None if recipe.model.dtype == "auto" else recipe.model.dtype,
+        dtype=recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
         clip_low=alg.clip_low, clip_high=alg.clip_high,
         kl_coef=alg.kl.coef if kl_in_loss else 0.0, kl_estimator=alg.kl.estimator,
-        loss_agg=alg.loss_agg, seed=recipe.run.seed,
+        loss_agg=alg.loss_agg, max_completion_length=recipe.rollout.max_new_tokens,
+        old_logprobs=alg.old_logprobs, correction=rc.mode, correction_level=rc.level,
+        correction_threshold=rc.threshold, seed=recipe.run.seed,
     )
+
+
+def engine_kwargs(recipe: Recipe, policy_dir: Path) -> dict:
+    """The rollout engines' settings: the learner's dtype, and a context that fits the
+    recipe's longest prompt plus its completions within the model's positions."""
+    from medrl.align.models import context_length
+
+    r = recipe.rollout
+    positions = context_length(policy_dir)
+    if positions is not None and r.max_new_tokens >= positions:
+        raise UserError(f"rollout.max_new_tokens is {r.max_new_tokens}, but the policy "
+                        f"{policy_dir} has only {positions} positions "
+                        "(max_position_embeddings); lower max_new_tokens.")
+    wanted = r.max_prompt_tokens + r.max_new_tokens
+    return {"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation,
+            "max_model_len": min(wanted, positions) if positions else wanted,
+            "kv_cache_memory_bytes": r.kv_cache_memory_mb * 2**20,
+            "num_threads": r.num_threads, "enforce_eager": r.enforce_eager}
 
 
 def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Components:
@@ -109,7 +135,7 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.monitor import Monitor
     from medrl.launch.rundir import PromptLog
-    from medrl.rewards import RewardContext, RewardRunner, load_rewards
+    from medrl.rewards import RewardContext, RewardRunner
     from medrl.rollouts.worker import RolloutGroup
 
     recipe_dir = Path(recipe.run.recipe_dir or ".")  # relative paths in the recipe start here
@@ -118,6 +144,7 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     start_step = state["step"] if state else 0
 
     stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed, recipe_dir=recipe_dir)
+    stream.check_take(recipe.rollout.prompts_per_step)  # before any actor starts
     if state:
         stream.load_state(state["data_cursor"])
         restore_rng(state["rng"])
@@ -126,23 +153,18 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     pg, rollout_bundles, learner_bundles = placement(recipe)
     learner = LearnerGroup(recipe.learner.num_workers, policy_dir, learner_kwargs(recipe),
                            num_cpus_per_worker=c.learner_cpus, num_gpus_per_worker=c.learner_gpus,
-                           placement_group=pg, bundle_indices=learner_bundles)
-    engine_kwargs = {"kv_cache_memory_bytes": recipe.rollout.kv_cache_memory_mb * 2**20,
-                     "num_threads": recipe.rollout.num_threads,
-                     "enforce_eager": recipe.rollout.enforce_eager}
+                           placement_group=pg, bundle_indices=learner_bundles,
+                           resources=c.learner_resources)
     rollouts = RolloutGroup(recipe.rollout.num_workers, recipe.rollout.backend, str(policy_dir),
-                            engine_kwargs, num_cpus_per_worker=c.rollout_cpus,
+                            engine_kwargs(recipe, policy_dir), num_cpus_per_worker=c.rollout_cpus,
                             num_gpus_per_worker=c.rollout_gpus, max_restarts=c.max_restarts,
-                            placement_group=pg, bundle_indices=rollout_bundles)
+                            placement_group=pg, bundle_indices=rollout_bundles,
+                            resources=c.rollout_resources)
     ctx = RewardContext(run_dir=run_dir, base_dir=recipe_dir, seed=recipe.run.seed,
                         device="cuda" if c.learner_gpus else "cpu",
-                        policy_logprobs=lambda samples: logprob_lists(learner, samples))
-    rewards = RewardRunner(
-        load_rewards([s.model_dump() for s in recipe.rewards.functions], base_dir=recipe_dir,
-                     veto=recipe.rewards.veto),
-        ctx=ctx, normalize=recipe.rewards.normalize, veto=recipe.rewards.veto,
-        veto_threshold=recipe.rewards.veto_threshold, floor=recipe.rewards.floor,
-        on_error=recipe.rewards.on_error, max_restarts=c.max_restarts)
+                        policy_logprobs=policy_hook(learner, async_=recipe.algorithm.async_))
+    rewards = RewardRunner.from_config(recipe.rewards, base_dir=recipe_dir, ctx=ctx,
+                                       max_restarts=c.max_restarts)
     if state:
         learner.load(resume_from)
         push_weights(learner, rollouts, version=start_step)
@@ -150,7 +172,8 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     lg = recipe.logging
     # on resume the monitor drops metrics logged after the checkpoint (no duplicate steps)
     monitor = Monitor(run_dir, total_steps=recipe.run.max_steps, start_step=start_step,
-                      tensorboard=lg.tensorboard, plots=lg.plots, progress=lg.progress)
+                      tensorboard=lg.tensorboard, plots=lg.plots, progress=lg.progress,
+                      every=lg.every, checkpoint_every=recipe.checkpoint.every)
     prompt_log = PromptLog(run_dir, resume_step=start_step if state else None)
     return Components(stream, rollouts, learner, rewards, monitor, prompt_log, policy_dir,
                       start_step, pg)
@@ -166,6 +189,27 @@ def logprob_lists(learner, samples: list[Sample], *, temperature: float | None =
     return [lp.tolist() for lp in learner.logprobs(samples, temperature=temperature)]
 
 
+def policy_hook(learner, *, async_: bool) -> Callable[[list[Sample]], list[list[float]]]:
+    """``ctx.policy_logprobs`` for the rewards: the learner's current log-probs.
+
+    In async mode the training loop uses the learner ranks while rewards score the next
+    batch. The group serialises the calls of the driver's threads, but a reward in its own
+    actor (another process) would reach the ranks unserialised, so there it is refused.
+    """
+    driver_pid = os.getpid()
+
+    def policy_logprobs(samples: list[Sample]) -> list[list[float]]:
+        if async_ and os.getpid() != driver_pid:
+            raise UserError("a reward running in its own actor (actor: true) called "
+                            "ctx.policy_logprobs with algorithm.async: true; the training loop "
+                            "uses the learner ranks at the same time. Set actor: false for "
+                            "this reward (it then runs in the driver, serialised with the "
+                            "loop), or algorithm.async: false.")
+        return logprob_lists(learner, samples)
+
+    return policy_logprobs
+
+
 def push_weights(learner, rollouts, *, version: int) -> None:
     """Learner -> object store (bucket by bucket) -> every rollout worker, in place."""
     rollouts.update_weights_from_refs(list(learner.sync_buckets()), version)
@@ -179,10 +223,14 @@ def generate_and_score(recipe: Recipe, c: Components, step: int) -> tuple[list[S
     kept: list[Sample] = []
     metrics = {"groups/zero_variance_dropped": 0.0, "samples/skipped_by_reward_errors": 0.0}
     reward_metrics: dict[str, float] = {}
+    taken: set[str] = set()  # a refill never re-takes a prompt of this step
     for attempt in range(3 if recipe.algorithm.filter_zero_variance else 1):
-        prompts = c.stream.take(want - len({s.group_id for s in kept}))
+        prompts = c.stream.take(want - len({s.group_id for s in kept}), exclude=taken)
+        if not prompts:
+            break
+        taken.update(p.uid for p in prompts)
         samples = c.rollouts.generate(prompts, sampling_for(recipe, step, attempt))
-        report = c.rewards.score(samples)
+        report = c.rewards.score(samples, step=step)
         if attempt == 0:  # per-reward statistics describe the step's first batch
             reward_metrics = report.metrics
         dropped = set(report.dropped)
@@ -206,9 +254,16 @@ def compute_advantages(recipe: Recipe, c: Components, samples: list[Sample]) -> 
     alg = recipe.algorithm
     metrics: dict[str, float] = {}
     if alg.kl.coef > 0 and alg.kl.where == "reward":
+        from medrl.rewards.combine import subtract_penalty
+
         kl = sequence_kls(c.learner, samples, estimator=alg.kl.estimator)
-        for s, k in zip(samples, kl):
-            s.reward -= alg.kl.coef * k
+        # A smaller penalty must not lift a vetoed (unsafe) answer above a safe one.
+        penalised = subtract_penalty(
+            [s.reward for s in samples], [alg.kl.coef * k for k in kl],
+            [bool(s.reward_info.get("_veto")) for s in samples], [s.group_id for s in samples],
+            floor=recipe.rewards.floor, margin=recipe.rewards.veto_margin)
+        for s, r in zip(samples, penalised):
+            s.reward = r
         metrics["kl"] = sum(kl) / len(kl)
     adv = group_advantages([s.reward for s in samples], [s.group_id for s in samples],
                            scale=alg.advantage_scale, eps=alg.advantage_eps)
@@ -292,8 +347,8 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
             timer = Timer()
             with timer("step"):
                 with timer("generate"):  # async: the wait for the batch made during step k-1
-                    samples, metrics = (pending[0].result() if pending
-                                        else generate_and_score(recipe, c, step))
+                    samples, metrics = _rollout_call(last_ckpt, step, lambda: (
+                        pending[0].result() if pending else generate_and_score(recipe, c, step)))
                     pending = None
                     if pool and step < last_step:
                         cursor = c.stream.state()
@@ -307,10 +362,11 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
                 with timer("learn"):
                     metrics.update(_learner_call(c, last_ckpt, step, lambda: c.learner.train_step(
                         samples, ppo_epochs=recipe.algorithm.ppo_epochs,
-                        recompute_old_logprobs=recipe.algorithm.old_logprobs == "recompute")))
+                        policy_version=step - 1)))
                 with timer("sync"):
-                    _learner_call(c, last_ckpt, step,
-                                  lambda: push_weights(c.learner, c.rollouts, version=step))
+                    _rollout_call(last_ckpt, step, lambda: _learner_call(
+                        c, last_ckpt, step,
+                        lambda: push_weights(c.learner, c.rollouts, version=step)))
                 if recipe.rollout.verify_sync_every and step % recipe.rollout.verify_sync_every == 0:
                     with timer("verify_sync"):
                         metrics["sync/max_abs_diff"] = c.rollouts.verify_sync(
@@ -345,16 +401,27 @@ def _learner_call(c: Components, last_ckpt: Path | None, step: int, fn):
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, UserError):  # bad input, not a crash: say what to fix
             raise exc.cause from None
-        raise _learner_failed(exc, last_ckpt, step) from exc
+        raise _stopped("the learner", exc, last_ckpt, step) from exc
     except ray.exceptions.RayActorError as exc:
-        raise _learner_failed(exc, last_ckpt, step) from exc
+        raise _stopped("the learner", exc, last_ckpt, step) from exc
 
 
-def _learner_failed(exc: Exception, last_ckpt: Path | None, step: int) -> RunFailed:
+def _rollout_call(last_ckpt: Path | None, step: int, fn):
+    """Run the generate phase; a rollout worker that is gone for good (its node lost and no
+    other to restart on) stops the run, naming where to resume."""
+    from medrl.rollouts.worker import WorkerLost
+
+    try:
+        return fn()
+    except WorkerLost as exc:
+        raise _stopped("a rollout worker", exc, last_ckpt, step) from exc
+
+
+def _stopped(what: str, exc: Exception, last_ckpt: Path | None, step: int) -> RunFailed:
     where = (f"the last complete checkpoint is {last_ckpt}; continue with "
              f"`medrl resume {last_ckpt.parent.parent}`" if last_ckpt
              else "no checkpoint was written yet; start the run again")
-    return RunFailed(f"the learner failed at step {step}: {exc.__class__.__name__}. "
+    return RunFailed(f"{what} failed at step {step}: {exc.__class__.__name__}. "
                      f"The run stopped cleanly; {where}.")
 
 

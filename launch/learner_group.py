@@ -13,8 +13,10 @@ fetches it itself.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -39,6 +41,12 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.model_dir, self.learner_kwargs = model_dir, dict(learner_kwargs)
         self.learner = None
+        # The collective calls this rank ran, in order: every rank's must be the same.
+        self.history: collections.deque[str] = collections.deque(maxlen=1000)
+
+    def call_history(self) -> list[str]:
+        """The names of the collective calls this rank ran, oldest first (the last 1000)."""
+        return list(self.history)
 
     def node(self) -> tuple[str, str]:
         """(Ray node id, node IP address) of this rank."""
@@ -62,13 +70,15 @@ class LearnerWorker:
         return shard(samples, self.rank, self.world_size)
 
     def train_step(self, samples_ref: list, ppo_epochs: int,
-                   recompute_old_logprobs: bool) -> dict[str, float]:
+                   policy_version: int | None) -> dict[str, float]:
+        self.history.append("train_step")
         batch = self.learner.collate(self._shard(samples_ref))
         return self.learner.train_step(batch, ppo_epochs=ppo_epochs,
-                                       recompute_old_logprobs=recompute_old_logprobs)
+                                       policy_version=policy_version)
 
     def logprobs(self, samples_ref: list, temperature: float | None = None,
                  reference: bool = False) -> list:
+        self.history.append("logprobs")
         samples = self._shard(samples_ref)
         batch = self.learner.collate(samples)
         lp = (self.learner.ref_logprobs(batch) if reference
@@ -80,16 +90,19 @@ class LearnerWorker:
 
     def sync_buckets(self, bucket_mb: float):
         """Rank 0: yield each bucket (a streaming generator). Other ranks: gather only."""
+        self.history.append("sync")
         for bucket in self.learner.state_dict_for_sync(bucket_mb=bucket_mb):
             if self.rank == 0:
                 yield bucket
 
     def drain_sync(self, bucket_mb: float) -> int:
         """The non-zero ranks' side of :meth:`sync_buckets` (they take part in gathers)."""
+        self.history.append("sync")
         return sum(1 for _ in self.learner.state_dict_for_sync(bucket_mb=bucket_mb))
 
     def fingerprint(self) -> str:
         """SHA-256 of this rank's view of the full weights (collective under ZeRO-3)."""
+        self.history.append("fingerprint")
         digest = hashlib.sha256()
         for bucket in self.learner.state_dict_for_sync():
             for name, tensor in bucket:
@@ -98,9 +111,11 @@ class LearnerWorker:
         return digest.hexdigest()
 
     def save(self, out_dir: str) -> None:
+        self.history.append("save")
         self.learner.save(out_dir)
 
     def load(self, out_dir: str) -> None:
+        self.history.append("load")
         self.learner.load(out_dir)
 
 
@@ -109,19 +124,27 @@ class LearnerGroup:
 
     learner_kwargs: keyword arguments of :class:`~medrl.align.learner.Learner` (the same on
     every rank). placement_group / bundle_indices: optional Ray placement, one bundle per rank.
+    resources: custom Ray resources each rank asks for (``{"learner_slot": 1}``): ranks land
+    only on nodes that have them.
     """
 
     def __init__(self, num_workers: int, model_dir: str | Path, learner_kwargs: dict[str, Any],
                  num_cpus_per_worker: float = 1.0, num_gpus_per_worker: float = 0.0, *,
-                 placement_group=None, bundle_indices: Sequence[int] | None = None):
+                 placement_group=None, bundle_indices: Sequence[int] | None = None,
+                 resources: dict[str, float] | None = None):
         if num_workers < 1:
             raise UserError(f"learner.num_workers must be >= 1, got {num_workers}.")
         self.num_workers = num_workers
+        # The ranks' methods are collective: two driver threads (async mode's rollout thread
+        # scoring with the policy log-prob hook, and the training loop) must not interleave
+        # their calls, or the ranks would meet in their collectives in different orders.
+        self._serial = threading.RLock()
         actor_cls = ray.remote(LearnerWorker)
         self.workers = []
         for rank in range(num_workers):
             options: dict[str, Any] = dict(num_cpus=num_cpus_per_worker,
-                                           num_gpus=num_gpus_per_worker)
+                                           num_gpus=num_gpus_per_worker,
+                                           resources=dict(resources or {}))
             if placement_group is not None:
                 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -139,6 +162,15 @@ class LearnerGroup:
         port = ray.get(self.workers[0].free_port.remote())
         ray.get([w.setup.remote(address, port) for w in self.workers])
 
+    def __getstate__(self) -> dict:
+        # A copy in another process (a reward actor's policy log-prob hook) gets a lock of
+        # its own: the driver's cannot travel, and it serialises that process's calls only.
+        return {k: v for k, v in self.__dict__.items() if k != "_serial"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._serial = threading.RLock()
+
     def _put(self, samples: Sequence[Sample] | ray.ObjectRef) -> list:
         ref = samples if isinstance(samples, ray.ObjectRef) else ray.put(list(samples))
         return [ref]  # wrapped: Ray passes it to the actor unresolved
@@ -150,12 +182,16 @@ class LearnerGroup:
                             "Raise the rollout batch or lower learner.num_workers.")
 
     def train_step(self, samples: Sequence[Sample] | ray.ObjectRef, *, ppo_epochs: int = 1,
-                   recompute_old_logprobs: bool = False) -> dict[str, float]:
-        """One learner step on the global batch; returns the global metrics (rank 0's)."""
+                   policy_version: int | None = None) -> dict[str, float]:
+        """One learner step on the global batch; returns the global metrics (rank 0's).
+
+        ``policy_version``: the version of the learner's current weights (samples of an older
+        one are off-policy; see ``Learner.train_step``)."""
         self._check_size(samples)
         ref = self._put(samples)
-        results = ray.get([w.train_step.remote(ref, ppo_epochs, recompute_old_logprobs)
-                           for w in self.workers])
+        with self._serial:
+            results = ray.get([w.train_step.remote(ref, ppo_epochs, policy_version)
+                               for w in self.workers])
         return results[0]
 
     def logprobs(self, samples: Sequence[Sample] | ray.ObjectRef, *,
@@ -167,29 +203,41 @@ class LearnerGroup:
         """
         self._check_size(samples)
         ref = self._put(samples)
-        parts = ray.get([w.logprobs.remote(ref, temperature, reference) for w in self.workers])
+        with self._serial:
+            parts = ray.get([w.logprobs.remote(ref, temperature, reference)
+                             for w in self.workers])
         return [lp for part in parts for lp in part]
 
     def sync_buckets(self, bucket_mb: float = 256) -> Iterator[ray.ObjectRef]:
         """The full weights as object refs, one per bucket, each a ``list[(name, tensor)]``.
 
-        Consume the iterator to the end: the other ranks finish their gathers alongside.
+        Consume the iterator to the end: the other ranks finish their gathers alongside, and
+        no other learner call starts until it is done.
         """
-        others = [w.drain_sync.remote(bucket_mb) for w in self.workers[1:]]
-        yield from self.workers[0].sync_buckets.options(num_returns="streaming").remote(bucket_mb)
-        ray.get(others)
+        with self._serial:
+            others = [w.drain_sync.remote(bucket_mb) for w in self.workers[1:]]
+            yield from self.workers[0].sync_buckets.options(
+                num_returns="streaming").remote(bucket_mb)
+            ray.get(others)
+
+    def call_histories(self) -> list[list[str]]:
+        """Each rank's collective calls in order (see ``LearnerWorker.call_history``)."""
+        return ray.get([w.call_history.remote() for w in self.workers])
 
     def fingerprints(self) -> list[str]:
         """Each rank's SHA-256 of the full weights: all equal unless ranks diverged."""
-        return ray.get([w.fingerprint.remote() for w in self.workers])
+        with self._serial:
+            return ray.get([w.fingerprint.remote() for w in self.workers])
 
     def save(self, out_dir: str | Path) -> None:
         """Checkpoint every rank into ``out_dir`` (see ``Learner.save``)."""
-        ray.get([w.save.remote(str(out_dir)) for w in self.workers])
+        with self._serial:
+            ray.get([w.save.remote(str(out_dir)) for w in self.workers])
 
     def load(self, out_dir: str | Path) -> None:
         """Restore every rank from ``out_dir`` (see ``Learner.load``)."""
-        ray.get([w.load.remote(str(out_dir)) for w in self.workers])
+        with self._serial:
+            ray.get([w.load.remote(str(out_dir)) for w in self.workers])
 
     def shutdown(self) -> None:
         """End the actors."""

@@ -36,8 +36,11 @@ class RunConfig(Section):
 
 class ModelConfig(Section):
     policy: str = Field("tiny:qwen2", description="local HF folder, run folder, or tiny:<arch>")
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="learner and rollout engines alike; auto: bf16 on GPU, fp32 on CPU")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="the learner's and the HF engine's attention kernel (vLLM picks "
+        "its own)")
 
 
 class FieldMap(Section):
@@ -84,6 +87,10 @@ class RolloutConfig(Section):
     prompts_per_step: int = Field(2, ge=1)
     group_size: int = Field(4, ge=1, description="completions per prompt (the GRPO group)")
     max_new_tokens: int = Field(64, ge=1)
+    max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt (tokens, chat "
+                                   "template included); longer prompts are refused. The "
+                                   "engines' context is this + max_new_tokens, capped by the "
+                                   "model's max_position_embeddings")
     min_new_tokens: int = Field(0, ge=0)
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -107,19 +114,72 @@ class RewardSpec(Section):
     timeout_s: float | None = Field(None, gt=0)
 
 
+class VetoSpec(Section):
+    # not "on": YAML 1.1 (yaml.safe_load) reads a bare `on:` key as the boolean True
+    score: str = Field(..., min_length=1, description="<reward> or <reward>.<dim>: the score "
+                       "the veto reads")
+    threshold: float = Field(0.5, allow_inf_nan=False)
+    when: Literal["below", "above"] = Field(
+        "below", description="fire when the score is below the threshold, or above it (a "
+        "violation score, where high is bad); a score of None never fires")
+
+
 class RewardsConfig(Section):
+    """``veto`` is a list of vetoes (any one firing vetoes the sample), or one string
+    ``<reward>[.<dim>]`` that fires below ``veto_threshold`` (default 0.5); the string form is
+    resolved into the list here, so the resolved recipe holds the list."""
+
     functions: list[RewardSpec] = []
     normalize: Literal["none", "group"] = "none"
-    veto: str | None = None  # "<reward>" or "<reward>.<dim>": when it fires, reward = floor
-    veto_threshold: float = 0.5  # the veto fires when the vetoing score is below this
-    floor: float = 0.0
+    veto: list[VetoSpec] = Field([], description="a vetoed sample ranks below every sample "
+                                 "of its group that is not vetoed")
+    veto_threshold: float | None = Field(None, description="only with the one-string form "
+                                         "of veto")
+    floor: float = Field(0.0, allow_inf_nan=False, description="a vetoed sample's reward, or "
+                         "lower when needed to rank it last in its group")
+    veto_margin: float = Field(1.0, gt=0, allow_inf_nan=False, description="how far below "
+                               "its group's lowest unvetoed reward a vetoed one goes, at least")
     on_error: Literal["raise", "skip_sample"] = "raise"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_veto_vocabulary(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        veto, threshold = data.get("veto"), data.get("veto_threshold")
+        if isinstance(veto, str):
+            if not veto.strip():
+                raise ValueError("veto: an empty string names no reward; write <reward> or "
+                                 "<reward>.<dim>, a list of {score, threshold, when}, or leave it "
+                                 "out")
+            entry = {"score": veto} if threshold is None else {"score": veto,
+                                                                "threshold": threshold}
+            return {**data, "veto": [entry], "veto_threshold": None}
+        if not veto:  # resolved recipes of earlier versions carry veto: null
+            return {**data, "veto": [], "veto_threshold": None}
+        if not isinstance(veto, list):
+            raise ValueError(f"veto: expected <reward>[.<dim>] or a list of {{score, threshold, "
+                             f"when}}, not {veto!r}")
+        if threshold is not None:
+            raise ValueError("veto_threshold belongs to the one-string form `veto: <reward>`; "
+                             "with a list of vetoes give each entry its own `threshold`")
+        return data
 
 
 class KLConfig(Section):
     coef: float = Field(0.0, ge=0.0)
     estimator: Literal["k1", "k2", "k3"] = "k3"
     where: Literal["loss", "reward"] = "loss"
+
+
+class RolloutCorrectionConfig(Section):
+    """Importance weights pi_old / pi_rollout for tokens the engine sampled (engine/learner
+    mismatch, and the older policy of async mode); needs old_logprobs: recompute."""
+
+    mode: Literal["none", "truncate", "mask"] = "none"  # truncate: min(rho, C); mask: drop
+    level: Literal["token", "sequence"] = "token"
+    threshold: float = Field(2.0, gt=1.0, description="C: truncate above C; mask outside "
+                             "[1/C, C]")
 
 
 class AlgorithmConfig(Section):
@@ -133,6 +193,7 @@ class AlgorithmConfig(Section):
     kl: KLConfig = KLConfig()
     ppo_epochs: int = Field(1, ge=1)
     old_logprobs: Literal["rollout", "recompute"] = "recompute"
+    rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()
     async_: bool = Field(False, alias="async", description="one-step off-policy overlap")
     max_staleness: int = Field(1, ge=0)
 
@@ -170,13 +231,43 @@ class ClusterConfig(Section):
     address: str | None = None  # None: start an embedded local cluster
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = False
+    allow_remote: bool = Field(False, description="let dashboard_host be other than loopback: "
+                               "the Ray Jobs API served there runs any code it is sent")
     num_cpus: int | None = Field(None, ge=1)
     colocate: bool = False
     rollout_cpus: float = 1.0
     learner_cpus: float = 1.0
     rollout_gpus: float = 0.0
     learner_gpus: float = 0.0
+    # Custom Ray resources (as given to `ray start --resources`) each actor asks for: it lands
+    # only on nodes that have them. One unit per node of a resource all ranks ask for puts
+    # one rank on each node.
+    learner_resources: dict[str, float] = Field({}, description="custom Ray resources each "
+                                                "learner rank asks for, e.g. {learner_slot: 1}")
+    rollout_resources: dict[str, float] = Field({}, description="custom Ray resources each "
+                                                "rollout worker asks for")
     max_restarts: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _placement_and_exposure(self) -> "ClusterConfig":
+        from medrl.launch.cluster import is_loopback
+
+        if not self.allow_remote and not is_loopback(self.dashboard_host):
+            raise ValueError(
+                f"cluster.dashboard_host {self.dashboard_host!r} is not a loopback address: "
+                "the dashboard serves the Ray Jobs API, which runs any code it is sent, to "
+                "every machine that reaches that address. Keep 127.0.0.1 and reach it through "
+                "an SSH tunnel, or set cluster.allow_remote: true to accept the exposure")
+        for key in ("learner_resources", "rollout_resources"):
+            for name, amount in getattr(self, key).items():
+                if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                    raise ValueError(f"cluster.{key}: {name} is not a custom resource; set it "
+                                     "with cluster.learner_cpus / learner_gpus / rollout_cpus "
+                                     "/ rollout_gpus")
+                if amount <= 0:
+                    raise ValueError(f"cluster.{key}.{name}: the amount must be > 0, got "
+                                     f"{amount}")
+        return self
 
 
 class CheckpointConfig(Section):
@@ -189,7 +280,9 @@ class LoggingConfig(Section):
     plots: bool = True
     progress: bool = True
     log_completions: bool = False  # patient text in logs only when asked for
-    every: int = Field(1, ge=1)
+    every: int = Field(1, ge=1, description="one metrics.jsonl / TensorBoard row per N steps: "
+                       "each metric's mean over them; checkpoint steps and the last step "
+                       "always get a row")
 
 
 class SFTConfig(Section):
@@ -243,7 +336,32 @@ class Recipe(Section):
                              "learner.ref_model to auto or cpu, or the coefficient to 0")
         if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
             raise ValueError("rollout.min_new_tokens must not exceed rollout.max_new_tokens")
+        self._check_old_logprobs()
         return self
+
+    def _check_old_logprobs(self) -> None:
+        """Refuse settings under which the engine's log-probs would be wrong in the loss."""
+        alg, r = self.algorithm, self.rollout
+        reshaped = [f for f, on in (("rollout.top_p < 1", r.top_p < 1),
+                                    ("rollout.top_k", r.top_k != -1),
+                                    ("rollout.min_new_tokens > 0", r.min_new_tokens > 0)) if on]
+        correcting = alg.rollout_correction.mode != "none"
+        if correcting and alg.old_logprobs != "recompute":
+            raise ValueError("algorithm.rollout_correction re-weights by the learner's old "
+                             "log-probs over the rollout's: it needs algorithm.old_logprobs: "
+                             "recompute")
+        # The engine's log-probs come from the truncated/masked distribution it sampled from,
+        # not the policy's full softmax that the learner trains.
+        uses_rollout = alg.old_logprobs == "rollout" or (alg.async_ and not correcting)
+        if reshaped and uses_rollout:
+            why = ("algorithm.old_logprobs is rollout" if alg.old_logprobs == "rollout" else
+                   "algorithm.async without a rollout_correction takes the rollout's log-probs "
+                   "as old log-probs for samples of the previous policy")
+            raise ValueError(f"{why}, but {' and '.join(reshaped)} change(s) the distribution "
+                             "the engine samples from, so its log-probs are not the policy's: "
+                             "set algorithm.old_logprobs: recompute (and, with async, "
+                             "algorithm.rollout_correction.mode: truncate), or sample from the "
+                             "full distribution")
 
 
 class RecipeError(UserError):

@@ -40,6 +40,11 @@ def create_engine(backend: str, model_dir: str, **engine_kwargs: Any) -> Rollout
     raise UserError(f"rollout.backend: unknown backend {backend!r}; choose 'hf' or 'vllm'.")
 
 
+class WorkerLost(RuntimeError):
+    """A rollout worker died and did not come back (no node left for it, or past
+    ``max_restarts``); the run cannot go on without it."""
+
+
 class RolloutWorker:
     """One rollout engine; the body of a Ray actor (methods are called as ``.remote``)."""
 
@@ -136,10 +141,14 @@ class RolloutGroup:
         while True:
             try:
                 return ray.get(worker.ready.remote(), timeout=30)
-            except (ActorUnavailableError, ActorDiedError, GetTimeoutError) as err:
-                # Calls during a restart fail at once; a worker past max_restarts stays dead.
+            except ActorDiedError as err:  # past max_restarts (or killed for good): gone
+                raise WorkerLost(f"rollout worker died and will not restart ({err}); raise "
+                                 "cluster.max_restarts or check the worker's log for why it "
+                                 "died") from err
+            except (ActorUnavailableError, GetTimeoutError) as err:
+                # Calls during a restart fail at once; a restart may wait for a node.
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
+                    raise WorkerLost(
                         f"rollout worker did not come back within {self.restart_timeout_s:.0f} "
                         f"s ({type(err).__name__}: {err}); raise cluster.max_restarts or check "
                         "the worker's log for why it died") from err

@@ -114,6 +114,25 @@ def test_a_learner_failure_stops_cleanly_and_the_run_resumes(ray_local, tmp_path
     assert logged_prompts(run_dir) == expected_prompts(recipe, 4)
 
 
+def test_a_rollout_worker_gone_for_good_stops_cleanly(ray_local, tmp_path):
+    """A worker that cannot come back (past its restarts) is not retried for minutes: the run
+    stops at once with the checkpoint to resume from, not with a traceback."""
+    import ray
+
+    from medrl.launch.driver import RunFailed, train
+
+    recipe, run_dir = make_run(tmp_path, "rollout-gone", ["run.max_steps=3", "checkpoint.every=1"])
+
+    def kill_for_good(step, c):
+        if step == 1:
+            ray.kill(c.rollouts.workers[0], no_restart=True)
+
+    with pytest.raises(RunFailed) as err:
+        train(recipe, run_dir, callbacks=[kill_for_good])
+    assert "a rollout worker failed at step 2: WorkerLost" in str(err.value)
+    assert "step-000001" in str(err.value) and "medrl resume" in str(err.value)
+
+
 def test_one_step_off_policy_mode_overlaps_and_bounds_staleness(ray_local, tmp_path):
     from medrl.launch.driver import train
 

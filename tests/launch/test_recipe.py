@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from medrl.launch.cli import app
-from medrl.launch.recipe import Recipe, RecipeError, load_recipe, parse_override
+from medrl.launch.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_override
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -182,3 +182,59 @@ def test_recipes_ship_as_package_data():
 
     assert (files("medrl.recipes") / "quickstart.yaml").is_file()
     assert (files("medrl.recipes") / "data" / "quickstart_mcq.jsonl").is_file()
+
+
+def test_veto_forms_resolve_to_one_list(tmp_path):
+    from medrl.launch.recipe import RewardsConfig
+
+    one = RewardsConfig.model_validate({"veto": "rubric.safety", "veto_threshold": 0.3})
+    assert [v.model_dump() for v in one.veto] == [
+        {"score": "rubric.safety", "threshold": 0.3, "when": "below"}]
+    assert RewardsConfig.model_validate({"veto": "rubric"}).veto[0].threshold == 0.5
+    several = RewardsConfig.model_validate({"veto": [
+        {"score": "rubric.safety", "threshold": 0.5},
+        {"score": "toxicity", "threshold": 0.8, "when": "above"}]})
+    assert [(v.score, v.when) for v in several.veto] == [("rubric.safety", "below"),
+                                                         ("toxicity", "above")]
+    # the resolved recipe reads back as it was written (what `medrl resume` does)
+    data = base()
+    data["rewards"]["veto"] = "mcq_letter"
+    recipe = load_recipe(write_recipe(tmp_path, data))
+    again = Recipe.model_validate(yaml.safe_load(dump_recipe(recipe)))
+    assert again.rewards.veto == recipe.rewards.veto
+    # a resolved recipe of an earlier version: veto null, veto_threshold 0.5
+    assert RewardsConfig.model_validate({"veto": None, "veto_threshold": 0.5}).veto == []
+
+
+@pytest.mark.parametrize("veto, fragment", [
+    ([{"score": "rubric.safety", "when": "sometimes"}], "rewards.veto.0.when: Input should be "
+                                                      "'below' or 'above'"),
+    ([{"score": "rubric.safety", "treshold": 0.2}], "rewards.veto.0.treshold: unknown key"),
+    ([{"threshold": 0.2}], "rewards.veto.0.score: required field is missing"),
+    ("", "rewards: Value error, veto: an empty string names no reward"),
+    (5, "rewards: Value error, veto: expected <reward>[.<dim>] or a list of {score, threshold, "
+        "when}, not 5"),
+])
+def test_bad_vetoes_are_named(tmp_path, veto, fragment):
+    data = base()
+    data["rewards"]["veto"] = veto
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(tmp_path, data))
+    assert fragment in str(err.value)
+
+
+def test_veto_threshold_goes_with_the_string_form_only(tmp_path):
+    data = base()
+    data["rewards"].update(veto=[{"score": "mcq_letter"}], veto_threshold=0.2)
+    with pytest.raises(RecipeError, match="rewards: Value error, veto_threshold belongs to "
+                                          "the one-string form"):
+        load_recipe(write_recipe(tmp_path, data))
+
+
+def test_validate_names_a_veto_on_a_reward_that_is_not_loaded(tmp_path):
+    data = base()
+    data["rewards"]["veto"] = [{"score": "safety", "threshold": 0.5}]
+    result = runner.invoke(app, ["validate", str(write_recipe(tmp_path, data))])
+    assert result.exit_code == 2
+    assert "rewards.veto[0]: 'safety' names no loaded reward" in result.output
+    assert "Traceback" not in result.output
