@@ -26,7 +26,7 @@ from medrl.launch.recipe import Recipe
 if TYPE_CHECKING:  # heavy imports (Ray, torch), needed only for the annotations
     from ray.util.placement_group import PlacementGroup
 
-    from medrl.launch.data import PromptStream
+    from medrl.launch.stream import PromptStream
     from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.monitor import Monitor
     from medrl.launch.rundir import PromptLog
@@ -131,7 +131,7 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     from medrl.align.checkpoint import read_state, restore_rng
     from medrl.align.models import resolve_policy
     from medrl.launch.cluster import placement
-    from medrl.launch.data import PromptStream
+    from medrl.launch.stream import PromptStream
     from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.monitor import Monitor
     from medrl.launch.rundir import PromptLog

@@ -65,7 +65,8 @@ def stage_io(recipe: Recipe, run_dir: Path):
     from medrl.align.models import resolve_policy
     from medrl.align.records import UserError
     from medrl.align.stages.sft import ExampleSpec, StageIO
-    from medrl.launch.data import PromptStream, load_media
+    from medrl.launch.data import load_media
+    from medrl.launch.stream import PromptStream
     from medrl.launch.driver import learner_kwargs
     from medrl.launch.monitor import Monitor
     from medrl.launch.recipe import SFTConfig

@@ -219,7 +219,7 @@ class StageHooks(Protocol):
 class StageIO:
     """What the launcher hands a stage loop; everything comes from the recipe.
 
-    ``stream``: a ``medrl.launch.data.PromptStream`` (``take(n)`` loaded samples, ``state()``,
+    ``stream``: a ``medrl.launch.stream.PromptStream`` (``take(n)`` loaded samples, ``state()``,
     ``load_state(cursor)``); ``monitor_factory(total_steps, start_step)`` a ``Monitor``;
     ``learner_kwargs`` the learner's keyword arguments (``total_steps`` is set here).
     """

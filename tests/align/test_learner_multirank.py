@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medrl.align.records import Sample
+from learner_samples import make_samples
 
 pytestmark = pytest.mark.slow
-
-
-def make_samples(n: int) -> list[Sample]:
-    """Samples of different prompt and completion lengths (ids >= 100: no special tokens)."""
-    g = torch.Generator().manual_seed(0)
-    return [Sample(uid=f"s{i}", group_id="g",
-                   prompt_ids=torch.randint(100, 1000, (3 + i,), generator=g).tolist(),
-                   completion_ids=torch.randint(100, 1000, (2 + 2 * i,), generator=g).tolist(),
-                   advantage=1.0 if i % 2 == 0 else -0.5) for i in range(n)]
 
 
 def full_weights(learner) -> dict[str, torch.Tensor]:

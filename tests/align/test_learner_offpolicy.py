@@ -8,16 +8,8 @@ import math
 import pytest
 import torch
 
-from medrl.align.records import Sample, UserError
-
-
-def make_samples(n: int) -> list[Sample]:
-    """Samples of different lengths (ids >= 100: no special tokens), alternating advantages."""
-    g = torch.Generator().manual_seed(0)
-    return [Sample(uid=f"s{i}", group_id="g",
-                   prompt_ids=torch.randint(100, 1000, (3 + i,), generator=g).tolist(),
-                   completion_ids=torch.randint(100, 1000, (2 + 2 * i,), generator=g).tolist(),
-                   advantage=1.0 if i % 2 == 0 else -0.5) for i in range(n)]
+from learner_samples import make_samples
+from medrl.align.records import UserError
 
 
 def _with_rollout(learner, samples, shift: float, version: int):

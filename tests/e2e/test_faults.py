@@ -30,7 +30,7 @@ def make_run(tmp_path: Path, name: str, overrides: list[str]):
 
 def expected_prompts(recipe, steps: int) -> list[list[str]]:
     """What an undisturbed stream hands out: P prompts per step, in order."""
-    from medrl.launch.data import PromptStream
+    from medrl.launch.stream import PromptStream
 
     stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed)
     stream.load_media = False

