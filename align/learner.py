@@ -278,7 +278,8 @@ class Learner:
 
         Old log-probs (the clip's anchor) are ``batch.old_logprobs`` when the caller set them;
         else, with ``old_logprobs="rollout"``, the engine's; with "recompute", the current
-        policy's before the first update, except for rows sampled by an older policy than
+        policy's before the first update (with one PPO epoch, the detached log-probs of the
+        policy-gradient pass itself), except for rows sampled by an older policy than
         ``policy_version`` (the version of the learner's current weights; async mode): the
         learner no longer holds those weights, so such rows keep the rollout's log-probs
         unless a ``correction`` re-weights them by pi_old / pi_rollout instead.
@@ -289,43 +290,52 @@ class Learner:
         from medrl.align.grpo import policy_loss, rollout_correction
 
         batch = batch.to(self.device)
-        rollout = batch.rollout_logprobs
-        mismatch: dict[str, float] = {}
-        if batch.old_logprobs is None:
-            if self.old_logprobs == "rollout":
-                if rollout is None:
-                    raise UserError("algorithm.old_logprobs is rollout, but the samples carry "
-                                    "no rollout log-probs; set old_logprobs: recompute.")
-                batch.old_logprobs = rollout
-            else:
-                batch.old_logprobs = self.logprobs(batch)
-                if rollout is not None:
-                    mismatch = self._mismatch(batch.old_logprobs, rollout, batch.completion_mask)
-                stale = (batch.policy_versions != policy_version
-                         if policy_version is not None and batch.policy_versions is not None
-                         else None)
-                if (self.correction["mode"] == "none" and rollout is not None
-                        and stale is not None and bool(stale.any())):
-                    batch.old_logprobs = torch.where(stale[:, None], rollout, batch.old_logprobs)
-        if self.correction["mode"] != "none" and rollout is None:
+        rollout, correcting = batch.rollout_logprobs, self.correction["mode"] != "none"
+        if correcting and rollout is None:
             raise UserError("algorithm.rollout_correction needs the rollout's log-probs, but the "
                             "samples carry none.")
+        given = batch.old_logprobs is not None  # set by the caller: used as they are
+        if not given and self.old_logprobs == "rollout":
+            if rollout is None:
+                raise UserError("algorithm.old_logprobs is rollout, but the samples carry no "
+                                "rollout log-probs; set old_logprobs: recompute.")
+            batch.old_logprobs = rollout
+        # With one PPO epoch no weight changes before every micro-batch has run, so the
+        # detached log-probs of the policy-gradient pass are the recomputation itself: no
+        # extra forward pass. More epochs recompute once, before the first update.
+        from_forward = not given and self.old_logprobs == "recompute" and ppo_epochs == 1
+        if not given and self.old_logprobs == "recompute" and not from_forward:
+            batch.old_logprobs = self.logprobs(batch)
+        recomputed = not given and self.old_logprobs == "recompute"
         ref = self.ref_logprobs(batch)  # also reported as "kl" when its coefficient is 0
         micro = self._micro_batches(batch)
         # Reference log-probs per micro-batch; padding micro-batches repeat the first one.
         refs = list(ref.split(self.micro_batch_size)) if ref is not None else [None]
         refs += [refs[0]] * (len(micro) - len(refs))
         shares = self._weights(micro)
+        mismatch = torch.zeros(2, dtype=torch.float64)  # sum |log pi_old - log pi_rollout|, tokens
+        first_epoch = [True]
 
         def loss_of(i: int, mb: TrainBatch):
-            weights, extra = mb.token_weights, {}
-            if self.correction["mode"] != "none":
-                w, extra = rollout_correction(mb.old_logprobs, mb.rollout_logprobs,
-                                              mb.completion_mask, **self.correction)
-                weights = w if weights is None else weights * w
             logprobs, entropy = self._token_logprobs(self.engine, mb, with_entropy=True)
+            logprobs = logprobs.float()
+            old, weights, extra = mb.old_logprobs, mb.token_weights, {}
+            if recomputed:
+                old = logprobs.detach() if from_forward else mb.old_logprobs  # the learner's own
+                if rollout is not None and first_epoch[0] and micro[i][1]:
+                    keep = mb.completion_mask.bool()
+                    mismatch.add_(torch.tensor([(old - mb.rollout_logprobs).abs()[keep].sum()
+                                                .item(), float(keep.sum())], dtype=torch.float64))
+                if correcting:  # pi_old anchors the clip; rho = pi_old / pi_rollout weights
+                    w, extra = rollout_correction(old, mb.rollout_logprobs, mb.completion_mask,
+                                                  **self.correction)
+                    weights = w if weights is None else weights * w
+                elif (rollout is not None and policy_version is not None
+                      and mb.policy_versions is not None):
+                    stale = mb.policy_versions != policy_version  # sampled by an older policy
+                    old = torch.where(stale[:, None], mb.rollout_logprobs, old)
             loss, metrics = policy_loss(
-                logprobs.float(), mb.old_logprobs, mb.advantage_tensor(), mb.completion_mask,
+                logprobs, old, mb.advantage_tensor(), mb.completion_mask,
                 ref_logprobs=refs[i], token_weights=weights, entropy=entropy,
                 **self.loss_options)
             return loss, {**metrics, **extra}
@@ -336,16 +346,12 @@ class Learner:
             # No dropout in the policy-gradient pass: the ratio must compare pi_theta with
             # pi_old as the same function (old log-probs are computed without dropout too).
             self._optimizer_step(micro, shares, loss_of, summed, extremes, dropout=False)
-        return {**self._reduce_metrics(summed, extremes, ppo_epochs), **mismatch}
-
-    def _mismatch(self, old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor
-                  ) -> dict[str, float]:
-        """Mean |log pi_learner - log pi_rollout| over the global batch's tokens."""
-        keep = mask.bool()
-        local = torch.tensor([(old - rollout).abs()[keep].sum().item(), float(keep.sum())],
-                             dtype=torch.float64)
-        total = self._all_reduce(local)
-        return {"rollout_mismatch/logprob_abs_diff": (total[0] / total[1].clamp(min=1)).item()}
+            first_epoch[0] = False
+        out = self._reduce_metrics(summed, extremes, ppo_epochs)
+        if recomputed and rollout is not None:
+            total = self._all_reduce(mismatch)
+            out["rollout_mismatch/logprob_abs_diff"] = (total[0] / total[1].clamp(min=1)).item()
+        return out
 
     # ------------------------------------------------- other losses (SFT, QAT stages)
     def train_step_with(self, loss_fn: Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict]],

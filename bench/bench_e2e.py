@@ -65,7 +65,7 @@ def base_recipe_yaml(model_dir: Path, *, group: int, prompts_per_step: int, new_
                     "temperature": 1.0, "top_p": 1.0, "top_k": -1},
         "rewards": {"functions": [{"name": f"{REWARD_PLUGIN}:bench_letter"}]},
         "algorithm": {"loss_agg": "token_mean", "kl": {"coef": 0.0}, "clip_low": 0.2,
-                      "clip_high": 0.2, "ppo_epochs": 1, "old_logprobs": "rollout"},
+                      "clip_high": 0.2, "ppo_epochs": 1, "old_logprobs": "recompute"},
         "learner": {"num_workers": 1, "zero_stage": 0, "micro_batch_size": 16,
                     "optimizer": "adamw", "lr": LEARNING_RATE, "weight_decay": 0.0,
                     "lr_schedule": "constant", "max_grad_norm": MAX_GRAD_NORM},

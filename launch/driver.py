@@ -26,10 +26,10 @@ from medrl.launch.recipe import Recipe
 if TYPE_CHECKING:  # heavy imports (Ray, torch), needed only for the annotations
     from ray.util.placement_group import PlacementGroup
 
-    from medrl.launch.stream import PromptStream
     from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.monitor import Monitor
     from medrl.launch.rundir import PromptLog
+    from medrl.launch.stream import PromptStream
     from medrl.rewards import RewardRunner
     from medrl.rollouts.worker import RolloutGroup
 
@@ -109,8 +109,8 @@ def learner_kwargs(recipe: Recipe) -> dict:
 
 
 def engine_kwargs(recipe: Recipe, policy_dir: Path) -> dict:
-    """The rollout engines' settings: the learner's dtype, and a context that fits the
-    recipe's longest prompt plus its completions within the model's positions."""
+    """The rollout engines' settings: the learner's dtype, and a context of
+    ``rollout.max_prompt_tokens + max_new_tokens`` capped by the model's positions."""
     from medrl.align.models import context_length
 
     r = recipe.rollout
@@ -131,10 +131,10 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     from medrl.align.checkpoint import read_state, restore_rng
     from medrl.align.models import resolve_policy
     from medrl.launch.cluster import placement
-    from medrl.launch.stream import PromptStream
     from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.monitor import Monitor
     from medrl.launch.rundir import PromptLog
+    from medrl.launch.stream import PromptStream
     from medrl.rewards import RewardContext, RewardRunner
     from medrl.rollouts.worker import RolloutGroup
 

@@ -72,14 +72,34 @@ def test_correction_needs_recomputed_old_logprobs(make_learner):
 
 
 def test_lora_dropout_does_not_enter_the_ratio(make_learner):
-    """With LoRA dropout the policy-gradient pass must compute the same function as the old
-    log-probs: on-policy, the first update's ratio is exactly 1 on every token."""
-    learner = make_learner(zero_stage=2, lr=1e-2, lora=dict(r=4, alpha=8, dropout=0.5))
-    batch = learner.collate(make_samples(3))
-    learner.train_step(batch)  # the adapters' B matrices leave 0, so dropout would show
-    metrics = learner.train_step(learner.collate(make_samples(3)))
-    assert metrics["ratio_min"] == pytest.approx(1.0, abs=1e-6)
-    assert metrics["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    """With LoRA dropout the policy-gradient pass must compute the same function as the
+    recomputed old log-probs: with a learning rate too small to move the ratio, every token's
+    ratio stays 1 (to 1e-4) in both PPO epochs. LoRA's B starts at 0, which would hide
+    dropout: it is drawn at random here (ZeRO-0 keeps no separate master copy)."""
+    learner = make_learner(zero_stage=0, lr=1e-7, lora=dict(r=4, alpha=8, dropout=0.5))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, p in learner.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    metrics = learner.train_step(learner.collate(make_samples(3)), ppo_epochs=2)
+    assert metrics["ratio_min"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["ratio_max"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_one_epoch_takes_old_logprobs_from_the_gradient_pass(make_learner):
+    """One PPO epoch: pi_old is the policy-gradient pass's own (detached) log-probs, so the
+    ratio is exactly 1 and the update equals the one with a separate recomputation."""
+    samples = make_samples(3)
+    a = make_learner(zero_stage=0, lr=1e-3, lr_schedule="constant")
+    one = a.train_step(a.collate(samples))
+    b = make_learner(zero_stage=0, lr=1e-3, lr_schedule="constant")
+    batch = b.collate(samples)
+    batch.old_logprobs = b.logprobs(batch)  # the separate recomputation, given explicitly
+    separate = b.train_step(batch)
+    assert one["ratio_min"] == one["ratio_max"] == 1.0
+    assert one["loss"] == pytest.approx(separate["loss"], abs=1e-6)
+    assert one["grad_norm"] == pytest.approx(separate["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.parametrize("name, dtype", [("float32", torch.float32),
