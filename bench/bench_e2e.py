@@ -175,8 +175,11 @@ def main() -> None:
         # other); several rollout workers split the cores among themselves.
         r_threads = max(1, (half if async_ else threads) // workers)
         l_threads = half if async_ else threads
+        # async: the batch of the previous policy is re-weighted by pi_old / pi_rollout (the
+        # forced length masks eos, so the engine's log-probs alone would be wrong in the loss)
+        correction = ["algorithm.rollout_correction.mode=truncate"] if async_ else []
         return [f"rollout.backend={backend}", f"algorithm.async={str(async_).lower()}",
-                f"rollout.num_workers={workers}", f"rollout.num_threads={r_threads}",
+                *correction, f"rollout.num_workers={workers}", f"rollout.num_threads={r_threads}",
                 f"cluster.rollout_cpus={r_threads}", f"cluster.learner_cpus={l_threads}",
                 f"rollout.kv_cache_memory_mb={args.kv_cache_mb}", *cluster]
 
@@ -295,7 +298,9 @@ def e2e_table(results: dict, trl_m: dict | None, args, params: int, source: str,
          "run and the others): speed vs TRL = TRL median / medrl median, time x raw = medrl "
          "median / raw median",
          "medrl: one rollout worker and one learner rank (Ray actors), ZeRO-0, micro-batch 16, "
-         f"old log-probs from the rollout; sync: each actor {args.threads} threads (they take "
+         "old log-probs recomputed (one PPO epoch: the gradient pass's own, no extra forward); "
+         "async: truncated importance weights pi_old / pi_rollout; "
+         f"sync: each actor {args.threads} threads (they take "
          f"turns); async: {half} thread(s) each (they run at once); no TensorBoard, plots or "
          "progress bar (TRL: report_to none)",
          "generate / learn / sync: medians of the driver's phase timers; in async mode "
