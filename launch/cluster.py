@@ -119,7 +119,7 @@ def start_ray(recipe: Recipe) -> None:
         if lo and name not in os.environ:
             env[name] = lo
     num_cpus = c.num_cpus or max(os.cpu_count() or 1, int(cpus_needed(recipe) + 0.999))
-    with _keep_loopback_node_ip():
+    with keep_loopback_node_ip():
         ray.init(
             num_cpus=num_cpus,
             resources=resources_needed(recipe),
@@ -136,7 +136,7 @@ def start_ray(recipe: Recipe) -> None:
 
 
 @contextmanager
-def _keep_loopback_node_ip():
+def keep_loopback_node_ip():
     """Let ``ray.init(_node_ip_address="127.0.0.1")`` keep the loopback address.
 
     Ray (2.60) replaces a loopback node address with the machine's outward one unless it

@@ -52,10 +52,13 @@ def shared_data() -> Path:
 def ray_local():
     """One embedded Ray cluster for the whole session (loopback only, no dashboard)."""
     ray = pytest.importorskip("ray")
+    from medrl.launch.cluster import keep_loopback_node_ip
+
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-                                           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
+        with keep_loopback_node_ip():  # the tests' cluster listens on loopback only, too
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1",
+                     runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+                                               "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
     yield ray
     ray.shutdown()
