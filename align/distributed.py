@@ -69,9 +69,14 @@ def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: 
 
 def deepspeed_config(*, zero_stage: int, micro_batch_size: int, dtype: torch.dtype,
                      max_grad_norm: float, offload_optimizer: bool, optimizer: str, lr: float,
-                     betas: Sequence[float], weight_decay: float) -> dict[str, Any]:
+                     betas: Sequence[float], weight_decay: float,
+                     zero3_param_persistence_threshold: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config. Gradient accumulation is 1: the learner sets the accumulation
-    boundary itself, since the number of micro-batches changes from step to step."""
+    boundary itself, since the number of micro-batches changes from step to step.
+
+    ``zero3_param_persistence_threshold``: ZeRO-3 keeps parameters with fewer elements than
+    this whole on every rank (DeepSpeed's default, 1e5, when None); 0 partitions them all.
+    """
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -83,6 +88,9 @@ def deepspeed_config(*, zero_stage: int, micro_batch_size: int, dtype: torch.dty
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if zero3_param_persistence_threshold is not None:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = int(
+            zero3_param_persistence_threshold)
     if offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         config["zero_force_ds_cpu_optimizer"] = optimizer == "deepspeed_adam"

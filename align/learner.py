@@ -62,6 +62,8 @@ class Learner:
     runs on the freshly loaded Hugging Face model before LoRA and DeepSpeed wrap it (the QAT
     stage swaps in fake-quantised layers there). ``share_prompt``: rows of a micro-batch that
     share a prompt run it once (:func:`medrl.align.logprobs.token_logprobs`).
+    ``zero3_param_persistence_threshold``: under ZeRO-3, parameters smaller than this stay
+    whole on every rank (None: DeepSpeed's default; 0: every parameter is partitioned).
     """
 
     def __init__(self, model_dir: str | Path, *, zero_stage: int = 2,
@@ -78,7 +80,8 @@ class Learner:
                  loss_agg: str = "token_mean", max_completion_length: int | None = None,
                  old_logprobs: str = "recompute", correction: str = "none",
                  correction_level: str = "token", correction_threshold: float = 2.0,
-                 seed: int = 0, prepare_model: Callable[[torch.nn.Module], Any] | None = None):
+                 seed: int = 0, prepare_model: Callable[[torch.nn.Module], Any] | None = None,
+                 zero3_param_persistence_threshold: int | None = None):
         import deepspeed
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
@@ -126,7 +129,8 @@ class Learner:
         self.ds_config = deepspeed_config(
             zero_stage=zero_stage, micro_batch_size=micro_batch_size, dtype=self.dtype,
             max_grad_norm=max_grad_norm, offload_optimizer=offload_optimizer, optimizer=optimizer,
-            lr=lr, betas=betas, weight_decay=weight_decay)
+            lr=lr, betas=betas, weight_decay=weight_decay,
+            zero3_param_persistence_threshold=zero3_param_persistence_threshold)
 
         if reference is Reference.ADAPTERS and not self.lora:
             raise UserError("the reference 'adapters' needs LoRA (learner.lora).")

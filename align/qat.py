@@ -151,16 +151,22 @@ def fake_quantize_ste(x: torch.Tensor, fmt: str, scale: torch.Tensor | float) ->
 class DelayedScaler:
     """Per-tensor delayed scaling: the scale used at step t comes from amaxes of steps < t.
 
-    scale = format_max / 2^margin / reduce(amax history), with reduce "max" (largest of the
-    last ``history`` amaxes) or "most_recent". The very first step has no history: it uses the
-    amax of the tensor being quantised (so a first batch is neither saturated nor crushed
-    into the denormals, whatever its magnitude). After each observed step the new amax is
-    pushed into the history (newest first, the oldest dropped) and the scale recomputed. A
-    non-finite or zero amax is not recorded and keeps the previous scale (counted in
-    ``skipped``); so does an amax that would give a non-finite scale.
+    A step is one optimiser step, however many forward calls it holds (micro-batches, and the
+    recomputed forwards of gradient checkpointing). Within a step the scale is frozen:
+    :meth:`observe` only takes the running max of the step's amaxes, so a recomputed forward
+    sees the same tensor, the same scale and leaves the same record as the forward it repeats.
+    :meth:`end_step` (call it once per optimiser step) pushes the step's amax into the history
+    (newest first, the oldest dropped) and recomputes the scale.
 
-    ``sync_amax``: under torch.distributed, take the max amax over all ranks (a collective on
-    every observed step; every rank must observe the same steps) so ranks keep one scale.
+    scale = format_max / 2^margin / reduce(amax history), with reduce "max" (largest of the
+    last ``history`` step amaxes) or "most_recent". The very first step has no history: each
+    of its forwards uses the amax of the tensor being quantised (so a first batch is neither
+    saturated nor crushed into the denormals, whatever its magnitude). A step whose amax is
+    non-finite or zero is not recorded and keeps the previous scale (counted in ``skipped``);
+    so is an amax that would give a non-finite scale.
+
+    ``sync_amax``: under torch.distributed, :meth:`end_step` takes the max amax over all ranks
+    (one collective per step; every rank must end the same steps) so ranks keep one scale.
     """
 
     def __init__(self, fmt: str = "hif8", history: int = 64, reduction: str = "max", *,
@@ -177,11 +183,16 @@ class DelayedScaler:
         self.filled = torch.zeros((), dtype=torch.int64)  # entries of the history in use
         self.scale = torch.ones((), dtype=torch.float32)
         self.skipped = torch.zeros((), dtype=torch.int64)
-        self.clip_share = torch.zeros((), dtype=torch.float32)  # of the last observed tensor
+        # Of the step in progress (or, right after end_step, of the step just ended): the max
+        # amax, and the largest clipped share over its forwards.
+        self.step_amax = torch.zeros((), dtype=torch.float32)
+        self.clip_share = torch.zeros((), dtype=torch.float32)
+        self._step_open = False  # a forward has been observed since the last end_step
 
     def _to(self, device: torch.device) -> None:
         if self.scale.device != device:
-            for name in ("amax_history", "filled", "scale", "skipped", "clip_share"):
+            for name in ("amax_history", "filled", "scale", "skipped", "step_amax",
+                         "clip_share"):
                 setattr(self, name, getattr(self, name).to(device))
 
     def _scale_from_history(self) -> torch.Tensor:
@@ -205,11 +216,24 @@ class DelayedScaler:
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, scale: torch.Tensor) -> None:
-        """Record step t: clip share of ``x`` under ``scale``, push amax, update the scale."""
+        """Record one forward of the current step: its amax and the share of ``x`` clipped
+        under ``scale``, each folded into the step's max. The scale does not change."""
         self._to(x.device)
         mag = x.detach().abs().float()
-        self.clip_share = (mag * scale > format_max(self.fmt)).float().mean()
+        clip = (mag * scale > format_max(self.fmt)).float().mean()
         amax = mag.amax()
+        if self._step_open:  # torch.maximum keeps a NaN: such a step is skipped at its end
+            amax, clip = torch.maximum(self.step_amax, amax), torch.maximum(self.clip_share, clip)
+        self.step_amax, self.clip_share, self._step_open = amax, clip, True
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """Push the step's amax into the history and update the scale (no-op when the step
+        observed nothing)."""
+        if not self._step_open:
+            return
+        self._step_open = False
+        amax = self.step_amax.clone()
         dist = torch.distributed
         if self.sync_amax and dist.is_available() and dist.is_initialized():
             dist.all_reduce(amax, op=dist.ReduceOp.MAX)
@@ -238,6 +262,7 @@ class DelayedScaler:
         self.filled = state["filled"].to(device, torch.int64).clone()
         self.scale = state["scale"].to(device, torch.float32).clone()
         self.skipped = state["skipped"].to(device, torch.int64).clone()
+        self._step_open = False  # the state is saved between steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +278,8 @@ class QATLinear(nn.Linear):
 
     ``enabled`` False gives the exact full-precision forward. In training mode the scalers
     observe every forward, on or off, so a full-precision warm-up also warms the scales; in
-    eval mode they only read the current scale.
+    eval mode they only read the current scale. Call :func:`end_qat_step` after each
+    optimiser step: that is when the observed amaxes enter the histories.
     """
 
     def __init__(self, linear: nn.Linear, fmt: str = "hif8", history: int = 64,
@@ -323,6 +349,15 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
         layer.enabled = enabled
 
 
+def end_qat_step(model: nn.Module) -> None:
+    """End the optimiser step for every scaler of ``model``: push the step's amaxes (the max
+    over its micro-batches) into the histories and update the scales. Collective with
+    ``sync_amax`` (every rank calls it once per step)."""
+    for layer in qat_layers(model).values():
+        layer.weight_scaler.end_step()
+        layer.input_scaler.end_step()
+
+
 def layer_group(name: str) -> str:
     """The group a layer's metrics go to: its last name component (q_proj, down_proj, ...),
     prefixed with ``vision/`` for layers of a vision tower."""
@@ -331,7 +366,7 @@ def layer_group(name: str) -> str:
 
 
 def clip_stats(model: nn.Module) -> dict[str, float]:
-    """Clip shares of the last observed forward, averaged per layer group.
+    """Clip shares of the last step (the largest over its forwards), averaged per layer group.
 
     Keys ``qat/clip/<group>/weight`` and ``qat/clip/<group>/input``: the mean over the group's
     layers of the share of values beyond the format's largest finite value (saturated), plus

@@ -115,7 +115,16 @@ def build(name: str, model_dir, micro_batch_size: int):
                       lr_schedule="constant", max_grad_norm=MAX_GRAD_NORM, reference="none",
                       kl_coef=0.0, temperature=1.0, seed=0,
                       prepare_model=quantise_with(fmt, on) if fmt else None)
-    return lambda batch: learner.train_step_with(batch_loss, batch, size_fn=batch_weight)
+    if not fmt:
+        return lambda batch: learner.train_step_with(batch_loss, batch, size_fn=batch_weight)
+    from medrl.align.qat import end_qat_step
+
+    def step(batch):  # as the QAT stage runs it: the scales move once per optimiser step
+        metrics = learner.train_step_with(batch_loss, batch, size_fn=batch_weight)
+        end_qat_step(learner.model)
+        return metrics
+
+    return step
 
 
 def count_quantised(model_dir) -> tuple[int, int]:

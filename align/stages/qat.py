@@ -8,10 +8,14 @@ resume) with :class:`QATHooks` plugged in:
   still observe, so their amax histories are warm) and on from step ``warmup_steps + 1``, when
   the base learning rate also switches from ``learner.lr`` to ``qat_lr`` (the warm-up +
   cosine factor of the learner's schedule still applies);
-- amax saturation: after each step the share of values clipped at the format maximum, per
-  layer type (``qat/clip/<group>/<weight|input>``, ``qat/clip/max``); when quantisation is on
-  and ``qat/clip/max`` exceeds ``clip_warn_threshold`` a console warning is printed and
-  ``qat/clip/warn`` is 1;
+- delayed scaling counts optimiser steps: each scale is frozen for the step, and after it
+  the step's amax (the max over its micro-batches; a forward recomputed by gradient
+  checkpointing repeats one of them exactly) enters the history
+  (:func:`~medrl.align.qat.end_qat_step`);
+- amax saturation: after each step the share of values clipped at the format maximum (the
+  largest over the step's micro-batches), per layer type (``qat/clip/<group>/<weight|input>``,
+  ``qat/clip/max``); when quantisation is on and ``qat/clip/max`` exceeds
+  ``clip_warn_threshold`` a console warning is printed and ``qat/clip/warn`` is 1;
 - forgetting: a knowledge probe (multiple-choice items) scored by the log-likelihood of each
   option letter after the prompt; the pick is the most likely letter. The full-precision
   starting checkpoint is scored once (``qat/probe/*_start``, logged at step 0); every
@@ -178,8 +182,9 @@ class QATHooks:
             switch_base_lr(self.learner.scheduler, self.qat_lr)
 
     def after_step(self, step: int, metrics: dict[str, float]) -> None:
-        from medrl.align.qat import clip_stats
+        from medrl.align.qat import clip_stats, end_qat_step
 
+        end_qat_step(self.learner.model)  # the step's amaxes enter the histories (collective)
         on = self.quantised(step)
         stats = clip_stats(self.learner.model)
         metrics.update(stats)
@@ -211,10 +216,13 @@ class QATHooks:
                 "exclude": ["lm_head"]}
 
     def write(self, ckpt_dir: Path) -> None:
+        """Write the scaling state (and the fake-quant export). Collective under ZeRO-3."""
         from safetensors.torch import save_file
 
         from medrl.align.qat import qat_state_dict
 
+        # Every rank takes part in gathering the partitioned weights; rank 0 writes.
+        weights = fake_quant_weights(self.learner) if self.export_fake_quant else None
         if self.learner.rank != 0:
             return
         state = qat_state_dict(self.learner.model)
@@ -225,9 +233,8 @@ class QATHooks:
         qat_dir.mkdir(parents=True, exist_ok=True)
         save_file(state, str(qat_dir / "scales.safetensors"))
         (qat_dir / "qat.json").write_text(json.dumps(self.config(), indent=1))
-        if self.export_fake_quant:
-            export_fake_quant(self.learner.model, ckpt_dir / "policy",
-                              ckpt_dir / "policy_fake_quant")
+        if weights is not None:
+            export_fake_quant(weights, ckpt_dir / "policy", ckpt_dir / "policy_fake_quant")
 
 
 def switch_base_lr(scheduler, lr: float) -> None:
@@ -248,18 +255,29 @@ def switch_base_lr(scheduler, lr: float) -> None:
 
 
 @torch.no_grad()
-def export_fake_quant(model: torch.nn.Module, policy_dir: Path, out_dir: Path) -> int:
-    """Copy ``policy_dir`` to ``out_dir`` with each quantised layer's weight replaced by
-    fake_quantize(weight, fmt, its current scale). Returns the number of weights replaced."""
-    from safetensors.torch import load_file, save_file
-
+def fake_quant_weights(learner) -> dict[str, torch.Tensor]:
+    """{"<layer>.weight": fake_quantize(weight, fmt, its current scale)} for every quantised
+    layer, on the CPU: what the training forward sees; empty on ranks other than 0. Collective:
+    under ZeRO-3 each weight is gathered from its partitions in turn (every rank calls this)."""
+    from medrl.align.learner_state import gathered
     from medrl.align.qat import fake_quantize, qat_layers
 
-    quantised = {}
-    for name, layer in qat_layers(model).items():
-        w = layer.weight.detach()
-        scale = layer.weight_scaler.current_scale(w)
-        quantised[f"{name}.weight"] = fake_quantize(w, layer.fmt, scale).cpu()
+    out = {}
+    for name, layer in qat_layers(learner.model).items():
+        with gathered(learner, [layer.weight]):
+            if learner.rank == 0:  # the only rank that writes: the others just gather
+                w = layer.weight.detach()
+                scale = layer.weight_scaler.current_scale(w)
+                out[f"{name}.weight"] = fake_quantize(w, layer.fmt, scale).cpu()
+    return out
+
+
+def export_fake_quant(quantised: dict[str, torch.Tensor], policy_dir: Path,
+                      out_dir: Path) -> int:
+    """Copy ``policy_dir`` to ``out_dir`` with the weights named in ``quantised`` (from
+    :func:`fake_quant_weights`) replaced. Returns the number of weights replaced."""
+    from safetensors.torch import load_file, save_file
+
     shutil.copytree(policy_dir, out_dir, ignore=shutil.ignore_patterns("qat"))
     replaced = 0
     for path in sorted(out_dir.glob("*.safetensors")):

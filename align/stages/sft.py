@@ -266,7 +266,8 @@ def run_stage(io: StageIO, run_dir: Path, *, resume_from: Path | None = None,
     kwargs = dict(io.learner_kwargs, total_steps=steps, temperature=1.0)
     if hooks is not None:
         kwargs["prepare_model"] = hooks.prepare_model
-        # fake-quant scalers record one amax per forward call: keep one pass per micro-batch
+        # the scalers measure clip shares per forward: one pass per micro-batch keeps each
+        # share a whole micro-batch's (shared prompts would measure prompt and answer apart)
         kwargs["share_prompt"] = False
     learner = Learner(io.policy_dir, **kwargs)
     if state:

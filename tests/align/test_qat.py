@@ -12,6 +12,7 @@ from medrl.align.qat import (
     QATLinear,
     clip_stats,
     enable_fake_quant,
+    end_qat_step,
     fake_quantize,
     fake_quantize_ste,
     format_max,
@@ -137,6 +138,7 @@ def _step(scaler, amax, n=4):
     x = torch.full((n,), float(amax))
     scale = scaler.current_scale(x)
     scaler.observe(x, scale)
+    scaler.end_step()
     return scale.item()
 
 
@@ -174,12 +176,74 @@ def test_non_finite_or_zero_amax_keeps_the_scale(bad):
     assert int(after["skipped"]) == 2
 
 
+def test_one_history_entry_per_step_whatever_its_micro_batches():
+    s = DelayedScaler("hif8", history=4)
+    for step_amaxes in ([3.0, 7.0, 5.0], [2.0, 1.0], [4.0]):
+        scales = set()
+        for amax in step_amaxes:
+            x = torch.full((4,), amax)
+            scale = s.current_scale(x)
+            s.observe(x, scale)
+            scales.add(scale.item())
+        if int(s.filled):  # after the first step the scale is frozen within the step
+            assert scales == {s.scale.item()}
+        s.end_step()
+    assert s.amax_history.tolist() == [4.0, 2.0, 7.0, 0.0] and int(s.filled) == 3
+    assert s.scale.item() == pytest.approx(HIF8_MAX / 7)
+    s.end_step()  # a step that observed nothing records nothing
+    assert int(s.filled) == 3 and int(s.skipped) == 0
+    for amax in (9.0, float("nan"), 1.0):  # one bad micro-batch: the whole step is skipped
+        x = torch.full((4,), amax)
+        s.observe(x, s.current_scale(x))
+    s.end_step()
+    assert int(s.filled) == 3 and int(s.skipped) == 1
+    assert s.scale.item() == pytest.approx(HIF8_MAX / 7)
+
+
+def test_clip_share_is_the_largest_of_the_step():
+    s = DelayedScaler("e4m3", history=4)
+    _step(s, 1.0)  # scale maps 1.0 to 448
+    for x in ([0.5, 2.0, 3.0, 0.1], [0.5, 0.5, 0.5, 4.0], [0.1, 0.1, 0.1, 0.1]):
+        x = torch.tensor(x)
+        s.observe(x, s.current_scale(x))
+    s.end_step()
+    assert s.clip_share.item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recompute_leaves_history_and_gradients_unchanged(reentrant):
+    """A recomputed forward (gradient checkpointing) quantises with the scale of the forward
+    it repeats and does not record a second amax."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8)
+    plain = QATLinear(base, "e4m3", history=4)
+    ckpt = QATLinear(copy.deepcopy(base), "e4m3", history=4)
+    for step, amax in enumerate((10.2, 8.2, 2.2, 6.0)):
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(step))
+        x = x / x.abs().max() * amax
+        grads = []
+        for layer, run in ((plain, lambda f, v: f(v)),
+                           (ckpt, lambda f, v: checkpoint(f, v, use_reentrant=reentrant))):
+            xi = x.clone().requires_grad_(True)
+            (run(layer, xi) ** 2).sum().backward()
+            end_qat_step(torch.nn.Sequential(layer))
+            grads.append(xi.grad)
+        assert torch.equal(grads[1], grads[0]), step
+        for a, b in ((plain.input_scaler, ckpt.input_scaler),
+                     (plain.weight_scaler, ckpt.weight_scaler)):
+            assert torch.equal(b.amax_history, a.amax_history) and torch.equal(b.scale, a.scale)
+    assert plain.input_scaler.amax_history.tolist() == pytest.approx([6.0, 2.2, 8.2, 10.2])
+
+
 def test_clip_share_and_state_round_trip():
     s = DelayedScaler("hif8", history=5)
     _step(s, 10.0)
     x = torch.tensor([5.0, 15.0, 20.0, -12.0])
     s.observe(x, s.current_scale(x))  # scale maps 10 to the max: three values saturate
     assert s.clip_share.item() == pytest.approx(0.75)
+    s.end_step()
 
     copy_ = DelayedScaler("hif8", history=5)
     copy_.load_state_dict(s.state_dict())
@@ -249,7 +313,9 @@ def test_qat_state_round_trip_restores_outputs(qwen, tiny_qwen2):
     model.train()
     for i in range(3):
         model(input_ids=(ids + i) % 1000)
+        end_qat_step(model)
     state = qat_state_dict(model)
+    assert int(state["model.layers.0.mlp.up_proj.input.filled"]) == 3
     model.eval()
     before = {k: v.clone() for k, v in qat_state_dict(model).items()}
     with torch.no_grad():

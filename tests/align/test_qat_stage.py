@@ -137,3 +137,121 @@ def test_saturation_is_reported_and_warned(tiny_qwen2, tmp_path):
     assert step["qat/clip/max"] > 0.5 and step["qat/clip/q_proj/input"] > 0.5
     assert step["qat/clip/warn"] == 1.0
     assert "clipped at the hif8 maximum" in out.getvalue()
+
+
+# ------------------------------------------------------------- the step the scalers record
+
+
+def qat_learner(tiny_qwen2, hooks, **kwargs):
+    from medrl.align.learner import Learner
+
+    options = dict(zero_stage=0, micro_batch_size=1, lr=1e-3, lr_schedule="constant",
+                   temperature=1.0, prepare_model=hooks.prepare_model)
+    learner = Learner(tiny_qwen2, **{**options, **kwargs})
+    hooks.start(learner, None, None)
+    return learner
+
+
+def sft_examples(learner, tmp_path, n: int):
+    from medrl.align.stages.sft import ExampleSpec, build_example
+    from medrl.launch.data import load_samples
+
+    spec = ExampleSpec(response_field="findings", weight_field="abnormal")
+    samples = load_samples(recipe_for(tmp_path).data)[:n]
+    return [build_example(learner.tokenizer, s, spec) for s in samples]
+
+
+def train(learner, hooks, examples, batch_size: int) -> list[dict]:
+    """The stage loop's step sequence: before_step, one optimiser step, after_step."""
+    from medrl.align.stages.sft import batch_loss, batch_weight
+
+    rows = []
+    for step, i in enumerate(range(0, len(examples), batch_size), start=1):
+        hooks.before_step(step)
+        batch = learner.collate(examples[i:i + batch_size])
+        metrics = learner.train_step_with(batch_loss, batch, size_fn=batch_weight)
+        hooks.after_step(step, metrics)
+        rows.append(metrics)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def checkpointing_runs(tiny_qwen2, tmp_path_factory):
+    """Three quantised steps of two micro-batches each, with and without gradient
+    checkpointing; the inputs of one layer are recorded on every training forward."""
+    from medrl.align.qat import qat_layers, qat_state_dict
+    from medrl.align.stages.qat import QATHooks
+
+    runs = {}
+    for checkpointing in (False, True):
+        hooks = QATHooks(fmt="e4m3", warmup_steps=1, qat_lr=1e-3, history=4)
+        learner = qat_learner(tiny_qwen2, hooks, gradient_checkpointing=checkpointing)
+        layer = qat_layers(learner.model)["model.layers.0.self_attn.q_proj"]
+        seen: list[float] = []
+
+        def record(module, args, seen=seen):
+            if module.training:
+                seen.append(args[0].detach().abs().amax().item())
+
+        layer.register_forward_pre_hook(record)
+        examples = sft_examples(learner, tmp_path_factory.mktemp("ckpt"), 6)
+        rows = train(learner, hooks, examples, batch_size=2)
+        weights = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+        runs[checkpointing] = dict(rows=rows, state=qat_state_dict(learner.model), seen=seen,
+                                   weights=weights)
+    return runs
+
+
+def test_gradient_checkpointing_records_each_step_once(checkpointing_runs):
+    plain, ckpt = checkpointing_runs[False], checkpointing_runs[True]
+    assert len(ckpt["seen"]) == 2 * len(plain["seen"])  # each forward ran again in backward
+    assert plain["state"].keys() == ckpt["state"].keys()
+    for key, value in plain["state"].items():
+        assert torch.equal(ckpt["state"][key], value), key
+    for a, b in zip(plain["rows"], ckpt["rows"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
+    for name, value in plain["weights"].items():
+        torch.testing.assert_close(ckpt["weights"][name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_amax_history_counts_optimiser_steps(checkpointing_runs):
+    """Two micro-batches per step: one history entry per step, the larger of its two amaxes."""
+    run = checkpointing_runs[False]
+    seen = run["seen"]
+    assert len(seen) == 6  # three steps of two micro-batches
+    prefix = "model.layers.0.self_attn.q_proj.input"
+    assert int(run["state"][f"{prefix}.filled"]) == 3
+    expected = [max(seen[4:6]), max(seen[2:4]), max(seen[0:2]), 0.0]
+    torch.testing.assert_close(run["state"][f"{prefix}.amax_history"],
+                               torch.tensor(expected), rtol=1e-6, atol=0)
+    assert int(run["state"]["model.layers.1.mlp.down_proj.weight.filled"]) == 3
+
+
+def test_fake_quant_export_under_partitioned_zero3(tiny_qwen2, tmp_path):
+    """ZeRO-3 with no persistent parameters: every weight is partitioned (empty on the rank)
+    when the checkpoint is written; the export gathers them."""
+    from safetensors.torch import load_file
+
+    from medrl.align.checkpoint import save_checkpoint
+    from medrl.align.qat import fake_quantize, qat_layers
+    from medrl.align.stages.qat import QATHooks
+
+    hooks = QATHooks(warmup_steps=0, qat_lr=1e-4, export_fake_quant=True)
+    learner = qat_learner(tiny_qwen2, hooks, zero_stage=3, micro_batch_size=2,
+                          zero3_param_persistence_threshold=0)
+    train(learner, hooks, sft_examples(learner, tmp_path, 2), batch_size=2)
+    layer = qat_layers(learner.model)["model.layers.1.mlp.up_proj"]
+    assert layer.weight.numel() == 0  # partitioned: the test exercises the gather
+
+    def write(tmp: Path) -> None:
+        learner.save(tmp)
+        hooks.write(tmp)
+
+    ckpt = save_checkpoint(tmp_path / "run", 1, write=write, state={})
+    assert (ckpt / "COMPLETE").is_file()
+    full = load_file(str(ckpt / "policy" / "model.safetensors"))
+    fq = load_file(str(ckpt / "policy_fake_quant" / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(fq[name], fake_quantize(full[name], "hif8", layer.weight_scaler.scale))
+    assert not torch.equal(fq[name], full[name])
