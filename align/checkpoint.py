@@ -12,8 +12,14 @@ RUN_DIR/checkpoints/step-000200/
 A save is built in a hidden temporary folder (``checkpoints/.tmp-...``) and renamed into
 place only after ``COMPLETE`` is on disk, so a crash at any moment leaves either the previous
 checkpoints untouched or a folder that :func:`list_checkpoints` ignores. Only one process
-writes checkpoints for a run at a time (the driver); the learner ranks write *into* the
-temporary folder the driver hands them.
+writes checkpoints for a run at a time (the driver, holding the run folder's lock:
+``launch/rundir.py``); the learner ranks write *into* the temporary folder the driver hands
+them.
+
+Resuming from an earlier step K moves the checkpoints after K to
+``RUN_DIR/abandoned/<time>-from-step-K/`` (:func:`set_aside_newer`), and ``keep_last``
+counts only the checkpoints up to the one just saved, so retention never prunes the line a
+run is on in favour of one it left.
 
 ``medrl resume`` continues only from a checkpoint that :func:`verified_checkpoint` passes:
 every file hashed again (streamed in 1 MiB blocks) and compared with ``COMPLETE``; a damaged
@@ -41,6 +47,7 @@ from typing import Any, Callable, Mapping
 from medrl.align.records import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
+ABANDONED_DIR = "abandoned"  # checkpoints after the step a resume went back to
 STATE_FILE = "state.json"
 COMPLETE_FILE = "COMPLETE"
 FORMAT_VERSION = 1
@@ -116,14 +123,54 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 def apply_retention(run_dir: str | Path, keep_last: int, *,
                     protect: Path | None = None) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints; return the deleted ones."""
+    """Delete all but the newest ``keep_last`` complete checkpoints; return the deleted ones.
+
+    With ``protect`` (the checkpoint just written) only the current line of checkpoints
+    counts: steps up to ``protect``'s. A newer one can only come from a line that a resume
+    from an earlier step abandoned; it is neither counted nor deleted here
+    (:func:`set_aside_newer` moves such checkpoints out of the way when the resume starts).
+    """
     complete = list_checkpoints(run_dir)
+    if protect is not None:
+        complete = [p for p in complete if checkpoint_step(p) <= checkpoint_step(protect)]
     doomed = complete[:-keep_last] if len(complete) > keep_last else []
     if protect is not None:
         doomed = [p for p in doomed if p.resolve() != Path(protect).resolve()]
     for path in doomed:
         _delete_checkpoint_dir(path)
     return doomed
+
+
+def set_aside_newer(run_dir: str | Path, step: int, *, stamp: str | None = None) -> list[Path]:
+    """Move every checkpoint folder after ``step`` to ``RUN_DIR/abandoned/<stamp>-from-step-K/``.
+
+    Resuming from an earlier step ``K`` starts a new line of checkpoints; the later ones
+    belong to the line it abandons. They are kept (nothing is lost), but out of
+    ``checkpoints/``: a later plain resume continues the new line, and retention counts it
+    alone. Incomplete step folders after ``K`` move too. ``stamp`` defaults to the local time
+    (``20261201-220100``). Returns the new paths, oldest step first (empty: nothing moved).
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    newer = []
+    for child in root.iterdir() if root.is_dir() else ():
+        match = _STEP_RE.match(child.name)
+        if match and child.is_dir() and int(match.group(1)) > step:
+            newer.append((int(match.group(1)), child))
+    newer.sort()
+    if not newer:
+        return []
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    dest = Path(run_dir) / ABANDONED_DIR / f"{stamp}-from-{step_dir_name(step)}"
+    while dest.exists():  # two resumes within one second
+        dest = dest.with_name(f"{dest.name}-{uuid.uuid4().hex[:4]}")
+    dest.mkdir(parents=True)
+    moved = []
+    for _, path in newer:
+        os.replace(path, dest / path.name)
+        moved.append(dest / path.name)
+    _fsync_dir(root)
+    _fsync_dir(dest)
+    return moved
 
 
 def _delete_checkpoint_dir(path: Path) -> None:

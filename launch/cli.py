@@ -22,6 +22,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 
 
+def say(text: str) -> None:
+    """A note that does not stop the command."""
+    console.print(f"[bold]note:[/bold] {text}", highlight=False, soft_wrap=True)
+
+
 def user_error(exc: UserError) -> typer.Exit:
     console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
@@ -94,15 +99,15 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         force: bool = typer.Option(False, "--force", help="replace a non-empty run folder")):
     """Start a run: a new folder under run.output_dir, then the recipe's stage."""
     from medrl.launch.recipe import load_recipe
-    from medrl.launch.rundir import absolute_recipe, create_run_dir
+    from medrl.launch.rundir import absolute_recipe, new_run
     from medrl.launch.stages import check_recipe, run_stage
 
     try:
         resolved = load_recipe(recipe, overrides or [])
         check_recipe(resolved, recipe.parent)
         resolved = absolute_recipe(resolved, recipe.parent)
-        run_dir = create_run_dir(resolved, force=force)
-        run_stage(resolved, run_dir)
+        with new_run(resolved, force=force, say=say) as run_dir:  # locked until the run ends
+            run_stage(resolved, run_dir)
     except UserError as exc:
         raise user_error(exc) from None
     except RunFailed as exc:
@@ -118,21 +123,26 @@ def resume(run_dir: Path = typer.Argument(..., help="a run folder made by `medrl
     """Continue a run from its latest (or a chosen) complete checkpoint, exactly.
 
     The checkpoint's checksums are verified first; a damaged one is refused, naming the file
-    and the newest earlier checkpoint that verifies.
+    and the newest earlier checkpoint that verifies. Resuming from an earlier --step moves the
+    later checkpoints to RUN_DIR/abandoned/ (kept, no longer resumed or pruned).
 
     Overrides change the saved recipe for the rest of the run (and are saved back into it);
     anything but run.max_steps may make the continuation differ from an uninterrupted run.
     """
     from medrl.align.checkpoint import verified_checkpoint
-    from medrl.launch.rundir import load_run_recipe, save_run_recipe
+    from medrl.launch.rundir import (RunLock, check_run_logs, load_run_recipe, save_run_recipe,
+                                     set_aside_after)
     from medrl.launch.stages import run_stage
 
     try:
         resolved = load_run_recipe(run_dir, overrides or [], save=False)
-        ckpt = verified_checkpoint(run_dir, step=step)  # every file's checksum, before any start
-        if overrides:
-            save_run_recipe(run_dir, resolved)
-        run_stage(resolved, run_dir, resume_from=ckpt)
+        with RunLock(run_dir, say=say):  # one writer per run folder, until the run ends
+            ckpt = verified_checkpoint(run_dir, step=step)  # every file's checksum, first
+            check_run_logs(run_dir)
+            set_aside_after(run_dir, ckpt, say=say)
+            if overrides:
+                save_run_recipe(run_dir, resolved)
+            run_stage(resolved, run_dir, resume_from=ckpt)
     except UserError as exc:
         raise user_error(exc) from None
     except RunFailed as exc:

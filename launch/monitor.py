@@ -32,6 +32,8 @@ from rich.panel import Panel
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from medrl.align.records import UserError
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
@@ -96,21 +98,33 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every line of a JSON-lines log of the run folder; a torn last line is skipped."""
+    """Every row of a JSON-lines log of the run folder (metrics, prompts, completions, ...).
+
+    A crash in the middle of an append can tear only the last line: that one is skipped with
+    a warning. A bad line anywhere else means the file was damaged or edited: a UserError
+    names the file and line (never its content, which may be patient text).
+    """
     if not path.exists():
         return []
     rows = []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if number != len(lines):  # only the last line can be torn by a crash
-                raise ValueError(f"{path}:{number}: not valid JSON; the metrics file is "
-                                 "damaged (fix or delete that line)") from None
-            warnings.warn(f"{path}:{number}: skipped a partly written last line")
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif number == last and row is None:  # torn by a crash mid-append
+            warnings.warn(f"{path}:{number}: dropped a partly written last line (the run "
+                          "stopped while writing it)")
+        else:
+            raise UserError(f"{path}, line {number}: not a JSON object, so the log is damaged "
+                            "(a crash can only tear the last line). Delete or repair that line, "
+                            "then run the command again.")
     return rows
 
 
@@ -130,14 +144,27 @@ def truncate_jsonl(path: Path, step: int) -> int:
     rows = read_jsonl(path)
     kept = [row for row in rows if int(row.get("step", 0)) <= step]
     raw_lines = sum(1 for line in path.read_text().splitlines() if line.strip())
+    write_jsonl_atomic(path, kept)
+    return raw_lines - len(kept)
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Replace ``path`` with ``rows``: a crash leaves the old file or the new one, never half.
+
+    Written to a hidden file beside it, flushed to disk, renamed over it, the folder synced.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        for row in kept:
+        for row in rows:
             f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return raw_lines - len(kept)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- the monitor

@@ -18,6 +18,7 @@ from medrl.align.checkpoint import (
     read_state,
     restore_rng,
     save_checkpoint,
+    set_aside_newer,
     verified_checkpoint,
     verify_checkpoint,
 )
@@ -258,8 +259,38 @@ def test_retention_keeps_last_k(tmp_path):
     # saving an older step (a resumed run re-saving) must not delete the one just written
     path = save_checkpoint(tmp_path, 15, write=learner_writer(0), state={}, keep_last=1)
     assert path.exists() and path in list_checkpoints(tmp_path)
-    assert apply_retention(tmp_path, 1) == [path]  # the oldest goes when nothing protects it
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000040"]
+    assert apply_retention(tmp_path, 2) == [path]  # the oldest goes when nothing protects it
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000030", "step-000040"]
+
+
+def test_retention_counts_only_the_line_resumed_from(tmp_path):
+    # checkpoints 300/400/500, resumed from 300: the save at 350 prunes none of the line
+    # 300 -> 350, and does not count (or delete) the later checkpoints it did not come from
+    for step in (100, 200, 300, 400, 500):
+        save_checkpoint(tmp_path, step, write=learner_writer(step), state={})
+    save_checkpoint(tmp_path, 350, write=learner_writer(0), state={}, keep_last=3)
+    steps = [int(p.name[5:]) for p in list_checkpoints(tmp_path)]
+    assert steps == [200, 300, 350, 400, 500]  # 100 pruned: it is 4th newest on the line
+
+
+def test_set_aside_newer_moves_the_abandoned_line(tmp_path):
+    for step in (300, 400, 500):
+        save_checkpoint(tmp_path, step, write=learner_writer(step), state={})
+    (tmp_path / "checkpoints" / "step-000450").mkdir()  # an incomplete folder goes too
+    assert set_aside_newer(tmp_path, 500) == []
+    moved = set_aside_newer(tmp_path, 300, stamp="20261201-120000")
+    folder = tmp_path / "abandoned" / "20261201-120000-from-step-000300"
+    assert moved == [folder / "step-000400", folder / "step-000450", folder / "step-000500"]
+    verify_checkpoint(folder / "step-000500")  # moved whole: still verifies
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000300"]
+    assert latest_checkpoint(tmp_path).name == "step-000300"
+    save_checkpoint(tmp_path, 350, write=learner_writer(0), state={}, keep_last=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000300", "step-000350"]
+    # a second resume from the same step within the same second gets its own folder
+    save_checkpoint(tmp_path, 400, write=learner_writer(0), state={})
+    again = set_aside_newer(tmp_path, 300, stamp="20261201-120000")
+    assert again[0].parent != folder and again[0].parent.name.startswith(folder.name)
+    assert [p.name for p in again] == ["step-000350", "step-000400"]
 
 
 def test_state_must_be_json(tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 from rich.console import Console
 
 from medrl.align.checkpoint import save_checkpoint
+from medrl.align.records import UserError
 from medrl.launch.monitor import Monitor, Timer, read_metrics, truncate_metrics, write_plots
 
 
@@ -85,7 +86,7 @@ def test_truncate_after_while_open(tmp_path):
 
 def test_damaged_middle_line_is_an_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+    with pytest.raises(UserError, match="metrics.jsonl, line 2: not a JSON object"):
         read_metrics(tmp_path)
 
 
