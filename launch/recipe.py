@@ -1,6 +1,7 @@
 """The recipe: one YAML file, one stage, validated before anything starts.
 
-``load_recipe(path, overrides)`` reads the YAML with ``yaml.safe_load``, applies dotted
+``load_recipe(path, overrides)`` reads the YAML (``yaml.safe_load`` plus YAML 1.2 exponent
+floats, see :mod:`medrl.launch.recipe_yaml`), applies dotted
 command-line overrides (``algorithm.kl.coef=0.01``), validates everything with pydantic
 (unknown keys rejected) and raises one :class:`RecipeError` listing every problem with the
 file, the dotted field path and what was expected. Sections mirror DESIGN.md; stage-specific
@@ -13,11 +14,36 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
-from medrl.align.records import UserError
+from medrl.launch import recipe_yaml
+from medrl.launch.recipe_yaml import RecipeError, read_yaml
+
+__all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_override",
+           "read_yaml"]
 
 Stage = Literal["grpo", "sft", "reward_model", "vision_pretrain", "qat", "eval"]
+# The stages this version runs (launch/stages.py dispatches on these); the others of ``Stage``
+# are planned and refused at validation.
+RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat")
+# Which stage reads which optional section: qat trains on the sft loss and data settings.
+STAGE_SECTIONS = {"sft": ("sft", "qat"), "qat": ("qat",)}
+
+
+def stage_not_runnable(stage: str) -> str:
+    return (f"run.stage: {stage!r} is not available in this version; the stages that run "
+            f"are: {', '.join(RUNNABLE_STAGES)}.")
+
+
+def qat_schedule_problem(total_steps: int, warmup_steps: int, steps_from: str) -> str | None:
+    """Why a qat run of ``total_steps`` would train no quantised step, or None."""
+    if total_steps > warmup_steps:
+        return None
+    return (f"{steps_from} gives {total_steps} step(s), but qat.warmup_steps is {warmup_steps}: "
+            "quantisation starts after the warm-up, so this run would train no quantised step "
+            "yet write quantisation scales (and any fake-quant export) as if it had. Train more "
+            "steps than qat.warmup_steps (default 500), or lower qat.warmup_steps.")
 
 
 class Section(BaseModel):
@@ -32,6 +58,18 @@ class RunConfig(Section):
     max_steps: int = Field(10, ge=1, description="optimiser steps for the whole run")
     recipe_dir: str | None = Field(None, description="set by `medrl run`: the folder that "
                                    "relative paths in the recipe (reward kwargs too) refer to")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str) -> str:
+        # The run folder is output_dir / name, and `medrl run --force` replaces it: a name that
+        # climbs out of output_dir ("..", "/abs", "a/b") would point --force at another folder.
+        climbs = name.strip() in ("", ".", "..") or Path(name).is_absolute()
+        if climbs or any(sep in name for sep in ("/", "\\", "\0")):
+            raise ValueError(f"{name!r} is not a folder name: run.name names one folder inside "
+                             "run.output_dir (no '/', '\\', '.' or '..'); put the parent folders "
+                             "in run.output_dir instead")
+        return name
 
 
 class ModelConfig(Section):
@@ -85,7 +123,8 @@ class RolloutConfig(Section):
     backend: Literal["hf", "vllm"] = "hf"
     num_workers: int = Field(1, ge=1)
     prompts_per_step: int = Field(2, ge=1)
-    group_size: int = Field(4, ge=1, description="completions per prompt (the GRPO group)")
+    group_size: int = Field(4, ge=1, description="completions per prompt (the GRPO group); "
+                            "at least 2 for grpo")
     max_new_tokens: int = Field(64, ge=1)
     max_prompt_tokens: int = Field(2048, ge=1, description="longest prompt (tokens, chat "
                                    "template included); longer prompts are refused. The "
@@ -329,8 +368,28 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _stage_sections(self) -> "Recipe":
-        if self.run.stage == "grpo" and not self.rewards.functions:
+        stage = self.run.stage
+        if stage not in RUNNABLE_STAGES:
+            raise ValueError(stage_not_runnable(stage))
+        for section, stages in STAGE_SECTIONS.items():
+            if getattr(self, section) is not None and stage not in stages:
+                raise ValueError(f"a {section}: section is read only by run.stage "
+                                 f"{' or '.join(stages)}, and this recipe's stage is {stage}: "
+                                 f"remove the {section}: section, or set run.stage")
+        if stage == "grpo" and not self.rewards.functions:
             raise ValueError("a grpo recipe needs at least one reward in rewards.functions")
+        if stage == "grpo" and self.rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size is {self.rollout.group_size}, but GRPO scores "
+                             "each completion against the others of its prompt's group: with "
+                             "one completion per prompt every advantage is 0 and nothing is "
+                             "learned (with algorithm.filter_zero_variance every group is "
+                             "dropped). Set rollout.group_size to 2 or more")
+        qat_warmup = (self.qat or QATConfig()).warmup_steps
+        if stage == "qat" and (self.sft is None or self.sft.epochs is None):
+            # with sft.epochs the step count depends on the data: checked by check_recipe
+            problem = qat_schedule_problem(self.run.max_steps, qat_warmup, "run.max_steps")
+            if problem:
+                raise ValueError(problem)
         if self.algorithm.kl.coef > 0 and self.learner.ref_model == "none":
             raise ValueError("algorithm.kl.coef > 0 needs a reference model; set "
                              "learner.ref_model to auto or cpu, or the coefficient to 0")
@@ -364,10 +423,6 @@ class Recipe(Section):
                              "full distribution")
 
 
-class RecipeError(UserError):
-    """Every problem in a recipe, one per line."""
-
-
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -386,90 +441,14 @@ def _format_errors(source: str, err: ValidationError) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value).
-
-    Lists and mappings are read as YAML flow (``[a, b]``, ``{k: v}``); ``null``/``none`` is None;
-    a scalar is read as YAML (``2`` -> int, ``true`` -> bool) unless the schema says the field
-    is a string, so ``run.name=123`` stays ``"123"``.
-    """
-    if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected key.path=value, e.g. algorithm.kl.coef=0.01")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".")]
-    if not all(path):
-        raise RecipeError(f"override {text!r}: empty part in the key path {key!r}")
-    raw = raw.strip()
-    if raw.lower() in ("null", "none", "~"):
-        return path, None
-    if raw[:1] in "[{":
-        try:
-            return path, yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"override {text!r}: the value is not valid YAML flow ({exc})") from exc
-    if _is_string_field(path):
-        return path, raw
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return path, raw
-    return path, value if isinstance(value, (int, float, bool)) else raw
-
-
-def _is_string_field(path: list[str]) -> bool:
-    """Whether the schema types ``path`` as a plain string (walks the pydantic models)."""
-    import typing
-
-    model: Any = Recipe
-    annotation: Any = None
-    for part in path:
-        fields = getattr(model, "model_fields", None)
-        if not fields:
-            return False
-        info = fields.get(part) or next(
-            (f for f in fields.values() if f.alias == part), None)
-        if info is None:
-            return False
-        annotation = info.annotation
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        model = args[0] if len(args) == 1 else annotation
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return annotation is str or args == [str]
+    """``a.b.c=value`` -> (["a", "b", "c"], value), typed by the Recipe schema (see
+    :mod:`medrl.launch.recipe_yaml` for how the value is read)."""
+    return recipe_yaml.parse_override(text, Recipe)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set each dotted override in the raw recipe mapping (before validation)."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
-def read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found. Check the path, or start from "
-                          "recipes/quickstart.yaml.") from None
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}).") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: the recipe must be a mapping of sections "
-                          f"(run, model, data, ...), not a {type(data).__name__}.")
-    return data
+    return recipe_yaml.apply_overrides(data, overrides, Recipe)
 
 
 def resolve_path(recipe_dir: Path, value: str) -> Path:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medrl.launch.recipe import Recipe, resolve_path
+from medrl.launch.recipe import (RUNNABLE_STAGES, QATConfig, Recipe, qat_schedule_problem,
+                                 resolve_path, stage_not_runnable)
 
 
 def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
@@ -31,6 +32,8 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
 
     rows = load_dataset_rows(recipe.data, recipe_dir)
     checked.append(f"data: {len(rows)} rows from {resolve_path(recipe_dir, recipe.data.path).name}")
+    if recipe.run.stage == "qat" and recipe.sft is not None and recipe.sft.epochs is not None:
+        checked.append(_check_qat_epochs(recipe, recipe_dir))
 
     if recipe.rewards.functions:
         from medrl.rewards import load_rewards
@@ -42,22 +45,40 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
     return checked
 
 
+def _check_qat_epochs(recipe: Recipe, recipe_dir: Path) -> str:
+    """With sft.epochs the qat stage's step count depends on the training rows: it must exceed
+    the warm-up (the schema checks run.max_steps when sft.epochs is not set)."""
+    from medrl.align.records import UserError
+    from medrl.align.stages.sft import total_steps
+    from medrl.launch.data import load_train_eval
+
+    sft = recipe.sft
+    train, _ = load_train_eval(recipe.data, base_dir=recipe_dir, seed=recipe.run.seed)
+    steps = total_steps(max_steps=recipe.run.max_steps, epochs=sft.epochs,
+                        num_train=len(train), batch_size=sft.batch_size)
+    problem = qat_schedule_problem(steps, (recipe.qat or QATConfig()).warmup_steps,
+                                   f"sft.epochs {sft.epochs} x {len(train)} training rows / "
+                                   f"sft.batch_size {sft.batch_size}")
+    if problem:
+        raise UserError(problem)
+    return f"qat: {steps} steps"
+
+
 def run_stage(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     """Dispatch on ``run.stage``; returns the last checkpoint folder."""
     stage = recipe.run.stage
+    if stage not in RUNNABLE_STAGES:  # the schema refuses these; a hand-built Recipe may not
+        from medrl.align.records import UserError
+
+        raise UserError(stage_not_runnable(stage))
     if stage == "grpo":
         from medrl.launch.driver import train
 
         return train(recipe, run_dir, resume_from=resume_from)
-    if stage in ("sft", "qat"):
-        from medrl.align.stages.sft import run_stage as run_sft_stage
+    from medrl.align.stages.sft import run_stage as run_sft_stage
 
-        return run_sft_stage(stage_io(recipe, run_dir), run_dir, resume_from=resume_from,
-                             hooks=qat_hooks(recipe) if stage == "qat" else None, stage=stage)
-    from medrl.align.records import UserError
-
-    raise UserError(f"run.stage: {stage!r} is not available in this version; "
-                    "the stages that run are: grpo, sft, qat.")
+    return run_sft_stage(stage_io(recipe, run_dir), run_dir, resume_from=resume_from,
+                         hooks=qat_hooks(recipe) if stage == "qat" else None, stage=stage)
 
 
 def stage_io(recipe: Recipe, run_dir: Path):

@@ -10,8 +10,9 @@ A recipe names a reward in one of four ways (tried in this order):
 
 Loading imports code but never loads a model: class rewards are only checked here, and are
 built and ``setup`` later by the runner. Recipe ``kwargs`` are bound to the function's (or
-the class ``__init__``'s) signature and type-checked against its annotations now, so a
-misspelt argument fails in ``medrl validate`` and not hundreds of steps into a run.
+the class ``__init__``'s) signature and coerced to its annotations now (pydantic lax mode, as
+the recipe schema does), so a misspelt argument fails in ``medrl validate`` and not hundreds
+of steps into a run.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class LoadedReward:
     spec: str
     target: Any
     kind: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # coerced to the annotations
     weight: float = 1.0
     actor: bool = False
     num_cpus: float = 1.0
@@ -60,18 +61,20 @@ class LoadedReward:
     version: str | None = None
     base_dir: Path | None = None
     file_module: str | None = None  # set for path.py:fn rewards (sent to Ray by value)
+    recipe_kwargs: dict[str, Any] | None = None  # as the recipe wrote them (JSON values)
+    code_sha256: str | None = None  # of the code that was imported, hashed when it was
 
     def identity(self) -> dict[str, Any]:
         """Provenance for checkpoints: name, spec, source, version or content hash, kwargs,
         and for model rewards whatever their ``identity_extra`` adds (a model-folder hash)."""
+        kwargs = self.kwargs if self.recipe_kwargs is None else self.recipe_kwargs
         out: dict[str, Any] = {"name": self.name, "spec": self.spec, "kind": self.kind,
-                               "source": self.source, "kwargs": self.kwargs,
+                               "source": self.source, "kwargs": kwargs,
                                "weight": self.weight}
         if self.version:
             out["version"] = self.version
-        code_file = _source_file(self.target)
-        if code_file is not None:
-            out["code_sha256"] = hashlib.sha256(code_file.read_bytes()).hexdigest()
+        if self.code_sha256:
+            out["code_sha256"] = self.code_sha256
         extra = getattr(self.target, "identity_extra", None)
         if callable(extra):
             out.update(extra(dict(self.kwargs), self.base_dir))
@@ -84,6 +87,21 @@ def _source_file(obj: Any) -> Path | None:
     except TypeError:  # builtins and C extensions have no source file
         return None
     return Path(path) if path and Path(path).is_file() else None
+
+
+# sha256 of the bytes each reward file was executed from, by module name: a file is imported
+# once per process, so later edits on disk are not the code that runs.
+_LOADED_CODE: dict[str, str] = {}
+
+
+def _code_sha256(target: Any) -> str | None:
+    """The hash of the code ``target`` runs: the bytes its reward file was executed from, or,
+    for an imported module, its source file's bytes now (when the reward is loaded)."""
+    module = getattr(inspect.getmodule(target), "__name__", None)
+    if module in _LOADED_CODE:
+        return _LOADED_CODE[module]
+    code_file = _source_file(target)
+    return hashlib.sha256(code_file.read_bytes()).hexdigest() if code_file else None
 
 
 def hash_folder(folder: str | Path) -> str:
@@ -132,11 +150,13 @@ def _load_file_module(path: Path, where: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
     try:
-        spec.loader.exec_module(module)
+        source = path.read_bytes()  # compiled from these very bytes, which are what is hashed
+        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the plugin
     except Exception as exc:
         del sys.modules[mod_name]
         raise UserError(f"{where}: importing reward file {path} failed: "
                         f"{type(exc).__name__}: {exc}") from exc
+    _LOADED_CODE[mod_name] = hashlib.sha256(source).hexdigest()
     return module
 
 
@@ -193,12 +213,16 @@ def _module_version(module_name: str) -> str | None:
 
 
 def bind_kwargs(target: Any, kwargs: Mapping[str, Any], *, where: str) -> dict[str, Any]:
-    """Check recipe ``kwargs`` against the signature (names, required ones, annotated types)."""
+    """Check recipe ``kwargs`` against the signature (names, required ones, annotated types)
+    and return them coerced to the annotations as the recipe schema coerces its own fields
+    (pydantic lax mode): a YAML list becomes a ``tuple[str, ...]``, a string a ``Path``,
+    ``"1e-3"`` a ``float``. Unannotated arguments, and types pydantic cannot build a check for
+    (arbitrary classes), pass through as the recipe wrote them."""
     is_class = is_class_reward(target)
     try:
         sig = inspect.signature(target, eval_str=True)
-    except (NameError, TypeError):  # annotations that cannot be evaluated: names only
-        sig = inspect.signature(target)
+    except (NameError, TypeError, AttributeError, SyntaxError):
+        sig = inspect.signature(target)  # resolved one argument at a time below
     params = list(sig.parameters.values())
     if not is_class:
         if not params or params[0].kind not in (params[0].POSITIONAL_ONLY,
@@ -215,34 +239,61 @@ def bind_kwargs(target: Any, kwargs: Mapping[str, Any], *, where: str) -> dict[s
         problems.append(f"unknown argument(s) {', '.join(map(repr, unknown))}")
     if missing:
         problems.append(f"missing required argument(s) {', '.join(map(repr, missing))}")
+    bound = dict(kwargs)
     for key, value in kwargs.items():
         param = named.get(key)
         if param is None or param.annotation is param.empty:
             continue
-        error = _type_error(param.annotation, value)
-        if error:
-            problems.append(f"argument {key!r}: {error}")
+        try:
+            bound[key] = _coerce(param.annotation, value, target)
+        except _Unresolvable as exc:
+            problems.append(f"argument {key!r}: its annotation {exc.annotation!r} cannot be "
+                            f"resolved ({exc.cause}); import that type at the top of the "
+                            "reward's module, or drop the annotation")
+        except _Mismatch as exc:
+            problems.append(f"argument {key!r}: {exc} (got {value!r})")
     if problems:
         accepted = ", ".join(f"{n}" + ("" if p.default is p.empty else f"={p.default!r}")
                              for n, p in named.items()) or "none"
         raise UserError(f"{where}: {'; '.join(problems)}. Accepted arguments: {accepted}.")
-    return dict(kwargs)
+    return bound
 
 
-def _type_error(annotation: Any, value: Any) -> str | None:
-    """Why ``value`` does not fit ``annotation`` (pydantic strict check), or None."""
-    from pydantic import TypeAdapter, ValidationError
+class _Unresolvable(Exception):
+    def __init__(self, annotation: Any, cause: str):
+        super().__init__(cause)
+        self.annotation, self.cause = annotation, cause
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(annotation: Any, value: Any, target: Any) -> Any:
+    """``value`` validated against ``annotation`` in pydantic's lax mode, coerced.
+
+    A string annotation (``from __future__ import annotations`` that the signature could not
+    evaluate as a whole) is evaluated in the reward's module. Raises _Unresolvable or
+    _Mismatch."""
+    from pydantic import PydanticUserError, TypeAdapter, ValidationError
     from pydantic.errors import PydanticSchemaGenerationError
 
+    if isinstance(annotation, str):
+        func = target.__init__ if inspect.isclass(target) else target
+        namespace = getattr(inspect.unwrap(func), "__globals__", {})
+        try:
+            annotation = eval(annotation, dict(namespace))  # what inspect's eval_str does
+        except Exception as exc:  # noqa: BLE001 - any failure means: cannot be resolved
+            raise _Unresolvable(annotation, f"{type(exc).__name__}: {exc}") from None
     try:
-        adapter = TypeAdapter(annotation)
-    except (PydanticSchemaGenerationError, TypeError):  # a type pydantic cannot check
-        return None
-    try:
-        adapter.validate_python(value, strict=True)
+        return TypeAdapter(annotation).validate_python(value)
     except ValidationError as exc:
-        return f"{exc.errors()[0]['msg']} (got {value!r})"
-    return None
+        raise _Mismatch(exc.errors()[0]["msg"]) from None
+    except (PydanticSchemaGenerationError, TypeError):  # a type pydantic cannot check
+        return value
+    except PydanticUserError as exc:  # e.g. a forward reference inside list["Foo"]
+        raise _Unresolvable(str(annotation), f"a type it names is not defined: {exc.code}") \
+            from None
 
 
 def load_reward(spec: Mapping[str, Any], *, base_dir: str | Path | None = None,
@@ -263,7 +314,8 @@ def load_reward(spec: Mapping[str, Any], *, base_dir: str | Path | None = None,
     else:
         raise UserError(f"{where}: {ref!r} is a {type(target).__name__}, not a function or a "
                         "class.")
-    kwargs = bind_kwargs(target, spec.get("kwargs") or {}, where=where)
+    recipe_kwargs = dict(spec.get("kwargs") or {})
+    kwargs = bind_kwargs(target, recipe_kwargs, where=where)
     name = (spec.get("alias") or getattr(target, "__medrl_reward_name__", None)
             or getattr(target, "__name__", ref))
     return LoadedReward(
@@ -271,7 +323,8 @@ def load_reward(spec: Mapping[str, Any], *, base_dir: str | Path | None = None,
         weight=float(spec.get("weight", 1.0)), actor=bool(spec.get("actor", False)),
         num_cpus=float(spec.get("num_cpus", 1.0)), num_gpus=float(spec.get("num_gpus", 0.0)),
         timeout_s=spec.get("timeout_s"), source=source, version=version,
-        base_dir=Path(base_dir) if base_dir is not None else None, file_module=file_module)
+        base_dir=Path(base_dir) if base_dir is not None else None, file_module=file_module,
+        recipe_kwargs=recipe_kwargs, code_sha256=_code_sha256(target))
 
 
 def load_rewards(specs: list[Mapping[str, Any]], *, base_dir: str | Path | None = None,

@@ -186,6 +186,23 @@ def combined_token_weights(sample: Sample) -> list[float] | None:
 
 # How long a crashed reward actor may take to come back before its batch counts as failed.
 RESTART_TIMEOUT_S = 180.0
+# Added to a reward actor's time limit for its batch: Ray's round trip and a slow first call.
+BACKSTOP_SLACK_S = 30.0
+
+
+def actor_backstop_s(timeout_s: float | None, calls: int) -> float | None:
+    """How long the driver waits for a reward actor's batch before calling it timed out.
+
+    ``timeout_s`` applies to each call inside the actor, one per sample for a function reward
+    (``calls`` = the number of samples) and one per batch for a class reward (``calls`` = 1),
+    so an actor that honours it answers within ``timeout_s * calls``; the backstop only catches
+    one that does not (a call that holds the GIL), after that plus :data:`BACKSTOP_SLACK_S`.
+    Never under ``2 * timeout_s`` plus the slack: room for the ``setup`` a restarted actor runs
+    before a class reward's one call.
+    """
+    if timeout_s is None:
+        return None
+    return timeout_s * max(calls, 2) + BACKSTOP_SLACK_S
 
 
 class RewardRunner:
@@ -308,7 +325,7 @@ class RewardRunner:
             import ray
 
             ref = worker.score.remote(samples)
-            backstop = None if r.timeout_s is None else r.timeout_s * 2 + 30
+            backstop = actor_backstop_s(r.timeout_s, len(samples) if r.kind == "function" else 1)
 
             def gather():
                 try:

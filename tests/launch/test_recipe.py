@@ -238,3 +238,89 @@ def test_validate_names_a_veto_on_a_reward_that_is_not_loaded(tmp_path):
     assert result.exit_code == 2
     assert "rewards.veto[0]: 'safety' names no loaded reward" in result.output
     assert "Traceback" not in result.output
+
+
+# -- settings that validate but would run wrong or not at all ----------------------------
+def stage_recipe(stage: str, **sections) -> dict:
+    data = base() if stage == "grpo" else {"data": {"path": "items.jsonl"}}
+    data["run"] = {"stage": stage, **sections.pop("run", {})}
+    data.update(sections)
+    return data
+
+
+def test_grpo_refuses_groups_of_one(tmp_path):
+    data = stage_recipe("grpo", rollout={"group_size": 1})
+    with pytest.raises(RecipeError, match=r"rollout.group_size is 1, but GRPO scores each "
+                                          r"completion against the others of its prompt's "
+                                          r"group: .* Set rollout.group_size to 2 or more"):
+        load_recipe(write_recipe(tmp_path, data))
+    assert load_recipe(write_recipe(tmp_path, stage_recipe(
+        "sft", rollout={"group_size": 1}))).rollout.group_size == 1  # sft reads no groups
+
+
+@pytest.mark.parametrize("stage, section, stages", [
+    ("grpo", "sft", "sft or qat"),
+    ("grpo", "qat", "qat"),
+    ("sft", "qat", "qat"),
+])
+def test_a_section_of_another_stage_is_refused(tmp_path, stage, section, stages):
+    data = stage_recipe(stage, **{section: {}})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(tmp_path, data))
+    assert (f"a {section}: section is read only by run.stage {stages}, and this recipe's "
+            f"stage is {stage}: remove the {section}: section, or set run.stage") \
+        in str(err.value)
+
+
+def test_qat_reads_the_sft_section(tmp_path):
+    data = stage_recipe("qat", run={"max_steps": 6}, sft={"batch_size": 1},
+                        qat={"warmup_steps": 2})
+    recipe = load_recipe(write_recipe(tmp_path, data))
+    assert recipe.sft.batch_size == 1 and recipe.qat.warmup_steps == 2
+
+
+@pytest.mark.parametrize("stage", ["reward_model", "vision_pretrain", "eval"])
+def test_stages_that_do_not_run_yet_fail_validation(tmp_path, stage):
+    result = runner.invoke(app, ["validate", str(write_recipe(tmp_path, stage_recipe(stage)))])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"run.stage: '{stage}' is not available in this version; the stages that run "
+            "are: grpo, sft, qat.") in " ".join(result.output.split())
+
+
+def test_run_stage_dispatches_on_the_runnable_stages(tmp_path):
+    from medrl.align.records import UserError
+    from medrl.launch.recipe import RUNNABLE_STAGES
+    from medrl.launch.stages import run_stage
+
+    valid = load_recipe(write_recipe(tmp_path, base()))
+    # a Recipe built in code without validation, as the schema would never let it through
+    recipe = valid.model_copy(update={"run": valid.run.model_copy(update={"stage": "eval"})})
+    assert "eval" not in RUNNABLE_STAGES
+    with pytest.raises(UserError, match="the stages that run are: grpo, sft, qat"):
+        run_stage(recipe, tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # defaults: run.max_steps 10, qat.warmup_steps 500
+    {"run": {"max_steps": 4}, "qat": {"warmup_steps": 4}},
+])
+def test_qat_without_quantised_steps_is_refused(tmp_path, overrides):
+    data = stage_recipe("qat", **overrides)
+    with pytest.raises(RecipeError, match=r"run.max_steps gives \d+ step\(s\), but "
+                                          r"qat.warmup_steps is \d+: quantisation starts after "
+                                          r"the warm-up, so this run would train no quantised "
+                                          r"step"):
+        load_recipe(write_recipe(tmp_path, data))
+
+
+def test_qat_epochs_schedule_is_checked_against_the_data(tmp_path):
+    from medrl.align.records import UserError
+    from medrl.launch.stages import check_recipe
+
+    data = stage_recipe("qat", sft={"epochs": 2, "batch_size": 1}, qat={"warmup_steps": 2})
+    recipe = load_recipe(write_recipe(tmp_path, data))  # the step count needs the data
+    with pytest.raises(UserError, match=r"sft.epochs 2 x 1 training rows / sft.batch_size 1 "
+                                        r"gives 2 step\(s\), but qat.warmup_steps is 2"):
+        check_recipe(recipe, tmp_path)
+    recipe.qat.warmup_steps = 1
+    assert "qat: 2 steps" in check_recipe(recipe, tmp_path)

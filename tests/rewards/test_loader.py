@@ -95,7 +95,7 @@ def test_kwargs_checked_against_signature(tmp_path):
              {"name": "p.py:says_hello", "kwargs": {"bonus": "lots"}},
              {"name": "p.py:Batched", "kwargs": {"scale": 2.0}},
              {"name": "overlong_penalty", "kwargs": {"max_length": 10, "buffer": 0}},
-             {"name": "mcq_letter", "kwargs": {"strict": "yes"}, "alias": "mcq2"}]
+             {"name": "mcq_letter", "kwargs": {"strict": "sometimes"}, "alias": "mcq2"}]
     with pytest.raises(UserError) as err:
         load_rewards(specs, base_dir=tmp_path)
     lines = str(err.value).splitlines()
@@ -103,7 +103,8 @@ def test_kwargs_checked_against_signature(tmp_path):
     assert lines[1] == ("  - rewards.functions[0] (mcq_letter): unknown argument(s) 'strictt'. "
                         "Accepted arguments: strict=False.")
     assert lines[2] == ("  - rewards.functions[1] (p.py:says_hello): argument 'bonus': Input "
-                        "should be a valid number (got 'lots'). Accepted arguments: "
+                        "should be a valid number, unable to parse string as a number (got "
+                        "'lots'). Accepted arguments: "
                         "word='hello', bonus=0.0.")
     assert lines[3] == ("  - rewards.functions[2] (p.py:Batched): missing required argument(s) "
                         "'threshold'. Accepted arguments: threshold, scale=1.0.")
@@ -162,3 +163,19 @@ def test_hash_folder_follows_the_bytes(tmp_path):
     assert hash_folder(tmp_path / "m") == first
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 63 + b"\x01")
     assert hash_folder(tmp_path / "m") != first
+
+
+def test_identity_hashes_the_code_that_was_loaded(tmp_path):
+    """A reward file is imported once per process: editing it later changes neither the code
+    that runs nor the hash the checkpoints record."""
+    import hashlib
+
+    path = tmp_path / "p.py"
+    path.write_text(PLUGIN)
+    loaded_bytes = path.read_bytes()
+    [first] = load_rewards([{"name": "p.py:says_hello"}], base_dir=tmp_path)
+    path.write_text(PLUGIN.replace("float(word in sample.completion_text)", "100.0"))
+    [again] = load_rewards([{"name": "p.py:says_hello"}], base_dir=tmp_path)
+    assert again.target(hello_sample()) == 1.0  # still the code imported first
+    assert again.identity()["code_sha256"] == hashlib.sha256(loaded_bytes).hexdigest()
+    assert first.identity()["code_sha256"] == again.identity()["code_sha256"]

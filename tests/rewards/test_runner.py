@@ -241,3 +241,32 @@ def test_no_failures_no_file(tmp_path):
     r = runner("plugins.py:ok_or_boom", on_error="skip_sample", ctx=RewardContext(run_dir=tmp_path))
     r.score(make_samples([{}, {}]), step=1)
     assert not (tmp_path / "reward_failures.jsonl").exists()
+
+
+# -- reward actors -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_actor_backstop_scales_with_the_batch(ray_local, monkeypatch):
+    """timeout_s bounds each sample's call; a batch of samples that each finish in time is not
+    a timeout however long the batch takes in total."""
+    import time
+
+    from medrl.rewards import runner as runner_module
+
+    # a small slack keeps the test short: the batch (20 x 0.1 s) takes longer than
+    # 2 x timeout_s + slack, but each sample stays under timeout_s
+    monkeypatch.setattr(runner_module, "BACKSTOP_SLACK_S", 1.0)
+    r = runner({"name": "plugins.py:sleepy", "kwargs": {"seconds": 0.1}, "timeout_s": 0.2,
+                "actor": True, "num_cpus": 0.5})
+    samples = make_samples([{"sleep": True}] * 20)
+    try:
+        r.start()
+        began = time.monotonic()
+        report = r.score(samples)
+        took = time.monotonic() - began
+    finally:
+        r.close()
+    assert took > 2 * 0.2 + 1.0  # longer than a backstop of 2 x timeout_s + slack
+    assert report.dropped == [] and [s.rewards["sleepy"] for s in samples] == [1.0] * 20
+    assert runner_module.actor_backstop_s(0.2, 20) == pytest.approx(0.2 * 20 + 1.0)
+    assert runner_module.actor_backstop_s(0.2, 1) == pytest.approx(0.2 * 2 + 1.0)  # a class
+    assert runner_module.actor_backstop_s(None, 20) is None
