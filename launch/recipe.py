@@ -434,8 +434,10 @@ def _format_errors(source: str, err: ValidationError) -> str:
             msg = "required field is missing"
         elif "expected" in (e.get("ctx") or {}):
             msg = f"{msg} (got {e.get('input')!r})"
+        elif e["type"] == "value_error":  # our own validators' sentences, without the prefix
+            msg = msg.removeprefix("Value error, ")
         else:
-            msg = f"{msg} (got {e.get('input')!r})" if e["type"] != "value_error" else msg
+            msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"  - {loc}: {msg}")
     return f"{source}: {len(lines)} problem(s) in the recipe:\n" + "\n".join(lines)
 

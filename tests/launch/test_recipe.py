@@ -211,8 +211,8 @@ def test_veto_forms_resolve_to_one_list(tmp_path):
                                                       "'below' or 'above'"),
     ([{"score": "rubric.safety", "treshold": 0.2}], "rewards.veto.0.treshold: unknown key"),
     ([{"threshold": 0.2}], "rewards.veto.0.score: required field is missing"),
-    ("", "rewards: Value error, veto: an empty string names no reward"),
-    (5, "rewards: Value error, veto: expected <reward>[.<dim>] or a list of {score, threshold, "
+    ("", "rewards: veto: an empty string names no reward"),
+    (5, "rewards: veto: expected <reward>[.<dim>] or a list of {score, threshold, "
         "when}, not 5"),
 ])
 def test_bad_vetoes_are_named(tmp_path, veto, fragment):
@@ -226,7 +226,7 @@ def test_bad_vetoes_are_named(tmp_path, veto, fragment):
 def test_veto_threshold_goes_with_the_string_form_only(tmp_path):
     data = base()
     data["rewards"].update(veto=[{"score": "mcq_letter"}], veto_threshold=0.2)
-    with pytest.raises(RecipeError, match="rewards: Value error, veto_threshold belongs to "
+    with pytest.raises(RecipeError, match="rewards: veto_threshold belongs to "
                                           "the one-string form"):
         load_recipe(write_recipe(tmp_path, data))
 
