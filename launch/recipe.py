@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from medrl.launch import recipe_yaml
-from medrl.launch.recipe_yaml import RecipeError, read_yaml
+from medrl.launch.recipe_yaml import RecipeError, format_errors, read_yaml
 
 __all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_override",
            "read_yaml"]
@@ -423,25 +423,6 @@ class Recipe(Section):
                              "full distribution")
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `medrl schema` lists every key)"
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        elif "expected" in (e.get("ctx") or {}):
-            msg = f"{msg} (got {e.get('input')!r})"
-        elif e["type"] == "value_error":  # our own validators' sentences, without the prefix
-            msg = msg.removeprefix("Value error, ")
-        else:
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  - {loc}: {msg}")
-    return f"{source}: {len(lines)} problem(s) in the recipe:\n" + "\n".join(lines)
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value), typed by the Recipe schema (see
     :mod:`medrl.launch.recipe_yaml` for how the value is read)."""
@@ -466,7 +447,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_errors(str(path), err)) from None
+        raise RecipeError(format_errors(str(path), err)) from None
     except (TypeError, ValueError) as exc:  # a value pydantic could not even inspect
         raise RecipeError(f"{path}: {exc}") from None
     problems = _check_files(recipe, path.parent)

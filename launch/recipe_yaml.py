@@ -1,4 +1,5 @@
-"""How recipe text becomes data: the YAML of recipe files and of ``key=value`` overrides.
+"""How recipe text becomes data (the YAML of recipe files and of ``key=value`` overrides),
+and how the schema's complaints about it become one message.
 
 Both are read by :class:`RecipeLoader`, which is ``yaml.safe_load`` (YAML 1.1, what PyYAML
 implements) with one YAML 1.2 rule added: a number written with an exponent and no dot
@@ -25,6 +26,27 @@ from medrl.align.records import UserError
 
 class RecipeError(UserError):
     """Every problem in a recipe, one per line."""
+
+
+def format_errors(source: str, err) -> str:
+    """A pydantic ``ValidationError`` of the recipe ``source`` as one problem per line, each
+    with its dotted field path."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `medrl schema` lists every key)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif "expected" in (e.get("ctx") or {}):
+            msg = f"{msg} (got {e.get('input')!r})"
+        elif e["type"] == "value_error":  # our own validators' sentences, without the prefix
+            msg = msg.removeprefix("Value error, ")
+        else:
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  - {loc}: {msg}")
+    return f"{source}: {len(lines)} problem(s) in the recipe:\n" + "\n".join(lines)
 
 
 class RecipeLoader(yaml.SafeLoader):

@@ -42,8 +42,9 @@ from medrl.rewards.combine import (combine_scores, group_normalize, multiply_tok
 from medrl.rewards.loader import (ENTRY_POINT_GROUP, LoadedReward, Veto, bind_kwargs,
                                   hash_folder, load_reward, load_rewards, resolve,
                                   resolve_vetoes)
-from medrl.rewards.runner import (FAILURES_FILE, RewardFailure, RewardRunner, RewardWorker,
-                                  ScoreReport, check_result, combined_token_weights)
+from medrl.rewards.calls import RewardWorker, check_result
+from medrl.rewards.runner import (FAILURES_FILE, RewardFailure, RewardRunner, ScoreReport,
+                                  combined_token_weights)
 
 # Built-in rewards register themselves on import (no model is loaded by importing them).
 from medrl.rewards import classifier as _classifier  # noqa: E402,F401
