@@ -116,7 +116,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         _delete_checkpoint_dir(old)
 
@@ -168,8 +168,8 @@ def set_aside_newer(run_dir: str | Path, step: int, *, stamp: str | None = None)
     for _, path in newer:
         os.replace(path, dest / path.name)
         moved.append(dest / path.name)
-    _fsync_dir(root)
-    _fsync_dir(dest)
+    fsync_dir(root)
+    fsync_dir(dest)
     return moved
 
 
@@ -226,7 +226,8 @@ def _hash_tree(folder: Path, *, fsync: bool = False) -> dict[str, str]:
     return files
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -236,7 +237,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_dirs(folder: Path) -> None:
     for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-        _fsync_dir(path)
+        fsync_dir(path)
 
 
 # ----------------------------------------------------------------------------- loading

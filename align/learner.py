@@ -317,8 +317,9 @@ class Learner:
         refs = list(ref.split(self.micro_batch_size)) if ref is not None else [None]
         refs += [refs[0]] * (len(micro) - len(refs))
         shares = self._weights(micro)
-        mismatch = torch.zeros(2, dtype=torch.float64)  # sum |log pi_old - log pi_rollout|, tokens
-        first_epoch = [True]
+        # sum |log pi_old - log pi_rollout| and tokens; pi_old is the same in every epoch, so
+        # summing over epochs leaves the mean as it is
+        mismatch = torch.zeros(2, dtype=torch.float64)
 
         def loss_of(i: int, mb: TrainBatch):
             logprobs, entropy = self._token_logprobs(self.engine, mb, with_entropy=True)
@@ -326,7 +327,7 @@ class Learner:
             old, weights, extra = mb.old_logprobs, mb.token_weights, {}
             if recomputed:
                 old = logprobs.detach() if from_forward else mb.old_logprobs  # the learner's own
-                if rollout is not None and first_epoch[0] and micro[i][1]:
+                if rollout is not None and micro[i][1]:
                     keep = mb.completion_mask.bool()
                     mismatch.add_(torch.tensor([(old - mb.rollout_logprobs).abs()[keep].sum()
                                                 .item(), float(keep.sum())], dtype=torch.float64))
@@ -350,7 +351,6 @@ class Learner:
             # No dropout in the policy-gradient pass: the ratio must compare pi_theta with
             # pi_old as the same function (old log-probs are computed without dropout too).
             self._optimizer_step(micro, shares, loss_of, summed, extremes, dropout=False)
-            first_epoch[0] = False
         out = self._reduce_metrics(summed, extremes, ppo_epochs)
         if recomputed and rollout is not None:
             total = self._all_reduce(mismatch)

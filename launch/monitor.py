@@ -32,6 +32,7 @@ from rich.panel import Panel
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from medrl.align.checkpoint import fsync_dir
 from medrl.align.records import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -160,11 +161,7 @@ def write_jsonl_atomic(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------- the monitor
