@@ -23,10 +23,11 @@ Pixels are not read here: :func:`load_media` reads them for the prompts a step t
 from __future__ import annotations
 
 import dataclasses
-import io
+import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -316,81 +317,148 @@ def load_dataset_rows(cfg: DataConfig, recipe_dir: str | Path | None = None) -> 
 
 # --- held-out split -----------------------------------------------------------------------------
 
+MediaPaths = Literal["absolute", "relative"]
+EVAL_ROWS_SHOWN = 5  # pairs of row numbers named when an eval file repeats training rows
+
+
+def content_hash(sample: Sample, *, media: MediaPaths = "absolute") -> str:
+    """The sha256 (hex) of what the model is shown and scored against; ids are left out.
+
+    It covers the row's canonical fields (``prompt``, ``question``, ``context``, ``options``,
+    ``messages``, ``answer``, ``rubric``, as ``data.fields`` mapped them; None counts as
+    absent), the images and the volume. A media path counts as the file it names:
+    ``media="absolute"`` takes the real path (symbolic links followed), so ``img/1.png`` beside
+    two different data files are two images; ``media="relative"`` takes the path from the data
+    file's folder, so the hash stays the same when the data folder is moved or copied. Encoded
+    images and arrays count by their bytes. The template and system prompt are not part of it:
+    a row hashes the same in every stage that maps the same fields.
+    """
+    content = {name: sample.row[name] for name in CANONICAL if sample.row.get(name) is not None}
+    refs = {"images": [_media_ref(item, sample.data_dir, media) for item in sample.images],
+            "volume": (None if sample.volume is None
+                       else _media_ref(sample.volume, sample.data_dir, media))}
+    text = json.dumps([content, refs], sort_keys=True, ensure_ascii=False, default=_plain)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _media_ref(item: Any, data_dir: str | None, media: MediaPaths) -> str:
+    """One image or volume as a string that names its file or its bytes."""
+    from PIL import Image
+
+    if isinstance(item, dict) and item.get("bytes"):  # a datasets Image cell
+        item = item["bytes"]
+    elif isinstance(item, dict) and item.get("path"):
+        item = item["path"]
+    if isinstance(item, (str, Path)):
+        path = os.path.normpath(str(item))
+        if media == "relative" and data_dir is not None:
+            rel = os.path.relpath(path, os.path.normpath(data_dir))
+            return "path:" + (rel if not rel.startswith("..") else path)
+        return "path:" + os.path.realpath(path)
+    if isinstance(item, Image.Image):
+        item = np.asarray(item)
+    if isinstance(item, np.ndarray):
+        return f"array:{item.dtype}:{item.shape}:" + _sha(np.ascontiguousarray(item).tobytes())
+    if isinstance(item, (bytes, bytearray)):
+        return "bytes:" + _sha(bytes(item))
+    return f"{type(item).__name__}:{item}"
+
+
+def _plain(value: Any) -> Any:
+    """JSON for the cell types ``datasets`` returns beside the plain ones (numpy, bytes)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes:" + _sha(bytes(value))
+    return str(value)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _split_draw(digest: str, split_seed: int) -> float:
+    """A number in [0, 1) fixed by a row's content hash and the split seed alone."""
+    return int(_sha(f"{split_seed}:{digest}".encode())[:16], 16) / float(1 << 64)
+
 
 def split_eval(samples: list[Sample], fraction: float,
-               seed: int) -> tuple[list[Sample], list[Sample]]:
-    """A seeded held-out split: ``(train, eval)``, each in the original order.
+               split_seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out about ``fraction`` of ``samples``: ``(train, eval)``, each in the original order.
 
-    ``n_eval = max(1, round(fraction * n))`` rows chosen by the first entries of
-    ``numpy.random.default_rng(seed).permutation(n)``; ``fraction == 0`` gives no eval rows.
+    Each row decides for itself: it is held out when its draw
+    ``_split_draw(content_hash(row, media="relative"), split_seed)`` is below ``fraction``.
+    So a row's side depends on its content and ``split_seed`` only, never on ``run.seed``, the
+    row's position, its id or the other rows: every stage holds out the same rows, adding,
+    removing or reordering rows moves no other row across, and rows with the same content land
+    on the same side. The number held out is about ``fraction * n`` (not exactly); with
+    ``fraction > 0`` it is at least one (the row with the smallest draw), and ``fraction == 0``
+    holds out nothing.
     """
     if fraction <= 0:
         return list(samples), []
-    n = len(samples)
-    n_eval = max(1, round(fraction * n))
-    if n_eval >= n:
-        raise UserError(f"data.eval_fraction {fraction} leaves no training rows out of {n}; "
-                        "use a smaller fraction or a separate data.eval_path.")
-    held = set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
+    draws = [_split_draw(content_hash(s, media="relative"), split_seed) for s in samples]
+    held = {i for i, draw in enumerate(draws) if draw < fraction}
+    if not held:
+        held = {int(np.argmin(draws))}
+    if len(held) == len(samples):
+        raise UserError(f"data.eval_fraction {fraction} holds out all {len(samples)} row(s) "
+                        f"(data.split_seed {split_seed}), leaving no training rows; use a "
+                        "smaller fraction, more data, or a separate data.eval_path.")
     return ([s for i, s in enumerate(samples) if i not in held],
             [s for i, s in enumerate(samples) if i in held])
 
 
-def load_train_eval(cfg: DataConfig, *, base_dir: str | Path | None = None,
-                    seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Training and held-out samples: ``eval_path`` if set, else ``eval_fraction`` of ``path``."""
+def load_train_eval(cfg: DataConfig, *,
+                    base_dir: str | Path | None = None) -> tuple[list[Sample], list[Sample]]:
+    """Training and held-out samples: ``eval_path`` if set, else ``eval_fraction`` of ``path``.
+
+    An ``eval_path`` row whose :func:`content_hash` equals a training row's is refused (the
+    message gives the count and row numbers, never the text); ids are not compared. The
+    ``eval_fraction`` split is :func:`split_eval` with ``cfg.split_seed``.
+    """
     if cfg.eval_path and cfg.eval_fraction > 0:
         raise UserError("data.eval_path and data.eval_fraction are both set; choose one way to "
                         "hold out evaluation data.")
     train = load_samples(cfg, base_dir=base_dir)
-    if cfg.eval_path:
-        held = load_samples(cfg, base_dir=base_dir, path=cfg.eval_path)
-        overlap = {s.uid for s in train} & {s.uid for s in held}
-        if overlap:
-            raise UserError(f"data.eval_path {cfg.eval_path!r} shares {len(overlap)} id(s) with "
-                            f"data.path (e.g. {sorted(overlap)[0]!r}); held-out rows must not "
-                            "be trained on.")
-        return train, held
-    return split_eval(train, cfg.eval_fraction, seed)
+    if not cfg.eval_path:
+        return split_eval(train, cfg.eval_fraction, cfg.split_seed)
+    held = load_samples(cfg, base_dir=base_dir, path=cfg.eval_path)
+    first_row = {}
+    for i, s in enumerate(train):
+        first_row.setdefault(content_hash(s), i)
+    repeats = [(j, first_row[h]) for j, s in enumerate(held) if (h := content_hash(s)) in first_row]
+    if repeats:
+        shown = ", ".join(f"eval row {j} = training row {i}"
+                          for j, i in repeats[:EVAL_ROWS_SHOWN])
+        more = (f" and {len(repeats) - EVAL_ROWS_SHOWN} more"
+                if len(repeats) > EVAL_ROWS_SHOWN else "")
+        raise UserError(f"data.eval_path {cfg.eval_path!r}: {len(repeats)} of its {len(held)} "
+                        f"row(s) repeat rows of data.path {cfg.path!r} (the same prompt fields, "
+                        f"answer and media, whatever their ids): {shown}{more} (rows counted "
+                        "from 0). Held-out rows must not be trained on: remove them from one "
+                        "of the two files.")
+    return train, held
 
 
 # --- media --------------------------------------------------------------------------------------
 
 
-def _as_image(item: Any, uid: str):
-    from PIL import Image
-
-    if isinstance(item, str):
-        return load_image(item, uid=uid)
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    if isinstance(item, dict) and (item.get("bytes") or item.get("path")):  # datasets Image
-        if not item.get("bytes"):
-            return load_image(item["path"], uid=uid)
-        try:
-            with Image.open(io.BytesIO(item["bytes"])) as img:
-                return img.convert("RGB")
-        except OSError as exc:
-            raise UserError(f"sample {uid}: cannot decode an embedded image ({exc}).") from None
-    if isinstance(item, np.ndarray) and item.ndim in (2, 3):
-        return Image.fromarray(item).convert("RGB")
-    raise UserError(f"sample {uid}: an image entry is a {type(item).__name__}; use a path, "
-                    "a datasets Image, or a PIL image.")
-
-
 def load_media(sample: Sample, volume: VolumeConfig | None = None) -> Sample:
     """A copy of ``sample`` whose ``images`` are RGB PIL images, the volume's slices last.
 
-    The volume (a path or a ``[D, H, W]`` array) becomes ``volume.num_slices`` slices by
-    ``medrl.rollouts.multimodal.volume_to_slices``; ``sample.volume`` keeps its path.
+    Each image (a path, encoded bytes, a datasets Image cell, an array or a PIL image) goes
+    through the one loader ``medrl.rollouts.multimodal.load_image``. The volume (a path or a
+    ``[D, H, W]`` array) is read and checked by ``load_volume`` and becomes
+    ``volume.num_slices`` slices by ``volume_to_slices``; ``sample.volume`` keeps its path.
     """
-    images = [_as_image(item, sample.uid) for item in sample.images]
+    images = [load_image(item, uid=sample.uid) for item in sample.images]
     if sample.volume is not None:
         vc = volume or VolumeConfig()
-        array = sample.volume
-        if isinstance(array, (str, Path)):
-            array = load_volume(array, uid=sample.uid)
-        images += volume_to_slices(np.asarray(array), num_slices=vc.num_slices, axis=vc.axis,
+        array = load_volume(sample.volume, uid=sample.uid)
+        images += volume_to_slices(array, num_slices=vc.num_slices, axis=vc.axis,
                                    window_center=vc.window_center, window_width=vc.window_width)
     parts = count_image_parts(sample.messages)
     if parts != len(images):  # e.g. a stream built with other volume settings than the loader

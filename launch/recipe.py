@@ -116,6 +116,9 @@ class DataConfig(Section):
     max_samples: int | None = Field(None, ge=1)
     eval_path: str | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    split_seed: int = Field(0, description="seeds which rows data.eval_fraction holds out; "
+                            "independent of run.seed, so every stage on the same file holds "
+                            "out the same rows")
     volume: VolumeConfig = VolumeConfig()
 
 

@@ -53,7 +53,7 @@ def _check_qat_epochs(recipe: Recipe, recipe_dir: Path) -> str:
     from medrl.launch.data import load_train_eval
 
     sft = recipe.sft
-    train, _ = load_train_eval(recipe.data, base_dir=recipe_dir, seed=recipe.run.seed)
+    train, _ = load_train_eval(recipe.data, base_dir=recipe_dir)  # split by data.split_seed
     steps = total_steps(max_steps=recipe.run.max_steps, epochs=sft.epochs,
                         num_train=len(train), batch_size=sft.batch_size)
     problem = qat_schedule_problem(steps, (recipe.qat or QATConfig()).warmup_steps,

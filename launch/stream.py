@@ -78,7 +78,7 @@ class PromptStream:
         Held-out rows (``eval_path`` / ``eval_fraction``, see :func:`load_train_eval`) are not
         streamed; they are kept in ``stream.eval_samples``.
         """
-        train, held = load_train_eval(cfg, base_dir=recipe_dir, seed=seed)
+        train, held = load_train_eval(cfg, base_dir=recipe_dir)  # seed: the order, not the split
         stream = cls.from_config(train, cfg, seed=seed)
         stream.eval_samples = held
         return stream

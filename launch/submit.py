@@ -32,8 +32,6 @@ from medrl.launch.cluster import is_loopback
 from medrl.launch.pack import pack_recipe
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Above this a file or folder stays where it is: the whole upload must fit in one of Ray's
-# gRPC messages, and large models belong on shared storage anyway.
 _ADDRESS_HELP = ("pass --address http://HEAD_NODE:8265 (or set RAY_ADDRESS), and check that the "
                  "cluster is up (`ray status` on the head node) and its dashboard port is "
                  "reachable")

@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -212,21 +213,57 @@ def test_duplicate_ids_and_bad_rows(tmp_path):
 
 
 def make_samples(n: int) -> list[Sample]:
-    return [Sample(uid=f"s{i}", group_id=f"s{i}", messages=[{"role": "user", "content": str(i)}])
-            for i in range(n)]
+    return [Sample(uid=f"s{i}", group_id=f"s{i}", messages=[{"role": "user", "content": str(i)}],
+                   row={"question": f"Q{i}?"}) for i in range(n)]
 
 
 def test_split_eval():
-    samples = make_samples(20)
-    train, held = split_eval(samples, 0.25, seed=3)
-    assert len(held) == 5 and len(train) == 15
+    samples = make_samples(200)
+    train, held = split_eval(samples, 0.25, split_seed=3)
+    assert 30 <= len(held) <= 70 and len(train) + len(held) == 200  # each row draws for itself
     assert {s.uid for s in train} | {s.uid for s in held} == {s.uid for s in samples}
     assert not {s.uid for s in train} & {s.uid for s in held}
-    assert [s.uid for s in held] == [s.uid for s in split_eval(samples, 0.25, seed=3)[1]]
-    assert [s.uid for s in held] != [s.uid for s in split_eval(samples, 0.25, seed=4)[1]]
-    assert split_eval(samples, 0.0, seed=3) == (samples, [])
-    with pytest.raises(UserError, match="leaves no training rows"):
-        split_eval(make_samples(1), 0.5, seed=0)
+    assert [s.uid for s in held] == [s.uid for s in split_eval(samples, 0.25, split_seed=3)[1]]
+    assert [s.uid for s in held] != [s.uid for s in split_eval(samples, 0.25, split_seed=4)[1]]
+    assert split_eval(samples, 0.0, split_seed=3) == (samples, [])
+    assert len(split_eval(samples[:2], 0.01, split_seed=0)[1]) == 1  # at least one row held out
+    with pytest.raises(UserError, match="holds out all 1 row.*no training rows"):
+        split_eval(make_samples(1), 0.5, split_seed=0)
+
+
+def test_split_follows_each_rows_content_not_its_position_or_id():
+    samples = make_samples(60)
+    train, held = split_eval(samples, 0.3, split_seed=0)
+    questions = lambda part: {s.row["question"] for s in part}  # noqa: E731
+    renamed = [Sample(uid=f"other-{i}", group_id=f"other-{i}", messages=s.messages, row=s.row)
+               for i, s in enumerate(samples)]
+    more = make_samples(90)[60:]
+    shuffled = list(reversed(renamed[10:])) + more  # rows dropped, reordered, renamed, added
+    train2, held2 = split_eval(shuffled, 0.3, split_seed=0)
+    assert questions(held2) & questions(samples) == questions(held) - questions(samples[:10])
+    assert questions(train2) & questions(samples) == questions(train) - questions(samples[:10])
+
+
+def test_held_out_rows_do_not_depend_on_run_seed(tmp_path):
+    rows = [{"id": f"r{i}", "question": f"Q{i}?", "options": ["x", "y"]} for i in range(30)]
+    write_jsonl(tmp_path / "items.jsonl", rows)
+    data = DataConfig(path="items.jsonl", fields={"id": "id"}, eval_fraction=0.2)
+    # An sft stage (run.seed 1) and the grpo stage after it (run.seed 7) on the same file.
+    first = PromptStream.from_recipe(data, seed=1, recipe_dir=tmp_path)
+    later = PromptStream.from_recipe(data, seed=7, recipe_dir=tmp_path)
+    assert first.eval_samples and uids(first.eval_samples) == uids(later.eval_samples)
+    assert set(uids(first.samples)) == set(uids(later.samples))
+    other = DataConfig(path="items.jsonl", fields={"id": "id"}, eval_fraction=0.2, split_seed=5)
+    assert uids(PromptStream.from_recipe(other, seed=1, recipe_dir=tmp_path).eval_samples) != \
+        uids(first.eval_samples)
+
+
+def test_split_seed_is_recorded_in_the_run_folder(tmp_path):
+    from medrl.launch.rundir import create_run_dir
+
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"run.output_dir={tmp_path}"])
+    saved = yaml.safe_load((create_run_dir(recipe) / "recipe.yaml").read_text())
+    assert saved["data"]["split_seed"] == 0 and saved["run"]["seed"] == recipe.run.seed
 
 
 def test_load_train_eval(tmp_path):
@@ -234,11 +271,51 @@ def test_load_train_eval(tmp_path):
     write_jsonl(tmp_path / "eval.jsonl", ROWS[2:])
     train, held = load_train_eval(cfg("train.jsonl", eval_path="eval.jsonl"), base_dir=tmp_path)
     assert [s.uid for s in train] == ["q1", "q2"] and [s.uid for s in held] == ["q3"]
-    write_jsonl(tmp_path / "leak.jsonl", ROWS[1:])
-    with pytest.raises(UserError, match="shares 1 id"):
-        load_train_eval(cfg("train.jsonl", eval_path="leak.jsonl"), base_dir=tmp_path)
     train, held = load_train_eval(cfg("eval.jsonl", eval_fraction=0.0), base_dir=tmp_path)
     assert held == []
+    with pytest.raises(UserError, match="both set"):
+        load_train_eval(cfg("train.jsonl", eval_path="eval.jsonl", eval_fraction=0.5),
+                        base_dir=tmp_path)
+
+
+def test_eval_rows_that_repeat_training_content_are_refused_whatever_their_ids(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", ROWS[:2])
+    renamed = [{**ROWS[2], "qid": "new-1"}, {**ROWS[1], "qid": "new-2", "topic": "other"}]
+    write_jsonl(tmp_path / "leak.jsonl", renamed)
+    with pytest.raises(UserError) as err:
+        load_train_eval(cfg("train.jsonl", eval_path="leak.jsonl"), base_dir=tmp_path)
+    message = str(err.value)
+    assert "1 of its 2 row(s) repeat rows of data.path" in message
+    assert "eval row 1 = training row 1" in message
+    assert not any(text in message for text in ("Which drug", "Metformin", "Insulin", "q2"))
+    # Without ids (default ids <stem>-<row>) the same content is caught just the same.
+    no_ids = {k: v for k, v in FIELDS.items() if k != "id"}
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    write_jsonl(tmp_path / "b.jsonl", [ROWS[0]])
+    with pytest.raises(UserError, match="eval row 0 = training row 0"):
+        load_train_eval(cfg("a.jsonl", eval_path="b.jsonl", fields=no_ids), base_dir=tmp_path)
+
+
+def test_same_file_name_in_two_folders_with_other_content_is_accepted(tmp_path):
+    no_ids = {k: v for k, v in FIELDS.items() if k != "id"}
+    for name, rows in (("train", ROWS[:2]), ("eval", ROWS[2:])):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "items.jsonl", rows)
+    train, held = load_train_eval(cfg("train/items.jsonl", eval_path="eval/items.jsonl",
+                                      fields=no_ids), base_dir=tmp_path)
+    assert [s.uid for s in train] == ["items-0", "items-1"] and [s.uid for s in held] == ["items-0"]
+    # Same text, same relative image name, but each folder's own image: different samples.
+    no_ids["images"] = "img"
+    for name in ("train", "eval"):
+        write_jsonl(tmp_path / name / "items.jsonl", [{**ROWS[0], "img": "scan.png"}])
+    train, held = load_train_eval(cfg("train/items.jsonl", eval_path="eval/items.jsonl",
+                                      fields=no_ids), base_dir=tmp_path)
+    assert len(train) == len(held) == 1
+    # Both naming the one image file: the same sample.
+    write_jsonl(tmp_path / "eval" / "items.jsonl", [{**ROWS[0], "img": "../train/scan.png"}])
+    with pytest.raises(UserError, match="1 of its 1 row"):
+        load_train_eval(cfg("train/items.jsonl", eval_path="eval/items.jsonl", fields=no_ids),
+                        base_dir=tmp_path)
 
 
 # --- the prompt stream --------------------------------------------------------------------------
@@ -400,8 +477,9 @@ def test_from_recipe_holds_out_eval_rows_and_load_state(tmp_path):
     write_jsonl(tmp_path / "items.jsonl", rows)
     data = DataConfig(path="items.jsonl", fields={"id": "id"}, eval_fraction=0.2)
     stream = PromptStream.from_recipe(data, seed=1, recipe_dir=tmp_path)
-    assert len(stream.samples) == 8 and len(stream.eval_samples) == 2
-    streamed = set(uids(stream.take(8)))
+    n = len(stream.samples)
+    assert n >= 5 and stream.eval_samples and n + len(stream.eval_samples) == 10
+    streamed = set(uids(stream.take(n)))
     assert streamed == set(uids(stream.samples))
     assert not streamed & set(uids(stream.eval_samples))
     saved = stream.state()

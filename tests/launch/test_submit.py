@@ -3,6 +3,7 @@ token-protected Ray cluster of our own that runs, reports, streams and stops job
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,7 +70,8 @@ def make_recipe(tmp_path: Path, **extra) -> Path:
     (project / "data" / "images" / "x.png").write_bytes(b"\x89PNG fake")
     (project / "plugins").mkdir()
     (project / "plugins" / "my_reward.py").write_text("def score(sample):\n    return 1.0\n")
-    recipe = {"run": {"name": "t", "output_dir": "runs"}, "data": {"path": "data/items.jsonl"},
+    recipe = {"run": {"name": "t", "output_dir": "runs"},
+              "data": {"path": "data/items.jsonl", "fields": {"images": "image"}},
               "rewards": {"functions": [{"name": "plugins/my_reward.py:score"},
                                         {"name": "mcq_letter"}]}, **extra}
     path = project / "recipe.yaml"
@@ -124,6 +127,132 @@ def test_pack_leaves_cluster_paths_and_rejects_missing_ones(tmp_path):
     (recipe.parent / "plugins" / "my_reward.py").unlink()
     with pytest.raises(UserError, match="rewards.functions.0.name: reward file"):
         sub.pack_recipe(recipe, [], out)
+
+
+def packed_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def write_recipe(folder: Path, data: dict, **extra) -> Path:
+    path = folder / "recipe.yaml"
+    rewards = {"functions": [{"name": "mcq_letter"}]}
+    path.write_text(yaml.safe_dump({"run": {"name": "t", "output_dir": "/cluster/runs"},
+                                    "data": data, "rewards": rewards, **extra}))
+    return path
+
+
+def test_pack_ships_exactly_the_named_files_from_the_temp_folder(tmp_path):
+    temp = Path(tempfile.gettempdir())
+    name = f"medrl-pack-test-{os.getpid()}-{secrets.token_hex(4)}"
+    data, image = temp / f"{name}.jsonl", temp / f"{name}.png"
+    data.write_text(json.dumps({"question": "Q?", "options": ["a", "b"], "answer": "A",
+                                "image": image.name}) + "\n")
+    image.write_bytes(b"\x89PNG fake")
+    out = Path(tempfile.mkdtemp(prefix="medrl-submit-"))  # where medrl submit packs
+    try:
+        recipe = write_recipe(tmp_path, {"path": str(data), "fields": {"images": "image"}})
+        packed = sub.pack_recipe(recipe, [], out)
+        assert packed_files(out) == sorted(["recipe.yaml", f"data/{data.name}",
+                                            f"data/{image.name}"])
+        shipped = yaml.safe_load((out / "recipe.yaml").read_text())
+        assert shipped["data"]["path"] == f"data/{data.name}"
+        assert (out / "data" / image.name).read_bytes() == b"\x89PNG fake"
+        assert packed.notes == []
+    finally:
+        shutil.rmtree(out)
+        data.unlink()
+        image.unlink()
+
+
+def test_pack_keeps_the_layout_of_media_beside_and_above_the_data_file(tmp_path):
+    project = tmp_path / "project"
+    (project / "data" / "split").mkdir(parents=True)
+    (project / "scans").mkdir()
+    (project / "scans" / "a.npy").write_bytes(b"volume")
+    (project / "data" / "split" / "b.png").write_bytes(b"image")
+    (project / "data" / "split" / "unnamed.png").write_bytes(b"not named by any row")
+    rows = [{"question": "Q?", "options": ["a", "b"], "img": ["b.png", "/cluster/c.png"],
+             "vol": "../../scans/a.npy"}]
+    (project / "data" / "split" / "items.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    recipe = write_recipe(project, {"path": "data/split/items.jsonl",
+                                    "fields": {"images": "img", "volume": "vol"}})
+    out = tmp_path / "out"
+    out.mkdir()
+    packed = sub.pack_recipe(recipe, [], out)
+    assert packed_files(out) == ["data/data/split/b.png", "data/data/split/items.jsonl",
+                                 "data/scans/a.npy", "recipe.yaml"]
+    shipped = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert shipped["data"]["path"] == "data/data/split/items.jsonl"
+    assert any("1 image/volume path(s) in the rows are absolute" in n for n in packed.notes)
+    # the shipped rows find their media from the shipped data file
+    assert (out / "data/data/split" / rows[0]["vol"]).resolve().read_bytes() == b"volume"
+
+
+def sparse(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_pack_counts_the_files_symbolic_links_point_to(tmp_path):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "items.jsonl").write_text(
+        '{"question": "Q?", "options": ["a", "b"], "image": "images/big.png"}\n')
+    sparse(tmp_path / "elsewhere" / "big.png", 70 << 20)
+    (project / "data" / "images").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    recipe = write_recipe(project, {"path": "data/items.jsonl", "fields": {"images": "image"}})
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match=r"data.path: 'data/items.jsonl' is 70.0 MiB with the 1 "
+                                        r"media file.*over the 64 MiB"):
+        sub.pack_recipe(recipe, [], out)
+    assert packed_files(out) == []  # refused before anything was copied
+    # A model folder linked in: relative, refused; absolute, left for the cluster with a note.
+    sparse(tmp_path / "weights" / "model.safetensors", 40 << 20)
+    sparse(tmp_path / "weights" / "shard-2.safetensors", 40 << 20)
+    (project / "model").symlink_to(tmp_path / "weights", target_is_directory=True)
+    text_only = {"path": "data/items.jsonl"}
+    with pytest.raises(UserError, match=r"model.policy: 'model' is 80.0 MiB"):
+        sub.pack_recipe(write_recipe(project, text_only, model={"policy": "model"}), [], out)
+    packed = sub.pack_recipe(write_recipe(project, text_only,
+                                          model={"policy": str(project / "model")}), [], out)
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["model"]["policy"] == \
+        str(project / "model")
+    assert any("model.policy" in n and "80.0 MiB" in n and "cluster must see" in n
+               for n in packed.notes)
+    assert packed_files(out) == ["data/items.jsonl", "recipe.yaml"]
+
+
+def test_pack_refuses_broken_links_and_missing_media(tmp_path):
+    project = tmp_path / "project"
+    (project / "data" / "images").mkdir(parents=True)
+    (project / "data" / "items.jsonl").write_text(
+        '{"question": "Q?", "options": ["a", "b"], "image": "images/gone.png"}\n')
+    (project / "data" / "images" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with_images = {"path": "data/items.jsonl", "fields": {"images": "image"}}
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match=r"data.path: .*gone.png is a symbolic link to "
+                                        r"'.*deleted.png', which does not exist"):
+        sub.pack_recipe(write_recipe(project, with_images), [], out)
+    (project / "data" / "images" / "gone.png").unlink()
+    with pytest.raises(UserError, match=r"data.path: row 0: data.fields.images \(column "
+                                        r"'image'\) names 'images/gone.png', which is not at"):
+        sub.pack_recipe(write_recipe(project, with_images), [], out)
+    (project / "model").mkdir()
+    (project / "model" / "config.json").write_text("{}")
+    (project / "model" / "tokenizer.json").symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(UserError, match=r"model.policy: .*tokenizer.json is a symbolic link"):
+        sub.pack_recipe(write_recipe(project, {"path": "data/items.jsonl"},
+                                     model={"policy": "model"}), [], out)
+    (project / "model" / "tokenizer.json").unlink()
+    (project / "model" / "loop").symlink_to(project / "model", target_is_directory=True)
+    with pytest.raises(UserError, match=r"model.policy: .*loop links back to"):
+        sub.pack_recipe(write_recipe(project, {"path": "data/items.jsonl"},
+                                     model={"policy": "model"}), [], out)
+    assert packed_files(out) == []
 
 
 def free_port() -> int:
