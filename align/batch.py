@@ -238,8 +238,12 @@ def _add_images(batch: TrainBatch, samples: Sequence[Sample], processor: Any) ->
     batch.pixel_values = out["pixel_values"]
     batch.image_grid_thw = out["image_grid_thw"].long()
     batch.num_images = torch.tensor([len(s.images) for s in samples], dtype=torch.long)
+    # Image tokens live in the prompt: one that a rollout sampled in a completion is a plain
+    # token there (the engines embedded it as text while decoding).
     image_token = _image_token_id(processor)
-    batch.mm_token_type_ids = (batch.input_ids == image_token).to(torch.int)
+    P = batch.input_ids.shape[1] - batch.completion_mask.shape[1]
+    batch.mm_token_type_ids = torch.zeros_like(batch.input_ids, dtype=torch.int)
+    batch.mm_token_type_ids[:, :P] = (batch.input_ids[:, :P] == image_token).to(torch.int)
 
     # Each image expands to (t*h*w / merge^2) tokens; a mismatch means the prompt was
     # rendered with other image sizes than the ones processed here.

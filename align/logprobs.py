@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from medrl.align.models import text_embedded_completions
+
 
 def _backbone_and_head(model):
     """The transformer body (returns ``last_hidden_state``) and the LM head of ``model``."""
@@ -140,8 +142,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         hidden = _shared_prompt_hidden(body, input_ids, attention_mask,
                                        model_inputs["position_ids"], L - T, *groups)
     else:
-        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   **model_inputs)
+        ids = {"input_ids": input_ids} if is_text else text_embedded_completions(
+            body, input_ids, L - T)
+        out = body(**ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
         hidden = out.last_hidden_state[:, L - T - 1:L - 1, :]
     hidden = hidden.reshape(B * T, hidden.size(-1)).to(head.weight.device)
     targets = input_ids[:, L - T:].reshape(B * T).to(head.weight.device)

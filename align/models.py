@@ -186,17 +186,39 @@ def is_vision_model(model_dir: str | Path) -> bool:
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The tokenizer (text models) or processor (VLMs) of a local model folder."""
+    """The tokenizer (text models) or processor (VLMs) of a local model folder, with a pad
+    token (see :func:`ensure_pad_token`)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     if not is_vision_model(model_dir):
-        return AutoTokenizer.from_pretrained(model_dir)
+        return ensure_pad_token(AutoTokenizer.from_pretrained(model_dir), model_dir)
     try:
         import torchvision  # noqa: F401  (the full processor, video included, needs it)
     except ImportError:
-        return build_vl_processor(AutoTokenizer.from_pretrained(model_dir),
-                                  AutoImageProcessor.from_pretrained(model_dir, backend="pil"))
-    return AutoProcessor.from_pretrained(model_dir)
+        processor = build_vl_processor(
+            AutoTokenizer.from_pretrained(model_dir),
+            AutoImageProcessor.from_pretrained(model_dir, backend="pil"))
+    else:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    ensure_pad_token(processor.tokenizer, model_dir)
+    return processor
+
+
+def ensure_pad_token(tokenizer, model_dir: str | Path):
+    """``tokenizer`` with a pad token: its own, else its eos token (Llama-3 and Mistral
+    tokenizers ship none, and batched prompts must be padded).
+
+    Padding is always masked out (attention mask, loss mask), so which id fills it does not
+    change any result. Raises :class:`UserError` when there is neither a pad nor an eos token.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer
+    if tokenizer.eos_token is None:
+        raise UserError(f"model {model_dir}: the tokenizer has neither a pad token nor an eos "
+                        "token, so prompts cannot be batched and completions cannot end. Set "
+                        "pad_token and eos_token in its tokenizer_config.json.")
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 # The recipe's ``model.dtype`` names; "auto" is bf16 on a GPU and fp32 on the CPU.
@@ -242,3 +264,36 @@ def load_model(model_dir: str | Path, *, dtype=None, attn_implementation: str = 
     factory = AutoModelForImageTextToText if is_vision_model(model_dir) else AutoModelForCausalLM
     return factory.from_pretrained(model_dir, dtype=dtype or torch.float32,
                                    attn_implementation=attn_implementation)
+
+
+def placeholder_token_ids(config) -> list[int]:
+    """The image / video placeholder ids of a vision-language model's config ([] for text)."""
+    return [int(v) for k in ("image_token_id", "video_token_id")
+            if (v := getattr(config, k, None)) is not None]
+
+
+def text_embedded_completions(model, input_ids, prompt_len: int) -> dict:
+    """Forward arguments that treat placeholder ids sampled in a completion as plain tokens.
+
+    A vision-language model fills every column holding an image placeholder id with image
+    features, and refuses a count that does not match the images. While decoding, the
+    engines embedded a sampled ``<|image_pad|>`` as the text token it is; this gives the
+    same: ``inputs_embeds`` of the real ids, and ``input_ids`` (read only to find the
+    placeholders) with completion columns ``>= prompt_len`` holding one cleared.
+
+    model: the VLM (or its backbone); input_ids: [B, L]. Returns ``{"input_ids": ...}`` alone
+    when no completion holds a placeholder (the common case: nothing changes).
+    """
+    import torch
+
+    ids = placeholder_token_ids(model.config)
+    if not ids:
+        return {"input_ids": input_ids}
+    stray = torch.zeros_like(input_ids, dtype=torch.bool)
+    stray[:, prompt_len:] = torch.isin(input_ids[:, prompt_len:],
+                                       torch.tensor(ids, device=input_ids.device))
+    if not stray.any():
+        return {"input_ids": input_ids}
+    cleared = min(set(range(len(ids) + 1)) - set(ids))  # any id that is not a placeholder
+    return {"input_ids": input_ids.masked_fill(stray, cleared),
+            "inputs_embeds": model.get_input_embeddings()(input_ids)}

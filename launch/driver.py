@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from medrl.align.records import Sample, UserError
 from medrl.launch.recipe import Recipe
+from medrl.launch.rundir import note
 
 if TYPE_CHECKING:  # heavy imports (Ray, torch), needed only for the annotations
     from ray.util.placement_group import PlacementGroup
@@ -126,6 +127,21 @@ def engine_kwargs(recipe: Recipe, policy_dir: Path) -> dict:
             "num_threads": r.num_threads, "enforce_eager": r.enforce_eager}
 
 
+def sampling_note(policy_dir: Path) -> str | None:
+    """What to tell the user when the policy's ``generation_config.json`` asks for sampling
+    settings the engines ignore (None when it asks for none)."""
+    from medrl.rollouts.engine import ignored_generation_defaults
+
+    ignored = ignored_generation_defaults(policy_dir)
+    if not ignored:
+        return None
+    shown = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+    return (f"the policy's generation_config.json sets {shown}; rollouts ignore these and "
+            "draw tokens with rollout.temperature, top_p and top_k only (no repetition "
+            "penalty, min_p or n-gram block), so the learner recomputes the same "
+            "distribution.")
+
+
 def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Components:
     """Start every component; with ``resume_from`` restore the checkpoint's exact state."""
     from medrl.align.checkpoint import read_state, restore_rng
@@ -140,6 +156,8 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
 
     recipe_dir = Path(recipe.run.recipe_dir or ".")  # relative paths in the recipe start here
     policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed, base_dir=recipe_dir)
+    if (text := sampling_note(policy_dir)) is not None:
+        note(text)
     state = read_state(resume_from) if resume_from else None
     start_step = state["step"] if state else 0
 

@@ -141,26 +141,30 @@ class LearnerGroup:
         self._serial = threading.RLock()
         actor_cls = ray.remote(LearnerWorker)
         self.workers = []
-        for rank in range(num_workers):
-            options: dict[str, Any] = dict(num_cpus=num_cpus_per_worker,
-                                           num_gpus=num_gpus_per_worker,
-                                           resources=dict(resources or {}))
-            if placement_group is not None:
-                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        try:  # a rank that cannot be placed or set up ends the ones already running
+            for rank in range(num_workers):
+                options: dict[str, Any] = dict(num_cpus=num_cpus_per_worker,
+                                               num_gpus=num_gpus_per_worker,
+                                               resources=dict(resources or {}))
+                if placement_group is not None:
+                    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-                index = bundle_indices[rank] if bundle_indices is not None else rank
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group, placement_group_bundle_index=index)
-            self.workers.append(actor_cls.options(**options).remote(
-                rank, num_workers, str(model_dir), dict(learner_kwargs),
-                num_gpus_per_worker > 0))
-        # Ranks meet on a free port of rank 0: over loopback when the group shares one node
-        # (Ray may report the node's interface address even for a loopback-only cluster),
-        # at rank 0's node address otherwise.
-        nodes = ray.get([w.node.remote() for w in self.workers])
-        address = "127.0.0.1" if len({n for n, _ in nodes}) == 1 else nodes[0][1]
-        port = ray.get(self.workers[0].free_port.remote())
-        ray.get([w.setup.remote(address, port) for w in self.workers])
+                    index = bundle_indices[rank] if bundle_indices is not None else rank
+                    options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                        placement_group=placement_group, placement_group_bundle_index=index)
+                self.workers.append(actor_cls.options(**options).remote(
+                    rank, num_workers, str(model_dir), dict(learner_kwargs),
+                    num_gpus_per_worker > 0))
+            # Ranks meet on a free port of rank 0: over loopback when the group shares one node
+            # (Ray may report the node's interface address even for a loopback-only cluster),
+            # at rank 0's node address otherwise.
+            nodes = ray.get([w.node.remote() for w in self.workers])
+            address = "127.0.0.1" if len({n for n, _ in nodes}) == 1 else nodes[0][1]
+            port = ray.get(self.workers[0].free_port.remote())
+            ray.get([w.setup.remote(address, port) for w in self.workers])
+        except BaseException:
+            self.shutdown()
+            raise
 
     def __getstate__(self) -> dict:
         # A copy in another process (a reward actor's policy log-prob hook) gets a lock of

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from medrl.align.models import ensure_pad_token
 from medrl.align.records import Sample
 from medrl.rewards.api import RewardContext, RewardResult, reward
 from medrl.rewards.loader import hash_folder
@@ -44,7 +45,7 @@ class SequenceClassifierReward:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"sequence_classifier: {folder} is not a Hugging Face model "
                                     "folder (no config.json)")
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder), folder)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             folder, dtype=torch.float32).to(ctx.device).eval()
         if self.model.config.pad_token_id is None:  # needed to find each row's last token

@@ -31,9 +31,11 @@ conventions, so the learner never needs to know which one ran:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from medrl.align.records import Sample, UserError
@@ -87,6 +89,30 @@ class SamplingParams:
 
     def replace(self, **changes: Any) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
+
+
+# generation_config.json keys that name tokens, caching or outputs, not how a token is drawn.
+_NOT_SAMPLING = frozenset({"bos_token_id", "eos_token_id", "pad_token_id",
+                           "decoder_start_token_id", "use_cache", "transformers_version",
+                           "_from_model_config", "output_attentions", "output_hidden_states"})
+
+
+def ignored_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """The sampling settings a model's own ``generation_config.json`` asks for, which the
+    rollout engines ignore: e.g. ``{"repetition_penalty": 1.05, "top_k": 20}`` for
+    Qwen2.5-Instruct.
+
+    Both engines draw tokens exactly as :class:`SamplingParams` says and nothing else, so the
+    rollout log-probs are those of the distribution the learner recomputes; a repetition
+    penalty or n-gram block left on by a model's defaults would make them disagree. The
+    driver notes what is returned here once per run. Missing file: ``{}``.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    return {k: v for k, v in sorted(config.items()) if k not in _NOT_SAMPLING}
 
 
 class RolloutEngine(Protocol):

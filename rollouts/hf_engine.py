@@ -5,6 +5,12 @@ those of :mod:`medrl.rollouts.engine`. Stopping is decided by one stopping crite
 records, per row, the step at which the row finished (eos, or a stop string once
 ``min_new_tokens`` tokens exist); the completion is cut there, so tokens ``generate`` pads
 finished rows with never leak into a completion, even when the pad id was also sampled.
+
+Sampling is exactly what :class:`~medrl.rollouts.engine.SamplingParams` says: the model's own
+``generation_config`` (a repetition penalty, ``min_p``, an n-gram block...) is replaced by a
+neutral one at load, and temperature / top-k / top-p are logits processors this module
+passes itself, ahead of the one that records each drawn token's log-prob. ``generate`` never
+keeps every step's full-vocabulary scores (``output_scores``): only the current step's.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medrl.align.models import is_vision_model, load_model, load_tokenizer, resolve_dtype
+from medrl.align.models import (is_vision_model, load_model, load_tokenizer, resolve_dtype,
+                                text_embedded_completions)
 from medrl.align.records import Sample
 from medrl.align.encode import EncodedBatch, encode_batch, text_tokenizer
 from medrl.rollouts.engine import (SamplingParams, WeightSyncError, check_context,
-                                   check_weight_names, finished_sample)
+                                   check_weight_names, finished_sample,
+                                   ignored_generation_defaults)
 
 
 class _FinishTracker:
@@ -61,6 +69,57 @@ class _FinishTracker:
                             device=input_ids.device)
 
 
+class _DrawnLogprobs:
+    """A logits processor run after every other one: it keeps the current step's processed
+    scores ``[rows, vocab]`` and, once the next step shows which token was drawn from them,
+    keeps only that token's log-prob.
+
+    ``generate``'s own ``output_scores`` keeps every step's scores instead: float32
+    ``[rows, vocab]`` per step, about 40 GB at 64 rows x 1,024 tokens x a 152k vocabulary.
+    """
+
+    def __init__(self):
+        self._scores = None  # [rows, vocab] float32, the last step's processed scores
+        self._logz = None  # [rows], their log-sum-exp
+        self._steps = []  # one [rows] tensor per generated token
+
+    def _keep(self, drawn):
+        self._steps.append(self._scores.gather(1, drawn[:, None]).squeeze(1) - self._logz)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self._scores is not None:  # input_ids now ends with the token drawn last step
+            self._keep(input_ids[:, -1])
+        self._scores, self._logz = scores, torch.logsumexp(scores, dim=-1)
+        return scores
+
+    def finish(self, sequences):
+        """``[rows, steps]`` log-probs of the drawn tokens, given ``generate``'s output
+        ``sequences`` (whose last column is the final step's token)."""
+        import torch
+
+        if self._scores is not None:
+            self._keep(sequences[:, -1])
+            self._scores = self._logz = None
+        return torch.stack(self._steps, dim=1)
+
+
+def _warpers(sampling: SamplingParams) -> list:
+    """Temperature, then top-k, then top-p (vLLM's order); none for greedy decoding, whose
+    log-probs are at temperature 1 (the conventions of :mod:`medrl.rollouts.engine`)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    if sampling.temperature == 0:
+        return []
+    out = [] if sampling.temperature == 1.0 else [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_k != -1:
+        out.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return out
+
+
 class HFEngine:
     """A rollout engine around a Hugging Face model in this process.
 
@@ -97,12 +156,19 @@ class HFEngine:
         self.eos_ids = {int(e) for e in eos}
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else min(self.eos_ids))
+        # The model's sampling defaults would otherwise fill every field a call leaves unset.
+        self.ignored_defaults = ignored_generation_defaults(self.model_dir)
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self.model.generation_config.bos_token_id,
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
 
     # -- generation ---------------------------------------------------------------------
 
     def generate(self, prompts: list[Sample], sampling: SamplingParams) -> list[Sample]:
         import torch
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         if not prompts:
             return []
@@ -118,23 +184,22 @@ class HFEngine:
         greedy = sampling.temperature == 0
         config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
-            # Explicit "off" values: None would fall back to transformers' defaults (top_k 50).
-            do_sample=not greedy, temperature=1.0 if greedy else sampling.temperature,
-            top_p=1.0 if greedy else sampling.top_p,
-            top_k=0 if greedy or sampling.top_k == -1 else sampling.top_k,
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True)
+            do_sample=not greedy, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+            # Neutral values switch generate's own processors off (None would mean top_k 50);
+            # ours below are explicit, so both engines draw from the same distribution.
+            temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+            no_repeat_ngram_size=0, return_dict_in_generate=False)
+        drawn = _DrawnLogprobs()
+        processors = LogitsProcessorList(_warpers(sampling) + [drawn])
         seed = sampling.seed if sampling.seed is not None else self.seed + self._calls
         self._calls += 1
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
-            out = self.model.generate(**batch.inputs, generation_config=config,
-                                      stopping_criteria=StoppingCriteriaList([tracker]))
-        generated = out.sequences[:, prompt_len:]
-        # Log-prob of each sampled token under the processed (sampling) distribution.
-        logprobs = torch.stack([
-            torch.log_softmax(step.float(), dim=-1).gather(1, generated[:, t:t + 1]).squeeze(1)
-            for t, step in enumerate(out.scores)], dim=1)
+            sequences = self.model.generate(**batch.inputs, generation_config=config,
+                                            logits_processor=processors,
+                                            stopping_criteria=StoppingCriteriaList([tracker]))
+        generated = sequences[:, prompt_len:]
+        logprobs = drawn.finish(sequences)  # [rows, steps], under the sampling distribution
 
         samples = []
         for row in range(rows):
@@ -183,6 +248,9 @@ class HFEngine:
                 if "mm_token_type_ids" in inputs:  # completion tokens are text (type 0)
                     inputs["mm_token_type_ids"] = torch.cat(
                         [inputs["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+                if self.is_vision:  # a sampled placeholder id is text, as while decoding
+                    inputs.update(text_embedded_completions(
+                        self.model, inputs["input_ids"], len(sample.prompt_ids)))
                 logits = self.model(**inputs).logits[0].float()
                 n = completion.shape[1]
                 start = inputs["input_ids"].shape[1] - n - 1

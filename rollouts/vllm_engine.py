@@ -128,6 +128,9 @@ class VLLMEngine:
     # -- generation ---------------------------------------------------------------------
 
     def _vllm_sampling(self, sampling: SamplingParams, seed: int, **extra):
+        # Every request carries its settings: vLLM then takes only the eos ids from the
+        # model's generation_config.json (its sampling defaults apply to requests without
+        # any), as the HF engine does.
         from vllm import SamplingParams as VLLMSamplingParams
 
         return VLLMSamplingParams(

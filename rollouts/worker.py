@@ -71,8 +71,10 @@ class RolloutWorker:
             self.engine.update_weights(bucket, version, last_bucket=i == len(bucket_refs) - 1)
         return self.engine.policy_version
 
-    def score(self, samples: list[Sample]) -> list[list[float]]:
-        return self.engine.score(samples)
+    def score(self, samples: list[Sample]) -> tuple[int, list[list[float]]]:
+        """``(policy version, log-probs)``: scores of a worker that restarted since the last
+        push (start-up weights) must be told apart from a real sync failure."""
+        return self.engine.policy_version, self.engine.score(samples)
 
 
 def split_prompts(prompts: Sequence[Sample], parts: int) -> list[list[Sample]]:
@@ -115,20 +117,26 @@ class RolloutGroup:
             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                       "OMP_NUM_THREADS": str(threads)}})
         self.workers = []
-        for i in range(num_workers):
-            if placement_group is not None:  # one bundle per worker (see launch.cluster)
-                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        try:  # a worker that cannot be placed or started ends the ones already running
+            for i in range(num_workers):
+                if placement_group is not None:  # one bundle per worker (see launch.cluster)
+                    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group,
-                    placement_group_bundle_index=bundle_indices[i] if bundle_indices else i)
-            actor = ray.remote(RolloutWorker).options(**options)
-            self.workers.append(actor.remote(backend, str(model_dir), engine_kwargs))
+                    options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                        placement_group=placement_group,
+                        placement_group_bundle_index=bundle_indices[i] if bundle_indices else i)
+                actor = ray.remote(RolloutWorker).options(**options)
+                # Calls without a sampling seed draw from the engine's own: one per worker.
+                kwargs = dict(engine_kwargs, seed=engine_kwargs.get("seed", 0) + 1_000_003 * i)
+                self.workers.append(actor.remote(backend, str(model_dir), kwargs))
+            ray.get([w.ready.remote() for w in self.workers])
+        except BaseException:
+            self.shutdown()
+            raise
         self.restart_timeout_s = restart_timeout_s
         self.policy_version = 0
         self._last_push: tuple[list[Any], int] | None = None  # (bucket refs, version)
         self.restarts_handled = 0
-        ray.get([w.ready.remote() for w in self.workers])
 
     # -- recovery -----------------------------------------------------------------------
 
@@ -195,13 +203,18 @@ class RolloutGroup:
     def generate(self, prompts: list[Sample], sampling: SamplingParams) -> list[Sample]:
         """Prompts in, ``len(prompts) * sampling.n`` samples out, in prompt order."""
         chunks = split_prompts(prompts, len(self.workers))
+        # Seeds follow each prompt's place in the whole batch, so two workers never draw the
+        # same random numbers (vLLM seeds request k of a chunk with seed + k * n).
+        starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
         # The version pushed before this call: a worker restarted with its start-up weights
         # is behind it. A push made while the batch is in flight (one-step off-policy mode)
         # lands after the batch on each worker, so the batch may carry this version exactly.
         expected = self.policy_version
 
         def submit(worker, i):
-            return worker.generate.remote(chunks[i], sampling)
+            seeded = (sampling if sampling.seed is None
+                      else sampling.replace(seed=sampling.seed + starts[i] * sampling.n))
+            return worker.generate.remote(chunks[i], seeded)
 
         def current(samples):
             return all(s.policy_version >= expected for s in samples)
@@ -227,8 +240,11 @@ class RolloutGroup:
                                   "update_weights_from_refs (the Ray object store path).")
 
     def score_all(self, samples: list[Sample]) -> list[list[list[float]]]:
-        """Every worker's temperature-1 log-probs of the samples' completions."""
-        return self._call_all(lambda worker, i: worker.score.remote(samples))
+        """Every worker's temperature-1 log-probs of the samples' completions, each worker on
+        the group's current weights (one that restarted since the push is caught up first)."""
+        results = self._call_all(lambda worker, i: worker.score.remote(samples),
+                                 lambda result: result[0] == self.policy_version)
+        return [scores for _, scores in results]
 
     def verify_sync(self, reference_logprobs_fn: Callable[[Sequence[Sample]],
                                                           list[list[float]]],

