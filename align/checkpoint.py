@@ -88,6 +88,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, write: Callable[[Path], N
     name = step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
+        # mkdtemp makes 0700; a checkpoint is shared like any folder the user makes (the
+        # umask decides), so a team on shared storage can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         write(tmp)
         _write_json(tmp / STATE_FILE, {**dict(state), "step": int(step)})
         marker = {"format": FORMAT_VERSION, "step": int(step),

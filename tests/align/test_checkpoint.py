@@ -327,3 +327,17 @@ def test_rng_unknown_generator_is_an_error():
         restore_rng(capture_rng(), {"sampler": np.random.default_rng(0)})
     with pytest.raises(TypeError, match="expected numpy.random.Generator"):
         capture_rng({"x": random.Random(0)})
+
+
+def test_checkpoints_are_readable_as_the_umask_allows(tmp_path):
+    """A team on shared storage reads each other's checkpoints: the folder's mode follows
+    the umask like any folder the user makes (mkdtemp alone would make it 0700)."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path, 5, write=learner_writer(0), state={})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o750
+    assert (path / "policy").stat().st_mode & 0o777 == 0o750
