@@ -23,9 +23,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pin_accelerator(has_gpus: bool) -> None:
+    """Choose this process's accelerator from the GPUs it was given (a Ray actor: whether
+    ``ray.get_gpu_ids()`` is non-empty), before DeepSpeed is first imported here.
+
+    DeepSpeed's CUDA accelerator with GPUs; otherwise its CPU accelerator, and CUDA hidden
+    from torch, so that a CPU rank on a GPU node neither lands tensors on ``cuda:0`` nor
+    picks NCCL. Deciding where the driver runs would be wrong for actors on other nodes (a
+    head node without GPUs would send "cpu" to GPU learners).
+    """
+    os.environ["DS_ACCELERATOR"] = "cuda" if has_gpus else "cpu"
+    if not has_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def process_group_backend() -> str:
+    """"nccl" or "gloo": what the pinned accelerator (:func:`pin_accelerator`) says, else
+    whether CUDA is visible (a learner in the launching process)."""
+    pinned = os.environ.get("DS_ACCELERATOR")
+    if pinned:
+        return "nccl" if pinned == "cuda" else "gloo"
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
                      *, local_rank: int | None = None) -> None:
-    """Join the learners' process group (gloo on CPU, nccl on GPU).
+    """Join the learners' process group (:func:`process_group_backend`).
 
     ``local_rank`` defaults to 0 when this process sees exactly one GPU (Ray gives each actor
     its own) and to ``rank`` otherwise.
@@ -36,7 +59,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
         local_rank = 0 if torch.cuda.is_available() and torch.cuda.device_count() == 1 else rank
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = process_group_backend()
     dist.init_process_group(backend, store=rendezvous_store(rank, world_size, master_addr,
                                                              master_port),
                             rank=rank, world_size=world_size, timeout=RENDEZVOUS_TIMEOUT)

@@ -17,6 +17,7 @@ holds as many of them as the actors ask for, so such a recipe also runs on one m
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import warnings
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the recipe imports is_loopback from here
     from medrl.launch.recipe import Recipe
 
-# Environment every actor needs: DeepSpeed on CPU picks its CPU accelerator, vLLM runs its
+# Environment every actor needs (a learner rank adds its accelerator): vLLM runs its
 # engine in the actor's own process (its multiprocessing mode ignores Ray's CPU allocation),
 # no hub access, zero-copy tensors through the object store for weight sync.
 ACTOR_ENV = {
@@ -98,9 +99,7 @@ def start_ray(recipe: Recipe) -> None:
 
     if ray.is_initialized():
         return
-    env = dict(ACTOR_ENV)
-    if not _has_cuda():
-        env["DS_ACCELERATOR"] = "cpu"
+    env = dict(ACTOR_ENV)  # each learner rank picks its accelerator itself (its own GPUs)
     runtime_env = {"env_vars": env}
     c = recipe.cluster
     # `medrl submit` runs `medrl run` as a Ray job: the job's driver joins the job's cluster
@@ -164,10 +163,13 @@ def placement(recipe: Recipe):
 
     ``cluster.colocate: false`` (default): no placement group; Ray places the actors by
     their CPU/GPU requests and custom resources (``cluster.learner_resources`` /
-    ``rollout_resources``). ``true``: one STRICT_PACK placement group, one bundle per rollout
-    worker then one per learner rank (custom resources included), so they share a node (and,
-    with fractional ``rollout_gpus`` / ``learner_gpus`` such as 0.5 each, the same GPUs).
-    Returns ``(placement_group, rollout_bundles, learner_bundles)`` or ``(None, None, None)``.
+    ``rollout_resources``). ``true``: one STRICT_PACK placement group with one bundle per
+    rollout-worker / learner-rank pair (worker i and rank i share bundle i; the longer group's
+    extra members get bundles of their own), so each pair shares a node and, with fractional
+    ``rollout_gpus`` / ``learner_gpus`` such as 0.5 each, one GPU. One bundle per actor would
+    let Ray pack two workers' halves onto one GPU and both ranks onto the other, where NCCL
+    refuses ranks that share a GPU. Returns ``(placement_group, rollout_bundles,
+    learner_bundles)`` or ``(None, None, None)``.
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -175,14 +177,19 @@ def placement(recipe: Recipe):
     c = recipe.cluster
     if not c.colocate:
         return None, None, None
-    rollout = [{"CPU": c.rollout_cpus, **({"GPU": c.rollout_gpus} if c.rollout_gpus else {}),
-                **c.rollout_resources} for _ in range(recipe.rollout.num_workers)]
-    learner = [{"CPU": c.learner_cpus, **({"GPU": c.learner_gpus} if c.learner_gpus else {}),
-                **c.learner_resources} for _ in range(recipe.learner.num_workers)]
-    pg = placement_group(rollout + learner, strategy="STRICT_PACK")
+    rollout = {"CPU": c.rollout_cpus, "GPU": c.rollout_gpus, **c.rollout_resources}
+    learner = {"CPU": c.learner_cpus, "GPU": c.learner_gpus, **c.learner_resources}
+    n_rollout, n_learner = recipe.rollout.num_workers, recipe.learner.num_workers
+    bundles = []
+    for i in range(max(n_rollout, n_learner)):
+        members = ([rollout] if i < n_rollout else []) + ([learner] if i < n_learner else [])
+        bundle = collections.Counter()
+        for member in members:
+            bundle.update(member)
+        bundles.append({k: v for k, v in bundle.items() if v})
+    pg = placement_group(bundles, strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=300)
-    n = len(rollout)
-    return pg, list(range(n)), list(range(n, n + len(learner)))
+    return pg, list(range(n_rollout)), list(range(n_learner))
 
 
 def _loopback_interface() -> str | None:
@@ -200,9 +207,3 @@ def stop_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -179,7 +179,6 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
                             placement_group=pg, bundle_indices=rollout_bundles,
                             resources=c.rollout_resources)
     ctx = RewardContext(run_dir=run_dir, base_dir=recipe_dir, seed=recipe.run.seed,
-                        device="cuda" if c.learner_gpus else "cpu",
                         policy_logprobs=policy_hook(learner, async_=recipe.algorithm.async_))
     rewards = RewardRunner.from_config(recipe.rewards, base_dir=recipe_dir, ctx=ctx,
                                        max_restarts=c.max_restarts)

@@ -35,9 +35,11 @@ class LearnerWorker:
     """One learner rank (a Ray actor; construct through :class:`LearnerGroup`)."""
 
     def __init__(self, rank: int, world_size: int, model_dir: str,
-                 learner_kwargs: dict[str, Any], use_gpu: bool):
-        if not use_gpu:  # DeepSpeed picks its accelerator once, at first use
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+                 learner_kwargs: dict[str, Any]):
+        from medrl.align.distributed import pin_accelerator
+
+        # From the GPUs Ray gave this actor, before DeepSpeed is imported in its process.
+        pin_accelerator(bool(ray.get_gpu_ids()))
         self.rank, self.world_size = rank, world_size
         self.model_dir, self.learner_kwargs = model_dir, dict(learner_kwargs)
         self.learner = None
@@ -52,6 +54,12 @@ class LearnerWorker:
         """(Ray node id, node IP address) of this rank."""
         context = ray.get_runtime_context()
         return context.get_node_id(), ray.util.get_node_ip_address()
+
+    def accelerator(self) -> dict[str, str]:
+        """What this rank computes on: DeepSpeed's accelerator and the collectives' backend."""
+        from medrl.align.distributed import process_group_backend
+
+        return {"accelerator": os.environ["DS_ACCELERATOR"], "backend": process_group_backend()}
 
     def free_port(self) -> int:
         from medrl.align.distributed import free_port
@@ -153,8 +161,7 @@ class LearnerGroup:
                     options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                         placement_group=placement_group, placement_group_bundle_index=index)
                 self.workers.append(actor_cls.options(**options).remote(
-                    rank, num_workers, str(model_dir), dict(learner_kwargs),
-                    num_gpus_per_worker > 0))
+                    rank, num_workers, str(model_dir), dict(learner_kwargs)))
             # Ranks meet on a free port of rank 0: over loopback when the group shares one node
             # (Ray may report the node's interface address even for a loopback-only cluster),
             # at rank 0's node address otherwise.

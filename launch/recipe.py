@@ -152,8 +152,16 @@ class RewardSpec(Section):
     kwargs: dict[str, Any] = {}
     actor: bool = False  # run in its own Ray actor (model-based rewards)
     num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the reward's actor")
     timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _gpus_need_an_actor(self):
+        if self.num_gpus > 0 and not self.actor:
+            raise ValueError(f"reward {self.alias or self.name!r} asks for num_gpus "
+                             f"{self.num_gpus:g} but runs in the driver (actor: false), where "
+                             "nothing is reserved; set actor: true to give it its own GPUs.")
+        return self
 
 
 class VetoSpec(Section):

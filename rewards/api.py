@@ -84,7 +84,9 @@ class RewardContext:
 
     run_dir: the run folder (a reward may write caches or artefacts under it).
     base_dir: the recipe's folder; relative paths in reward arguments resolve here.
-    device: "cpu", "cuda", "cuda:0", ... the device the reward's model should live on.
+    device: the device the reward's model should live on, set by the runner from the
+        reward's own reservation: "cuda" for an actor with ``num_gpus > 0`` (the GPUs Ray
+        gave it, ``cuda:0`` onwards in its process), "cpu" otherwise.
     seed: the run seed (seed your own sampling from it for exact resumes).
     policy_logprobs: ``policy_logprobs(samples) -> list[list[float]]``: log-probabilities of
         each sample's ``completion_ids`` under the *current* policy, given the sample's prompt

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,11 @@ def actor_backstop_s(timeout_s: float | None, calls: int) -> float | None:
     if timeout_s is None:
         return None
     return timeout_s * max(calls, 2) + BACKSTOP_SLACK_S
+
+
+def reward_device(r: LoadedReward) -> str:
+    """``ctx.device`` of a reward: "cuda" for an actor that reserved GPUs, else "cpu"."""
+    return "cuda" if r.actor and r.num_gpus > 0 else "cpu"
 
 
 class RewardRunner:
@@ -160,10 +165,13 @@ class RewardRunner:
                                 "but Ray is not initialised; call ray.init() first.")
             if r.file_module:  # a reward from a .py file is not importable on the workers
                 ray.cloudpickle.register_pickle_by_value(sys.modules[r.file_module])
+        # A reward's model goes where its own reservation is: the GPU(s) Ray gave its actor
+        # (which that process sees as cuda:0...), else the CPU, never a GPU it did not reserve.
+        ctx = replace(self.ctx, device=reward_device(r))
         if r.actor:
             actor = ray.remote(RewardWorker).options(
                 num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                max_restarts=self.max_restarts).remote(r, self.ctx)
+                max_restarts=self.max_restarts).remote(r, ctx)
             try:
                 ray.get(actor.setup.remote())
             except Exception as exc:
@@ -171,7 +179,7 @@ class RewardRunner:
                 raise RewardError(f"reward {r.name!r} failed in setup(ctx) in its actor: {exc}",
                                   reward=r.name, cause=str(exc)) from exc
             return actor
-        worker = RewardWorker(r, self.ctx)
+        worker = RewardWorker(r, ctx)
         try:
             worker.setup()
         except Exception as exc:
