@@ -324,3 +324,12 @@ def test_qat_epochs_schedule_is_checked_against_the_data(tmp_path):
         check_recipe(recipe, tmp_path)
     recipe.qat.warmup_steps = 1
     assert "qat: 2 steps" in check_recipe(recipe, tmp_path)
+
+
+def test_reward_gpus_need_an_actor(tmp_path):
+    data = base()
+    data["rewards"]["functions"][0].update(num_gpus=1)
+    with pytest.raises(RecipeError, match="num_gpus 1 but runs in the driver"):
+        load_recipe(write_recipe(tmp_path, data))
+    data["rewards"]["functions"][0].update(actor=True)
+    assert load_recipe(write_recipe(tmp_path, data)).rewards.functions[0].num_gpus == 1
