@@ -120,3 +120,54 @@ def encode_batch(tokenizer_or_processor, samples: list[Sample]) -> EncodedBatch:
 def encode_prompt(tokenizer_or_processor, sample: Sample) -> EncodedBatch:
     """One prompt: ``prompt_ids[0]`` are its ids; ``inputs`` hold pixel tensors for a VLM."""
     return encode_batch(tokenizer_or_processor, [sample])
+
+
+_TURN_MARK = "MEDRLENDOFTURNMARK"  # one word: templates that trim or strip content keep it
+
+
+def end_of_turn_id(tokenizer_or_processor) -> int:
+    """The token id the chat template closes an assistant turn with (``int``).
+
+    SFT answers end with it and both rollout engines stop at it, so training and rollouts
+    agree on when an answer ends. It is not always the tokenizer's eos: a Qwen2.5 base model's
+    eos is ``<|endoftext|>`` while its template closes turns with ``<|im_end|>``, and Llama-3
+    templates close with ``<|eot_id|>`` while older tokenizer configs name
+    ``<|end_of_text|>``.
+
+    Found by rendering a user turn and an assistant turn holding a marker word, without a
+    generation prompt, and taking the first special token the template writes after the
+    marker. A template that writes none there (or a tokenizer with no chat template) falls
+    back to the eos token; raises :class:`UserError` naming the model folder when there is
+    neither.
+    """
+    tok = text_tokenizer(tokenizer_or_processor)
+    folder = getattr(tok, "name_or_path", "") or "(unknown folder)"
+    template_owner = tokenizer_or_processor
+    if getattr(template_owner, "chat_template", None) is None:
+        template_owner = tok
+    if getattr(template_owner, "chat_template", None) is not None:
+        answer: Any = _TURN_MARK
+        if is_processor(template_owner):  # processors' templates take lists of parts
+            answer = [{"type": "text", "text": _TURN_MARK}]
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": answer}]
+        try:
+            text = template_owner.apply_chat_template(messages, add_generation_prompt=False,
+                                                      tokenize=False)
+        except Exception as err:  # jinja errors are cryptic: name the model, keep the cause
+            raise UserError(f"model {folder}: its chat template failed on a plain user + "
+                            f"assistant exchange ({type(err).__name__}: {err}), so the token "
+                            "that ends an answer cannot be found. Fix the chat template in "
+                            "its tokenizer_config.json or chat_template.jinja.") from err
+        if _TURN_MARK in text:
+            tail = text.rsplit(_TURN_MARK, 1)[1]
+            special = set(tok.all_special_ids) | {
+                i for i, added in tok.added_tokens_decoder.items() if added.special}
+            for token in tok(tail, add_special_tokens=False)["input_ids"]:
+                if token in special:
+                    return int(token)
+    if tok.eos_token_id is None:
+        raise UserError(f"model {folder}: its chat template closes an assistant turn with no "
+                        "special token and the tokenizer has no eos token, so answers cannot "
+                        "end. Set eos_token in its tokenizer_config.json (the token the model "
+                        "ends an answer with).")
+    return int(tok.eos_token_id)

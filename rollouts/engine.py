@@ -5,8 +5,9 @@ Every rollout engine (Hugging Face ``generate`` in :mod:`medrl.rollouts.hf_engin
 conventions, so the learner never needs to know which one ran:
 
 ``completion_ids``
-    every sampled token, up to and including the token that ended the completion: the eos
-    token (``<|im_end|>`` for Qwen chat models) when the model stopped itself, the token that
+    every sampled token, up to and including the token that ended the completion: an eos
+    token or the chat template's end of turn (``<|im_end|>`` for Qwen chat models,
+    :func:`medrl.align.encode.end_of_turn_id`) when the model stopped itself, the token that
     completed a stop string when one matched, or the ``max_new_tokens``-th token. The eos is
     kept so that the learner also trains the decision to stop.
 ``completion_text``

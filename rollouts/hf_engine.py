@@ -22,7 +22,7 @@ from typing import Any
 from medrl.align.models import (is_vision_model, load_model, load_tokenizer, resolve_dtype,
                                 text_embedded_completions)
 from medrl.align.records import Sample
-from medrl.align.encode import EncodedBatch, encode_batch, text_tokenizer
+from medrl.align.encode import EncodedBatch, encode_batch, end_of_turn_id, text_tokenizer
 from medrl.rollouts.engine import (SamplingParams, WeightSyncError, check_context,
                                    check_weight_names, finished_sample,
                                    ignored_generation_defaults)
@@ -153,7 +153,9 @@ class HFEngine:
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos if eos is not None
                                                  else self.tokenizer.eos_token_id]
-        self.eos_ids = {int(e) for e in eos}
+        # The chat template's end of turn ends completions too: SFT taught the model to end
+        # its answers with it, and it is not always among the eos ids the model lists.
+        self.eos_ids = {int(e) for e in eos} | {end_of_turn_id(self.processor)}
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else min(self.eos_ids))
         # The model's sampling defaults would otherwise fill every field a call leaves unset.

@@ -23,7 +23,7 @@ from typing import Any
 
 from medrl.align.models import is_vision_model, load_tokenizer, resolve_dtype
 from medrl.align.records import Sample, UserError
-from medrl.align.encode import encode_batch, render, text_tokenizer
+from medrl.align.encode import encode_batch, end_of_turn_id, render, text_tokenizer
 from medrl.rollouts.engine import (SamplingParams, check_context, check_weight_names,
                                    finished_sample)
 
@@ -100,6 +100,7 @@ class VLLMEngine:
         self.is_vision = is_vision_model(self.model_dir)
         self.processor = load_tokenizer(self.model_dir)
         self.tokenizer = text_tokenizer(self.processor)
+        self.end_of_turn = end_of_turn_id(self.processor)
         self.known_names = hf_parameter_names(self.model_dir)
         self.seed = seed
         self.max_model_len = max_model_len
@@ -130,14 +131,16 @@ class VLLMEngine:
     def _vllm_sampling(self, sampling: SamplingParams, seed: int, **extra):
         # Every request carries its settings: vLLM then takes only the eos ids from the
         # model's generation_config.json (its sampling defaults apply to requests without
-        # any), as the HF engine does.
+        # any), as the HF engine does. The chat template's end of turn stops a request too
+        # (vLLM keeps a stop token in token_ids, finish_reason "stop"), as in the HF engine.
         from vllm import SamplingParams as VLLMSamplingParams
 
         return VLLMSamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
             min_tokens=sampling.min_new_tokens, stop=list(sampling.stop) or None,
-            include_stop_str_in_output=True, logprobs=0, seed=seed, **extra)
+            stop_token_ids=[self.end_of_turn], include_stop_str_in_output=True, logprobs=0,
+            seed=seed, **extra)
 
     def generate(self, prompts: list[Sample], sampling: SamplingParams) -> list[Sample]:
         if not prompts:

@@ -141,11 +141,13 @@ def _templated(sample: Sample, template: str) -> Sample:
 def build_example(tokenizer_or_processor, sample: Sample, spec: ExampleSpec) -> Sample:
     """A loaded sample (media as images) -> the sample with prompt/answer ids and weights.
 
+    The answer ends with the chat template's own end-of-turn token
+    (:func:`~medrl.align.encode.end_of_turn_id`), the token both rollout engines stop at.
     Raises :class:`UserError` naming the sample when the answer is missing, the labels do not
     match the sentences, or the prompt alone fills ``max_length``. An answer that does not fit
     is cut at ``max_length`` (the end-of-turn token is then dropped too).
     """
-    from medrl.align.encode import encode_prompt, text_tokenizer
+    from medrl.align.encode import encode_prompt, end_of_turn_id, text_tokenizer
 
     if spec.prompt_template:
         sample = _templated(sample, spec.prompt_template)
@@ -171,7 +173,8 @@ def build_example(tokenizer_or_processor, sample: Sample, spec: ExampleSpec) -> 
         ids, weights = encode_weighted_text(tok, [str(s) for s in answer], sentence_weights)
     else:
         ids = tok(response_text(answer), add_special_tokens=False)["input_ids"]
-    ids = list(ids) + [tok.eos_token_id]
+    # the template's own end of turn, which rollouts stop at too (not always the eos)
+    ids = list(ids) + [end_of_turn_id(tokenizer_or_processor)]
     weights = None if weights is None else weights + [1.0]
     room = spec.max_length - len(prompt_ids)
     if room < 1:

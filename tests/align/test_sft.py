@@ -73,6 +73,25 @@ def test_example_masks_the_prompt_and_weights_abnormal_sentences(tiny_qwen2, tmp
         build_example(tok, sample, ExampleSpec(response_field="findings", max_length=8))
 
 
+def test_answers_end_with_the_templates_end_of_turn_not_the_eos(tiny_qwen2, tmp_path):
+    """A base-model tokenizer (eos <|endoftext|>, as Qwen2.5 base models ship) whose chat
+    template closes turns with <|im_end|>: the answer ends as the template ends a turn."""
+    from medrl.align.models import load_tokenizer
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_qwen2, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|endoftext|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(folder)
+    assert tok.eos_token == "<|endoftext|>"
+    sample = Sample(uid="a1", group_id="a1", row={"response": "No acute findings."},
+                    messages=[{"role": "user", "content": "Findings?"}])
+    ex = build_example(tok, sample, ExampleSpec())
+    assert tok.decode(ex.completion_ids) == "No acute findings.<|im_end|>"
+    assert tok.eos_token_id not in ex.completion_ids
+
+
 def test_sft_loss_is_the_weighted_mean_over_answer_tokens():
     g = torch.Generator().manual_seed(0)
     lp = -torch.rand(3, 5, generator=g) * 4
