@@ -149,11 +149,14 @@ def _check(sample: Sample) -> None:
                             f"weights for {n} completion tokens; it must give one per token.")
 
 
-def collate(samples: Sequence[Sample], *, pad_token_id: int, processor: Any = None) -> TrainBatch:
+def collate(samples: Sequence[Sample], *, pad_token_id: int, processor: Any = None,
+            mask_truncated: bool = False) -> TrainBatch:
     """Pad ``samples`` into a :class:`TrainBatch` (see the module docstring for the layout).
 
     ``processor``: the VLM processor (its ``image_processor`` is used, and ``image_token_id``
     or its tokenizer's ``<|image_pad|>`` id marks image tokens); ``None`` for text models.
+    ``mask_truncated``: completions cut at the token limit (``finish_reason == "length"``)
+    get an all-zero ``completion_mask`` row, so the loss leaves them out (DAPO).
     A field that only some samples have is padded with a neutral value for the others
     (old log-probs 0, advantage 0, weights 1) only where that is meaningful; mixed presence
     of old log-probs or advantages is an error.
@@ -173,7 +176,7 @@ def collate(samples: Sequence[Sample], *, pad_token_id: int, processor: Any = No
         input_ids[i, P - p:P] = torch.tensor(s.prompt_ids, dtype=torch.long)
         input_ids[i, P:P + t] = torch.tensor(s.completion_ids, dtype=torch.long)
         attention_mask[i, P - p:P + t] = 1
-        completion_mask[i, :t] = 1.0
+        completion_mask[i, :t] = 0.0 if mask_truncated and s.finish_reason == "length" else 1.0
     batch = TrainBatch(input_ids=input_ids, attention_mask=attention_mask,
                        completion_mask=completion_mask)
 

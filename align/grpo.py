@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 SCALES = ("group", "batch", "none")
+LOSSES = ("grpo", "gspo", "gspo_token", "cispo")
 AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 CORRECTIONS = ("none", "truncate", "mask")
@@ -153,11 +154,53 @@ def _check_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     m = mask.detach()
     if not bool(((m == 0) | (m == 1)).all()):
         raise ValueError("mask: values must be 0 or 1 (use token_weights for soft weights).")
-    keep = m.bool()
-    if not bool(keep.any()):
-        raise ValueError("mask: every position is masked, so the loss has no tokens; drop empty "
-                         "batches before calling policy_loss.")
-    return keep
+    return m.bool()
+
+
+def loss_clip_defaults(loss: str) -> tuple[float, float]:
+    """``(clip_low, clip_high)`` when the recipe leaves them unset.
+
+    grpo: 0.2 / 0.2 (PPO). gspo, gspo_token: 3e-4 / 4e-4, the GSPO paper's ranges for its
+    sequence-level ratio (arXiv 2507.18071). cispo: no lower bound on the importance weight
+    (clip_low 1: weights >= 0), as MiniMax-M1 sets it (arXiv 2506.13585); the upper 0.28 is
+    ours (the paper tunes it without publishing one value).
+    """
+    return {"grpo": (0.2, 0.2), "gspo": (3e-4, 4e-4), "gspo_token": (3e-4, 4e-4),
+            "cispo": (1.0, 0.28)}[loss]
+
+
+def sequence_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                   keep: torch.Tensor) -> torch.Tensor:
+    """GSPO's s_i = exp(mean_t (log pi_theta - log pi_old)) over each row's kept tokens:
+    Tensor[B] (1 for a row without tokens). Inputs [B, T]; ``keep`` bool [B, T]."""
+    n = keep.sum(-1).clamp(min=1)
+    return torch.exp(((logprobs - old_logprobs) * keep).sum(-1) / n)
+
+
+def surrogate(loss: str, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+              keep: torch.Tensor, clip_low: float, clip_high: float):
+    """The per-token objective of each loss, ``(obj, ratio, clipped_low, clipped_high)``,
+    all [B, T]. ``lp`` carries the gradient; ``old``, ``adv`` are detached, zero where
+    ``keep`` is False.
+
+    grpo:       r = pi/pi_old per token; obj = min(r A, clip(r) A).
+    gspo:       r = s_i (:func:`sequence_ratio`) for every token of row i; same min/clip.
+    gspo_token: r = sg(s_i) * pi / sg(pi): the value of s_i, the gradient of a token ratio.
+    cispo:      obj = sg(clip(r)) * A * log pi: the weight is clipped, never the gradient.
+    clipped_low / clipped_high mark where the clip bound (r < 1-low, r > 1+high) acts.
+    """
+    lo, hi = 1 - clip_low, 1 + clip_high
+    if loss in ("gspo", "gspo_token"):
+        s = sequence_ratio(lp, old, keep)
+        ratio = (s.detach()[:, None] * torch.exp(lp - lp.detach()) if loss == "gspo_token"
+                 else s[:, None].expand_as(lp))
+    else:
+        ratio = torch.exp(lp - old)
+    if loss == "cispo":
+        obj = torch.clamp(ratio, lo, hi).detach() * adv * lp
+        return obj, ratio, ratio < lo, ratio > hi
+    obj = torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
+    return obj, ratio, (ratio < lo) & (adv < 0), (ratio > hi) & (adv > 0)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -165,9 +208,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0,
                 kl_estimator: str = "k3", agg: str = "token_mean",
                 token_weights: torch.Tensor | None = None,
-                entropy: torch.Tensor | None = None,
+                entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
+                loss: str = "grpo",
                 max_completion_length: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped GRPO surrogate loss and its metrics.
+    """Clipped GRPO-family surrogate loss and its metrics.
 
     logprobs: Tensor[B, T], log pi_theta of the completion tokens (carries the gradient).
     old_logprobs: Tensor[B, T], log pi_old of the same tokens (the policy that sampled them).
@@ -175,10 +219,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     mask: Tensor[B, T] of 0/1. ref_logprobs: Tensor[B, T], needed when kl_coef != 0.
     token_weights: Tensor[B, T], multiplies the clipped surrogate of each token (process-level
     masks, abnormality weights). The KL penalty is not weighted: it regularises every token
-    the same, whatever the reward thinks of it. entropy: Tensor[B, T], only reported.
+    the same, whatever the reward thinks of it. entropy: Tensor[B, T] (carrying the gradient
+    when ``entropy_coef > 0``); reported, and with ``entropy_coef`` added as a bonus.
+    loss: one of ``LOSSES`` (:func:`surrogate`). gspo refuses ``token_weights`` and per-token
+    advantages that vary within a row (its ratio is one number per sequence): use gspo_token.
 
-    Per token: ratio = exp(logprobs - old_logprobs),
-      obj = w * min(ratio*A, clip(ratio, 1-clip_low, 1+clip_high)*A) - kl_coef * KL,
+    Per token: obj = w * surrogate (grpo: min(ratio*A, clip(ratio, 1-clip_low, 1+clip_high)*A)
+    with ratio = exp(logprobs - old_logprobs)) - kl_coef * KL + entropy_coef * H,
     KL by ``kl_estimator`` (see :func:`kl_per_token`). loss = -agg(obj) with
       token_mean   = sum(obj*mask) / sum(mask)                       (DAPO),
       seq_mean     = mean_b( sum_t(obj*mask) / max(1, sum_t mask) )  (DeepSeekMath GRPO),
@@ -187,7 +234,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     length), required for seq_sum_norm: never the batch's padded width, which changes with
     every batch and micro-batch split.
     Under seq_mean a sequence without tokens contributes 0 but still counts in the mean over B,
-    as in TRL.
+    as in TRL. A mask without any token (every completion of a micro-batch masked out, e.g.
+    truncated ones) gives a zero loss with a zero gradient and ``tokens`` 0.
 
     Returns (loss: 0-dim tensor, metrics: dict of floats). Metrics, over unmasked tokens:
     clip_frac_low (ratio < 1-clip_low with A < 0: gradient cut), clip_frac_high (ratio >
@@ -201,15 +249,20 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         raise ValueError(f"logprobs: expected a [B, T] tensor, got {shape}.")
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg: {agg!r} is not one of {', '.join(AGGREGATIONS)}.")
+    if loss not in LOSSES:
+        raise ValueError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}.")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator: {kl_estimator!r} is not one of "
                          f"{', '.join(KL_ESTIMATORS)}.")
-    for name, value in (("clip_low", clip_low), ("clip_high", clip_high), ("kl_coef", kl_coef)):
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high), ("kl_coef", kl_coef),
+                        ("entropy_coef", entropy_coef)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}.")
-    if clip_low >= 1:
-        raise ValueError(f"clip_low: must be < 1 (the ratio floor is 1 - clip_low), "
-                         f"got {clip_low}.")
+    if clip_low > 1 or (clip_low == 1 and loss != "cispo"):
+        raise ValueError(f"clip_low: must be < 1 (the ratio floor is 1 - clip_low; 1, no "
+                         f"floor, only for cispo's weights), got {clip_low}.")
+    if entropy_coef and entropy is None:
+        raise ValueError("entropy: required when entropy_coef != 0.")
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs: required when kl_coef != 0.")
     shape = logprobs.shape
@@ -231,6 +284,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         raise ValueError(f"advantages: shape {tuple(advantages.shape)} is neither [B]=({B},) nor "
                          f"[B, T]={tuple(shape)}.")
     keep = _check_mask(mask, shape)
+    if loss == "gspo" and token_weights is not None:
+        raise ValueError("token_weights: gspo has one ratio per sequence, which per-token "
+                         "weights cannot scale; use loss gspo_token.")
     named = [("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
              ("ref_logprobs", ref_logprobs), ("token_weights", token_weights)]
     for name, x in named:
@@ -242,11 +298,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     lp, old, adv = clean(logprobs), clean(old_logprobs).detach(), clean(advantages).detach()
-    ratio = torch.exp(lp - old)
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    obj = torch.minimum(ratio * adv, clipped * adv)
+    if loss == "gspo" and bool(((adv - adv[:, :1]).abs() * keep).max() > 0):
+        raise ValueError("advantages: gspo needs one advantage per sequence, and these vary "
+                         "within a row; use loss gspo_token.")
+    obj, ratio, low, high = surrogate(loss, lp, old, adv, keep, clip_low, clip_high)
     if token_weights is not None:
         obj = obj * clean(token_weights).detach()
+    if entropy_coef:
+        obj = obj + entropy_coef * clean(entropy)
     kl = None
     if ref_logprobs is not None:
         kl = kl_per_token(lp, clean(ref_logprobs).detach(), kl_estimator)
@@ -254,6 +313,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
             obj = obj - kl_coef * kl
 
     maskf = keep.to(obj.dtype)
+    if not bool(keep.any()):  # nothing to learn here; the graph stays, with zero gradients
+        return (obj * maskf).sum(), _empty_metrics(kl is not None, entropy is not None)
     if agg == "token_mean":
         total = (obj * maskf).sum() / maskf.sum()
     elif agg == "seq_mean":
@@ -265,8 +326,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     with torch.no_grad():
         n = keep.sum()
         r = ratio.detach()
-        low = (r < 1 - clip_low) & (adv < 0) & keep
-        high = (r > 1 + clip_high) & (adv > 0) & keep
+        low, high = low & keep, high & keep
         log_r = (lp.detach() - old)
         metrics = {
             "clip_frac_low": (low.sum() / n).item(),
@@ -284,6 +344,16 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         if entropy is not None:
             metrics["entropy"] = entropy.detach()[keep].mean().item()
     return loss, metrics
+
+
+def _empty_metrics(with_kl: bool, with_entropy: bool) -> dict[str, float]:
+    """policy_loss's metric keys for a mask without tokens (the same keys on every rank:
+    the learner all-reduces them); extremes are the identities of min and max."""
+    out = {"clip_frac_low": 0.0, "clip_frac_high": 0.0, "clip_frac": 0.0, "approx_kl": 0.0,
+           "ratio_min": math.inf, "ratio_max": -math.inf, "ratio_mean": 1.0,
+           "masked_token_share": 1.0, "tokens": 0.0}
+    return {**out, **({"kl": 0.0} if with_kl else {}),
+            **({"entropy": 0.0} if with_entropy else {})}
 
 
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,

@@ -28,6 +28,7 @@ DeepSpeed/Python types DeepSpeed puts in them, so a tampered file cannot run cod
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -55,8 +56,11 @@ class Learner:
     reported whenever it exists and penalised with ``kl_coef``. ``lora``: ``{"r", "alpha",
     "dropout", "target_modules"}``. Loss options are those of
     :func:`medrl.align.grpo.policy_loss` (``loss_agg`` is its ``agg``; ``max_completion_length``
-    its normaliser for ``seq_sum_norm``). ``old_logprobs``: "recompute" (the learner's own,
-    before the update) or "rollout" (the engine's); ``correction`` ("none", "truncate",
+    its normaliser for ``seq_sum_norm``; ``loss`` the surrogate, ``entropy_coef`` the entropy
+    bonus). ``mask_truncated``: completions that ran out of tokens (finish_reason "length")
+    are left out of the loss (:func:`medrl.align.batch.collate`). ``old_logprobs``:
+    "recompute" (the learner's own, before the update) or "rollout" (the engine's);
+    ``correction`` ("none", "truncate",
     "mask"), ``correction_level`` and ``correction_threshold`` re-weight tokens by
     pi_old / pi_rollout (:func:`medrl.align.grpo.rollout_correction`). ``prepare_model(model)``
     runs on the freshly loaded Hugging Face model before LoRA and DeepSpeed wrap it (the QAT
@@ -78,6 +82,7 @@ class Learner:
                  attn_implementation: str = "sdpa", clip_low: float = 0.2,
                  clip_high: float = 0.2, kl_coef: float = 0.0, kl_estimator: str = "k3",
                  loss_agg: str = "token_mean", max_completion_length: int | None = None,
+                 loss: str = "grpo", entropy_coef: float = 0.0, mask_truncated: bool = False,
                  old_logprobs: str = "recompute", correction: str = "none",
                  correction_level: str = "token", correction_threshold: float = 2.0,
                  seed: int = 0, prepare_model: Callable[[torch.nn.Module], Any] | None = None,
@@ -109,8 +114,10 @@ class Learner:
         self.zero_stage, self.micro_batch_size = zero_stage, micro_batch_size
         self.temperature, self.logprob_chunk_size = temperature, logprob_chunk_size
         self.loss_options = dict(clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef,
-                                 kl_estimator=kl_estimator, agg=loss_agg,
+                                 kl_estimator=kl_estimator, agg=loss_agg, loss=loss,
+                                 entropy_coef=entropy_coef,
                                  max_completion_length=max_completion_length)
+        self.mask_truncated = mask_truncated
         self.old_logprobs = old_logprobs
         self.correction = dict(mode=correction, level=correction_level,
                                threshold=correction_threshold)
@@ -176,7 +183,8 @@ class Learner:
     def collate(self, samples: Sequence[Sample]) -> TrainBatch:
         """Samples -> :class:`TrainBatch` with this policy's pad id and image processor."""
         return collate(samples, pad_token_id=self.pad_token_id,
-                       processor=self.tokenizer if self.is_vlm else None)
+                       processor=self.tokenizer if self.is_vlm else None,
+                       mask_truncated=self.mask_truncated)
 
     def _micro_batches(self, batch: TrainBatch) -> list[tuple[TrainBatch, bool]]:
         """Micro-batches as ``(batch, real)``; padded to the same count on every rank.
@@ -423,6 +431,8 @@ class Learner:
             op = "max" if key.endswith("max") else "min"
             value = torch.tensor([extremes[key]], dtype=torch.float64)
             out[key] = self._all_reduce(value, op)[0].item()
+            if not math.isfinite(out[key]):  # no micro-batch had a token (all masked out)
+                del out[key]
         return out
 
     def _stage0_grad_norm(self) -> float:

@@ -104,6 +104,7 @@ def learner_kwargs(recipe: Recipe) -> dict:
         clip_low=alg.clip_low, clip_high=alg.clip_high,
         kl_coef=alg.kl.coef if kl_in_loss else 0.0, kl_estimator=alg.kl.estimator,
         loss_agg=alg.loss_agg, max_completion_length=recipe.rollout.max_new_tokens,
+        loss=alg.loss, entropy_coef=alg.entropy_coef, mask_truncated=alg.mask_truncated,
         old_logprobs=alg.old_logprobs, correction=rc.mode, correction_level=rc.level,
         correction_threshold=rc.threshold, seed=recipe.run.seed,
     )

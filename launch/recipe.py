@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from medrl.launch import recipe_yaml
+from medrl.launch.recipe_training import AlgorithmConfig, LearnerConfig, Section
 from medrl.launch.recipe_yaml import RecipeError, format_errors, read_yaml
 
 __all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_override",
@@ -44,10 +44,6 @@ def qat_schedule_problem(total_steps: int, warmup_steps: int, steps_from: str) -
             "quantisation starts after the warm-up, so this run would train no quantised step "
             "yet write quantisation scales (and any fake-quant export) as if it had. Train more "
             "steps than qat.warmup_steps (default 500), or lower qat.warmup_steps.")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 class RunConfig(Section):
@@ -214,67 +210,6 @@ class RewardsConfig(Section):
             raise ValueError("veto_threshold belongs to the one-string form `veto: <reward>`; "
                              "with a list of vetoes give each entry its own `threshold`")
         return data
-
-
-class KLConfig(Section):
-    coef: float = Field(0.0, ge=0.0)
-    estimator: Literal["k1", "k2", "k3"] = "k3"
-    where: Literal["loss", "reward"] = "loss"
-
-
-class RolloutCorrectionConfig(Section):
-    """Importance weights pi_old / pi_rollout for tokens the engine sampled (engine/learner
-    mismatch, and the older policy of async mode); needs old_logprobs: recompute."""
-
-    mode: Literal["none", "truncate", "mask"] = "none"  # truncate: min(rho, C); mask: drop
-    level: Literal["token", "sequence"] = "token"
-    threshold: float = Field(2.0, gt=1.0, description="C: truncate above C; mask outside "
-                             "[1/C, C]")
-
-
-class AlgorithmConfig(Section):
-    name: Literal["grpo"] = "grpo"
-    advantage_scale: Literal["group", "batch", "none"] = "group"
-    advantage_eps: float = Field(1e-6, gt=0.0)
-    filter_zero_variance: bool = False
-    clip_low: float = Field(0.2, ge=0.0)
-    clip_high: float = Field(0.2, ge=0.0)
-    loss_agg: Literal["token_mean", "seq_mean", "seq_sum_norm"] = "token_mean"
-    kl: KLConfig = KLConfig()
-    ppo_epochs: int = Field(1, ge=1)
-    old_logprobs: Literal["rollout", "recompute"] = "recompute"
-    rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()
-    async_: bool = Field(False, alias="async", description="one-step off-policy overlap")
-    max_staleness: int = Field(1, ge=0)
-
-
-class LoRAConfig(Section):
-    r: int = Field(8, ge=1)
-    alpha: float = 16.0
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-class LearnerConfig(Section):
-    num_workers: int = Field(1, ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    micro_batch_size: int = Field(4, ge=1)
-    optimizer: Literal["adamw", "deepspeed_adam"] = "adamw"
-    lr: float = Field(1e-5, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    gradient_checkpointing: bool = False
-    logprob_chunk_size: int = Field(1024, ge=1, description="tokens per log-softmax chunk")
-    share_prompt: bool = Field(True, description="run each distinct prompt of a micro-batch "
-                               "once and the G completions on its cached keys and values")
-    # auto: a frozen copy only when algorithm.kl.coef > 0; cpu: always a CPU copy (KL logged)
-    ref_model: Literal["auto", "cpu", "none"] = "auto"
-    lora: LoRAConfig | None = None
 
 
 class ClusterConfig(Section):
