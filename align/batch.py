@@ -97,12 +97,58 @@ class TrainBatch:
                 int(patches[:first_image].sum()):int(patches[:last_image].sum())]
         return TrainBatch(**out)
 
-    def split(self, micro_batch_size: int) -> list["TrainBatch"]:
-        """Consecutive micro-batches of at most ``micro_batch_size`` samples."""
+    def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt tokens [B], completion tokens [B]) of each row, padding excluded."""
+        P = self.input_ids.shape[1] - self.num_completion_tokens
+        return self.attention_mask[:, :P].sum(-1), self.attention_mask[:, P:].sum(-1)
+
+    def trim(self) -> "TrainBatch":
+        """The same rows without the columns that are padding in every row: the prompt part
+        keeps its longest prompt (left), the completion part its longest completion
+        (right). Log-probs are the same; the forward pass is shorter."""
+        prompt, completion = self.lengths()
+        P, T = self.input_ids.shape[1] - self.num_completion_tokens, self.num_completion_tokens
+        p, t = int(prompt.max()), max(1, int(completion.max()))
+        if (p, t) == (P, T):
+            return self
+        wide = {"input_ids", "attention_mask", "mm_token_type_ids"}  # [B, P+T] fields
+        out = {}
+        for name, value in self:
+            if value is not None and value.dim() == 2 and name in wide:
+                value = value[:, P - p:P + t]
+            elif value is not None and value.dim() == 2 and value.shape[1] == T:
+                value = value[:, :t]  # [B, T] fields: completion columns, right-padded
+            out[name] = value
+        return TrainBatch(**out)
+
+    def split(self, micro_batch_size: int,
+              max_tokens: int | None = None) -> list["TrainBatch"]:
+        """Consecutive micro-batches, each trimmed to its own widths (:meth:`trim`).
+
+        Without ``max_tokens``: at most ``micro_batch_size`` samples each. With it (a token
+        budget, verl's dynamic batch size): as many consecutive samples as fit
+        ``rows x (longest prompt + longest completion) <= max_tokens``, a longer sample
+        alone; ``micro_batch_size`` is not used then. Consecutive samples keep a GRPO group's
+        rows together, so prompt sharing still finds them.
+        """
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        return [self.rows(i, min(i + micro_batch_size, self.size))
-                for i in range(0, self.size, micro_batch_size)]
+        if max_tokens is None:
+            bounds = [(i, min(i + micro_batch_size, self.size))
+                      for i in range(0, self.size, micro_batch_size)]
+        else:
+            if max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+            prompt, completion = (x.tolist() for x in self.lengths())
+            bounds, start = [], 0
+            for i in range(1, self.size + 1):
+                rows = i - start
+                width = max(prompt[start:i]) + max(completion[start:i])
+                if rows > 1 and rows * width > max_tokens:
+                    bounds.append((start, i - 1))
+                    start = i - 1
+            bounds.append((start, self.size))
+        return [self.rows(a, b).trim() for a, b in bounds]
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))

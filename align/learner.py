@@ -58,7 +58,9 @@ class Learner:
     :func:`medrl.align.grpo.policy_loss` (``loss_agg`` is its ``agg``; ``max_completion_length``
     its normaliser for ``seq_sum_norm``; ``loss`` the surrogate, ``entropy_coef`` the entropy
     bonus). ``mask_truncated``: completions that ran out of tokens (finish_reason "length")
-    are left out of the loss (:func:`medrl.align.batch.collate`). ``old_logprobs``:
+    are left out of the loss (:func:`medrl.align.batch.collate`).
+    ``max_tokens_per_micro_batch``: micro-batches by a token budget instead of
+    ``micro_batch_size`` samples (:meth:`TrainBatch.split`). ``old_logprobs``:
     "recompute" (the learner's own, before the update) or "rollout" (the engine's);
     ``correction`` ("none", "truncate",
     "mask"), ``correction_level`` and ``correction_threshold`` re-weight tokens by
@@ -83,6 +85,7 @@ class Learner:
                  clip_high: float = 0.2, kl_coef: float = 0.0, kl_estimator: str = "k3",
                  loss_agg: str = "token_mean", max_completion_length: int | None = None,
                  loss: str = "grpo", entropy_coef: float = 0.0, mask_truncated: bool = False,
+                 max_tokens_per_micro_batch: int | None = None,
                  old_logprobs: str = "recompute", correction: str = "none",
                  correction_level: str = "token", correction_threshold: float = 2.0,
                  seed: int = 0, prepare_model: Callable[[torch.nn.Module], Any] | None = None,
@@ -118,6 +121,7 @@ class Learner:
                                  entropy_coef=entropy_coef,
                                  max_completion_length=max_completion_length)
         self.mask_truncated = mask_truncated
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.old_logprobs = old_logprobs
         self.correction = dict(mode=correction, level=correction_level,
                                threshold=correction_threshold)
@@ -193,7 +197,7 @@ class Learner:
         each backward pass, so every rank must run as many as the busiest rank. Extra ones
         repeat the first micro-batch and carry zero weight.
         """
-        micro = batch.split(self.micro_batch_size)
+        micro = batch.split(self.micro_batch_size, self.max_tokens_per_micro_batch)
         count = int(self._all_reduce(torch.tensor([len(micro)]), "max")[0])
         out = [(mb, True) for mb in micro] + [(micro[0], False)] * (count - len(micro))
         if self.is_vlm and self.zero_stage == 3 and self.world_size > 1:
@@ -207,6 +211,15 @@ class Learner:
                                 "this batch mixes image and text-only micro-batches. Use "
                                 "zero_stage 2, or give every sample of a VLM batch an image.")
         return out
+
+    def _padding_share(self, micro: list[tuple[TrainBatch, bool]]) -> float:
+        """The share of the positions the forward passes ran that were padding (all ranks)."""
+        real = [mb for mb, is_real in micro if is_real]
+        counts = torch.tensor([sum(float(mb.attention_mask.sum()) for mb in real),
+                               sum(float(mb.attention_mask.numel()) for mb in real)],
+                              dtype=torch.float64)
+        tokens, positions = self._all_reduce(counts).tolist()
+        return 1.0 - tokens / positions if positions else 0.0
 
     def _all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """All-reduce a small CPU tensor of float64 (or int64) over the learner ranks."""
@@ -246,11 +259,11 @@ class Learner:
     def _run_no_grad(self, model, batch: TrainBatch, device: torch.device | None = None
                      ) -> torch.Tensor:
         device = device or self.device
-        parts = []
+        parts, T = [], batch.num_completion_tokens
         for mb, real in self._micro_batches(batch):
             lp = self._token_logprobs(model, mb.to(device)).float().to(self.device)
-            if real:
-                parts.append(lp)
+            if real:  # trimmed micro-batches: back to the batch's completion width
+                parts.append(torch.nn.functional.pad(lp, (0, T - lp.shape[1])))
         return torch.cat(parts)
 
     @torch.no_grad()
@@ -321,9 +334,15 @@ class Learner:
         recomputed = not given and self.old_logprobs == "recompute"
         ref = self.ref_logprobs(batch)  # also reported as "kl" when its coefficient is 0
         micro = self._micro_batches(batch)
-        # Reference log-probs per micro-batch; padding micro-batches repeat the first one.
-        refs = list(ref.split(self.micro_batch_size)) if ref is not None else [None]
-        refs += [refs[0]] * (len(micro) - len(refs))
+        # Reference log-probs per micro-batch (its rows, its trimmed completion width);
+        # padding micro-batches repeat the first one.
+        refs, start = [], 0
+        for mb, real in micro:
+            if ref is None or not real:
+                refs.append(refs[0] if refs else None)
+                continue
+            refs.append(ref[start:start + mb.size, :mb.num_completion_tokens])
+            start += mb.size
         shares = self._weights(micro)
         # sum |log pi_old - log pi_rollout| and tokens; pi_old is the same in every epoch, so
         # summing over epochs leaves the mean as it is
@@ -360,6 +379,7 @@ class Learner:
             # pi_old as the same function (old log-probs are computed without dropout too).
             self._optimizer_step(micro, shares, loss_of, summed, extremes, dropout=False)
         out = self._reduce_metrics(summed, extremes, ppo_epochs)
+        out["batch/padding_share"] = self._padding_share(micro)
         if recomputed and rollout is not None:
             total = self._all_reduce(mismatch)
             out["rollout_mismatch/logprob_abs_diff"] = (total[0] / total[1].clamp(min=1)).item()

@@ -90,7 +90,8 @@ def learner_kwargs(recipe: Recipe) -> dict:
     rc = alg.rollout_correction
     return dict(
         zero_stage=ln.zero_stage, offload_optimizer=ln.offload_optimizer,
-        micro_batch_size=ln.micro_batch_size, optimizer=ln.optimizer, lr=ln.lr,
+        micro_batch_size=ln.micro_batch_size,
+        max_tokens_per_micro_batch=ln.max_tokens_per_micro_batch, optimizer=ln.optimizer, lr=ln.lr,
         weight_decay=ln.weight_decay, betas=tuple(ln.betas), warmup_steps=ln.warmup_steps,
         total_steps=recipe.run.max_steps * alg.ppo_epochs, lr_schedule=ln.lr_schedule,
         min_lr_ratio=ln.min_lr_ratio, max_grad_norm=ln.max_grad_norm,

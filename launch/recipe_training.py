@@ -86,6 +86,9 @@ class LearnerConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     micro_batch_size: int = Field(4, ge=1)
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="micro-batches by a token budget (rows x longest prompt + "
+        "completion) instead of micro_batch_size samples")
     optimizer: Literal["adamw", "deepspeed_adam"] = "adamw"
     lr: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)

@@ -94,20 +94,29 @@ def _plain_torch_step(model_dir, samples, lr, max_grad_norm, pad_token_id, agg):
     return {k: v.detach() for k, v in model.named_parameters()}, float(norm), loss.item()
 
 
-@pytest.mark.parametrize("zero_stage,micro_batch_size,agg", [
-    (2, 1, "token_mean"), (3, 3, "token_mean"), (2, 2, "seq_mean"), (1, 2, "seq_sum_norm")])
-def test_micro_batches_give_the_update_of_one_big_batch(make_learner, tiny_qwen2,
-                                                        zero_stage, micro_batch_size, agg):
+@pytest.mark.parametrize("zero_stage,micro_batch_size,agg,max_tokens", [
+    (2, 1, "token_mean", None), (3, 3, "token_mean", None), (2, 2, "seq_mean", None),
+    (1, 2, "seq_sum_norm", None),
+    # token budgets: micro-batches of unequal row counts, each trimmed to its own widths
+    (2, 4, "token_mean", 40), (3, 4, "seq_mean", 30)])
+def test_micro_batches_give_the_update_of_one_big_batch(make_learner, tiny_qwen2, zero_stage,
+                                                        micro_batch_size, agg, max_tokens):
     # 5 samples of different lengths in micro-batches of 1 (ZeRO-2) or 3 + 2 (ZeRO-3) must
     # equal one AdamW step on the whole batch in plain PyTorch. Adam divides by sqrt(v), so
     # float rounding in the accumulated gradients shows up at ~1e-6 in the weights; the
     # tolerance 2e-5 is 20x below one lr-sized (1e-4) update.
     samples = make_samples(5)
     learner = make_learner(zero_stage=zero_stage, micro_batch_size=micro_batch_size, lr=1e-4,
-                           lr_schedule="constant", loss_agg=agg, max_completion_length=MAX_LEN)
+                           lr_schedule="constant", loss_agg=agg, max_completion_length=MAX_LEN,
+                           max_tokens_per_micro_batch=max_tokens)
     expected, norm, loss = _plain_torch_step(tiny_qwen2, samples, lr=1e-4, max_grad_norm=1.0,
                                              pad_token_id=learner.pad_token_id, agg=agg)
-    metrics = learner.train_step(learner.collate(samples))
+    batch = learner.collate(samples)
+    if max_tokens:
+        parts = batch.split(micro_batch_size, max_tokens)
+        assert len({mb.size for mb in parts}) > 1  # really a split by tokens, not by rows
+        assert all(mb.attention_mask.numel() <= max_tokens or mb.size == 1 for mb in parts)
+    metrics = learner.train_step(batch)
     assert metrics["loss"] == pytest.approx(loss, abs=1e-6)
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
     assert metrics["tokens"] == sum(len(s.completion_ids) for s in samples)

@@ -177,3 +177,26 @@ def test_learner_trains_with_a_variant_and_leaves_truncated_rows_out(make_learne
     kept = sum(len(s.completion_ids) for s in samples[:3])
     assert metrics["tokens"] == kept and math.isfinite(metrics["loss"])
     assert metrics["entropy"] > 0
+
+
+def test_token_budget_split_and_trim():
+    """Consecutive rows while rows x (longest prompt + longest completion) fits the budget;
+    each micro-batch keeps only its own widths, its log-prob columns unchanged."""
+    from medrl.align.batch import collate
+    from medrl.align.records import Sample
+
+    lengths = [(3, 2), (3, 2), (8, 6), (2, 1), (2, 1), (2, 1)]  # (prompt, completion)
+    samples = [Sample(uid=f"s{i}", group_id="g", prompt_ids=list(range(10, 10 + p)),
+                      completion_ids=list(range(50, 50 + c)), advantage=1.0,
+                      rollout_logprobs=[-0.1 * (j + 1) for j in range(c)])
+               for i, (p, c) in enumerate(lengths)]
+    batch = collate(samples, pad_token_id=0)
+    assert tuple(batch.input_ids.shape) == (6, 8 + 6)
+    parts = batch.split(micro_batch_size=99, max_tokens=15)
+    # [s0 s1]: 2 x 5 = 10; + s2 would be 3 x 14. [s2] alone (14). [s3 s4 s5]: 3 x 3 = 9.
+    assert [mb.size for mb in parts] == [2, 1, 3]
+    assert [tuple(mb.input_ids.shape) for mb in parts] == [(2, 5), (1, 14), (3, 3)]
+    assert torch.allclose(parts[0].rollout_logprobs, torch.tensor([[-0.1, -0.2]] * 2))
+    assert parts[2].input_ids.tolist() == [[10, 11, 50]] * 3
+    by_rows = batch.split(micro_batch_size=4)
+    assert [tuple(mb.input_ids.shape) for mb in by_rows] == [(4, 14), (2, 3)]
