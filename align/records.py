@@ -48,7 +48,7 @@ class Sample:
     policy_version: int = -1
 
     rewards: dict[str, float | None] = field(default_factory=dict)
-    reward_dims: dict[str, dict[str, float]] = field(default_factory=dict)
+    reward_dims: dict[str, dict[str, float | None]] = field(default_factory=dict)  # None: n/a
     token_weights: dict[str, list[float]] = field(default_factory=dict)
     reward_info: dict[str, Any] = field(default_factory=dict)
     reward: float | None = None

@@ -49,6 +49,7 @@ from medrl.rewards.runner import (FAILURES_FILE, RewardFailure, RewardRunner, Sc
 # Built-in rewards register themselves on import (no model is loaded by importing them).
 from medrl.rewards import classifier as _classifier  # noqa: E402,F401
 from medrl.rewards import rules as _rules  # noqa: E402,F401
+from medrl.rewards import rubric as _rubric  # noqa: E402,F401
 
 __all__ = [
     "BatchReward", "ENTRY_POINT_GROUP", "FAILURES_FILE", "LoadedReward", "RewardContext",

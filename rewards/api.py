@@ -66,14 +66,16 @@ class RewardResult:
     """What a reward says about one sample.
 
     score: the scalar reward, or None when the reward does not apply to this sample.
-    dims: named sub-scores (e.g. rubric tiers, a safety score), each a finite float.
+    dims: named sub-scores (e.g. rubric tiers, a safety score), each a finite float, or None
+        where that sub-score does not apply to this sample (left out of the dim's statistics,
+        counted in its ``not_applicable``; a veto reading it does not fire).
     token_weights: one weight per completion token (``len(sample.completion_ids)``); weights
         from several rewards multiply and scale the per-token policy objective.
     info: anything JSON-able for logging (kept in ``sample.reward_info[name]``).
     """
 
     score: float | None
-    dims: dict[str, float] | None = None
+    dims: dict[str, float | None] | None = None
     token_weights: list[float] | None = None
     info: dict[str, Any] | None = None
 

@@ -114,11 +114,11 @@ def check_result(raw: Any, sample: Sample) -> RewardResult | Failure:
         return Failure(f"returned a non-finite score ({raw.score!r}); a score is a finite "
                        "number, or None when the reward does not apply")
     dims = None
-    if raw.dims is not None:
+    if raw.dims is not None:  # a dim of None: that sub-score does not apply to this sample
         for key, value in raw.dims.items():
-            if not finite(value):
+            if value is not None and not finite(value):
                 return Failure(f"returned a non-finite value for dim {key!r} ({value!r})")
-        dims = {str(k): float(v) for k, v in raw.dims.items()}
+        dims = {str(k): None if v is None else float(v) for k, v in raw.dims.items()}
     weights = None
     if raw.token_weights is not None:
         n = len(sample.completion_ids)

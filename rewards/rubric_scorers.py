@@ -1,0 +1,134 @@
+"""Criterion scorers for the rubric reward: how much a response meets each rubric criterion.
+
+A scorer takes every (sample, criterion) pair of a batch at once and returns one verdict per
+pair: a float in [0, 1] (the degree to which the response does what the criterion says), or
+None when the criterion does not apply to that response. The rubric reward collects the
+pairs of the whole batch and calls :meth:`CriterionScorer.score` once, so a scorer batches
+its model calls across samples and criteria alike.
+
+Built in: ``reward_model``, a criterion-conditioned reward model, i.e. any local
+``AutoModelForSequenceClassification`` folder with a single label, read on the text of
+:func:`rm_input`; the verdict is the sigmoid of its logit. That text is also the input
+format the reward-model stage trains on, so keep the two in step through :func:`rm_input`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Protocol, Sequence
+
+from medrl.align.records import Sample, UserError
+
+# The scorers a recipe can name (``kwargs.scorer`` of the ``rubric`` reward).
+ScorerKind = Literal["reward_model"]
+
+
+class CriterionPair(NamedTuple):
+    """One response and one criterion of its rubric, to be scored together."""
+
+    sample: Sample
+    criterion: str
+
+
+class CriterionScorer(Protocol):
+    """``score(pairs) -> list[float | None]``: one verdict per pair, in order; each in
+    [0, 1], or None when the criterion does not apply to that response."""
+
+    def score(self, pairs: Sequence[CriterionPair]) -> list[float | None]: ...
+
+
+def instruction_text(messages: Sequence[dict[str, Any]]) -> str:
+    """The conversation a response answers, one ``"<role>: <text>"`` line per message.
+
+    Multimodal contents keep their text parts (images are not part of the reward model's
+    input).
+    """
+    lines = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(part.get("text", "") for part in content
+                               if isinstance(part, dict) and part.get("type") == "text")
+        lines.append(f"{message.get('role', 'user')}: {content or ''}")
+    return "\n".join(lines)
+
+
+def rm_input(instruction: str, criterion: str, response: str) -> str:
+    """The one text a criterion-conditioned reward model reads (and is trained on).
+
+    instruction: :func:`instruction_text` of the prompt's messages; criterion: the rubric
+    item as written; response: the completion. The three blocks come in this order so that,
+    when the text is too long, truncating from the left drops the oldest conversation turns
+    first and keeps the criterion and the response whole.
+    """
+    return f"Instruction:\n{instruction}\n\nCriterion:\n{criterion}\n\nResponse:\n{response}"
+
+
+class RewardModelScorer:
+    """A single-label sequence classifier: verdict = sigmoid(logit) of :func:`rm_input`.
+
+    model, tokenizer: loaded (see :meth:`load`). batch_size: pairs per forward pass.
+    max_length: longest input in tokens; longer inputs lose their left end.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int, max_length: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @classmethod
+    def load(cls, folder: Path, *, device: str, batch_size: int,
+             max_length: int) -> "RewardModelScorer":
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from medrl.align.models import ensure_pad_token
+
+        if not (folder / "config.json").is_file():
+            raise UserError(f"rubric reward: {folder} is not a Hugging Face model folder (no "
+                            "config.json); set kwargs.model to a local "
+                            "AutoModelForSequenceClassification folder.")
+        tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder), folder)
+        tokenizer.truncation_side = "left"  # see rm_input: keep the criterion and response
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=torch.float32).to(device).eval()
+        if model.config.num_labels != 1:
+            raise UserError(f"rubric reward: the model in {folder} has "
+                            f"{model.config.num_labels} labels; a criterion reward model has "
+                            "one (its sigmoid is the degree a criterion is met). Train it with "
+                            "num_labels=1.")
+        if model.config.pad_token_id is None:  # needed to find each row's last token
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, tokenizer, batch_size=batch_size, max_length=max_length)
+
+    def score(self, pairs: Sequence[CriterionPair]) -> list[float | None]:
+        import torch
+
+        instructions: dict[int, str] = {}  # one rendering per sample, shared by its criteria
+        texts = []
+        for pair in pairs:
+            key = id(pair.sample)
+            if key not in instructions:
+                instructions[key] = instruction_text(pair.sample.messages)
+            texts.append(rm_input(instructions[key], pair.criterion,
+                                  pair.sample.completion_text))
+        # Similar lengths share a forward pass (less padding); results go back in order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[float | None] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            enc = self.tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
+                                 truncation=True, max_length=self.max_length)
+            with torch.no_grad():
+                logits = self.model(**enc.to(self.model.device)).logits.float()  # [b, 1]
+            for i, v in zip(chunk, torch.sigmoid(logits[:, 0]).tolist()):
+                out[i] = v
+        return out
+
+
+def build_scorer(kind: ScorerKind, *, model: Path, device: str, batch_size: int,
+                 max_length: int) -> CriterionScorer:
+    """The scorer a recipe names, loaded on ``device`` (the one place kinds are resolved)."""
+    if kind == "reward_model":
+        return RewardModelScorer.load(model, device=device, batch_size=batch_size,
+                                      max_length=max_length)
+    raise UserError(f"rubric reward: unknown scorer {kind!r}; choose reward_model.")
