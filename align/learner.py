@@ -14,7 +14,8 @@ with several ranks, all of them call it, in the same order, each with its own sh
    PPO epoch one optimiser step is taken over the whole batch, in micro-batches whose losses
    are weighted so that the update equals one pass over the global batch (all ranks).
 4. ``state_dict_for_sync()`` streams the full weights (LoRA merged) bucket by bucket for the
-   rollout engines (weights out and in live in :mod:`medrl.align.learner_state`).
+   rollout engines (weights out and in live in :mod:`medrl.align.learner_state`);
+   ``adapter_for_sync()`` gives the LoRA adapter alone, for engines that serve adapters.
 5. ``save(dir)`` writes ``policy/`` (loads with ``from_pretrained``), ``learner/`` (DeepSpeed
    optimiser and schedule state, RNG) and ``adapter/`` with LoRA; to resume, build the learner
    from the *original* model folder (the reference model stays the starting policy) and call
@@ -466,6 +467,11 @@ class Learner:
                             ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """The full weights, bucket by bucket (:func:`learner_state.state_dict_for_sync`)."""
         return learner_state.state_dict_for_sync(self, bucket_mb)
+
+    def adapter_for_sync(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The LoRA adapter alone, ``(tensors, config)`` as a PEFT adapter folder holds them
+        (:func:`learner_state.adapter_for_sync`); collective under ZeRO-3."""
+        return learner_state.adapter_for_sync(self)
 
     def save(self, out_dir: str | Path) -> None:
         """Write ``policy/``, ``learner/`` and (LoRA) ``adapter/``; collective

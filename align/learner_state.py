@@ -177,3 +177,30 @@ def load(learner: Learner, out_dir: str | Path) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+
+
+def adapter_for_sync(learner: Learner) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The LoRA adapter alone, for engines that serve the base model with adapters.
+
+    Returns ``(tensors, config)``, the contents of a PEFT adapter folder: ``tensors`` as
+    PEFT writes ``adapter_model.safetensors`` (``base_model.model.<module>.lora_A.weight``
+    ``[r, in]`` and ``.lora_B.weight`` ``[out, r]``; CPU copies in the adapters' own dtype),
+    ``config`` as ``adapter_config.json`` (plain JSON values). The base model (the
+    learner's ``model_dir``) with this adapter is the policy. Collective under ZeRO-3: the
+    adapters' parameters are gathered; every rank returns the whole adapter.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    if not learner.lora:
+        raise UserError("adapter-only weight sync needs LoRA adapters (learner.lora), and "
+                        "this learner has none; set rollout.lora_sync: auto or merged.")
+    params = [p for name, p in learner.model.named_parameters() if "lora_" in name]
+    with gathered(learner, params), torch.no_grad():
+        state = get_peft_model_state_dict(learner.model)
+        tensors = {name: t.detach().to("cpu", copy=True) for name, t in state.items()}
+    config = learner.model.peft_config[learner.model.active_adapter].to_dict()
+    config["inference_mode"] = True  # as PEFT's save_pretrained writes it
+    # Sets (target_modules) become sorted lists, enums their values: what PEFT writes.
+    config = json.loads(json.dumps(
+        config, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+    return tensors, config

@@ -112,9 +112,12 @@ def learner_kwargs(recipe: Recipe) -> dict:
 
 
 def engine_kwargs(recipe: Recipe, policy_dir: Path) -> dict:
-    """The rollout engines' settings: the learner's dtype, and a context of
-    ``rollout.max_prompt_tokens + max_new_tokens`` capped by the model's positions."""
-    from medrl.align.models import context_length
+    """The rollout engines' settings: the learner's dtype, a context of
+    ``rollout.max_prompt_tokens + max_new_tokens`` capped by the model's positions, and
+    ``lora_rank`` when the engines serve LoRA adapters (``rollout.lora_sync``, resolved by
+    :func:`medrl.rollouts.worker.lora_sync_mode`; :func:`push_weights` follows the engines)."""
+    from medrl.align.models import context_length, is_vision_model
+    from medrl.rollouts.worker import lora_sync_mode
 
     r = recipe.rollout
     positions = context_length(policy_dir)
@@ -123,10 +126,19 @@ def engine_kwargs(recipe: Recipe, policy_dir: Path) -> dict:
                         f"{policy_dir} has only {positions} positions "
                         "(max_position_embeddings); lower max_new_tokens.")
     wanted = r.max_prompt_tokens + r.max_new_tokens
-    return {"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation,
-            "max_model_len": min(wanted, positions) if positions else wanted,
-            "kv_cache_memory_bytes": r.kv_cache_memory_mb * 2**20,
-            "num_threads": r.num_threads, "enforce_eager": r.enforce_eager}
+    kwargs = {"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation,
+              "max_model_len": min(wanted, positions) if positions else wanted,
+              "kv_cache_memory_bytes": r.kv_cache_memory_mb * 2**20,
+              "num_threads": r.num_threads, "enforce_eager": r.enforce_eager}
+    lora = recipe.learner.lora
+    mode, why = lora_sync_mode(r.lora_sync, backend=r.backend, lora_rank=lora.r if lora else None,
+                               vision=is_vision_model(policy_dir),
+                               on_gpu=recipe.cluster.rollout_gpus > 0)
+    if why:
+        note(why)
+    if mode == "adapter":
+        kwargs["lora_rank"] = lora.r
+    return kwargs
 
 
 def sampling_note(policy_dir: Path) -> str | None:
@@ -230,7 +242,14 @@ def policy_hook(learner, *, async_: bool) -> Callable[[list[Sample]], list[list[
 
 
 def push_weights(learner, rollouts, *, version: int) -> None:
-    """Learner -> object store (bucket by bucket) -> every rollout worker, in place."""
+    """Learner -> object store -> every rollout worker, in place: the LoRA adapter alone
+    when the engines serve adapters (``rollouts.serves_adapters``), else the full weights
+    bucket by bucket (LoRA merged)."""
+    import ray
+
+    if rollouts.serves_adapters:
+        rollouts.update_adapter_from_ref(ray.put(learner.adapter_for_sync()), version)
+        return
     rollouts.update_weights_from_refs(list(learner.sync_buckets()), version)
 
 

@@ -108,6 +108,13 @@ class LearnerWorker:
         self.history.append("sync")
         return sum(1 for _ in self.learner.state_dict_for_sync(bucket_mb=bucket_mb))
 
+    def adapter_for_sync(self):
+        """Rank 0: the LoRA adapter ``(tensors, config)``; other ranks take part in the
+        gathers (ZeRO-3) and return None (see ``Learner.adapter_for_sync``)."""
+        self.history.append("sync")
+        adapter = self.learner.adapter_for_sync()
+        return adapter if self.rank == 0 else None
+
     def fingerprint(self) -> str:
         """SHA-256 of this rank's view of the full weights (collective under ZeRO-3)."""
         self.history.append("fingerprint")
@@ -230,6 +237,12 @@ class LearnerGroup:
             yield from self.workers[0].sync_buckets.options(
                 num_returns="streaming").remote(bucket_mb)
             ray.get(others)
+
+    def adapter_for_sync(self) -> tuple[dict, dict]:
+        """The LoRA adapter alone, ``(tensors, config)`` (``Learner.adapter_for_sync``), from
+        rank 0; every rank takes part."""
+        with self._serial:
+            return ray.get([w.adapter_for_sync.remote() for w in self.workers])[0]
 
     def call_histories(self) -> list[list[str]]:
         """Each rank's collective calls in order (see ``LearnerWorker.call_history``)."""

@@ -139,6 +139,18 @@ class RolloutConfig(Section):
     num_threads: int | None = Field(None, ge=1)
     enforce_eager: bool = Field(False, description="vLLM: skip graph compilation (start-up in "
                                 "seconds instead of ~30 s on CPU; slower generation)")
+    lora_sync: Literal["auto", "adapter", "merged"] = Field(
+        "auto", description="with learner.lora: adapter (vLLM serves the base model with LoRA "
+        "and each push is the adapter alone), merged (each push is the full weights, adapters "
+        "merged), auto (adapter with vLLM on GPU rollout workers and a text model, else merged)")
+
+    @model_validator(mode="after")
+    def _adapters_need_vllm(self) -> "RolloutConfig":
+        if self.lora_sync == "adapter" and self.backend != "vllm":
+            raise ValueError(f"rollout.lora_sync: adapter needs rollout.backend: vllm (the "
+                             f"{self.backend} engine loads full weights only); set lora_sync: "
+                             "merged or auto")
+        return self
 
 
 class RewardSpec(Section):

@@ -11,12 +11,24 @@ Log-probs: the engine is created with ``logprobs_mode="processed_logprobs"``, so
 log-prob vLLM returns for a sampled token is ``log_softmax`` of the logits after temperature
 and top-k / top-p (the conventions of :mod:`medrl.rollouts.engine`). ``score`` uses prompt
 log-probs, which vLLM computes from the raw logits (temperature 1).
+
+LoRA adapters (``lora_rank`` set): vLLM serves the base model with LoRA enabled, and each
+push is the adapter alone (:meth:`VLLMEngine.update_adapter`). vLLM takes an adapter only as a
+folder (``LoRARequest.lora_path`` must be set; its worker reads it with
+``LoRAModel.from_local_checkpoint``), so each version is written as a PEFT folder into this
+engine's own temporary folder, loaded under a fresh id, and the previous one is removed from
+vLLM and from disk. Every ``generate`` and ``score`` request carries the current adapter.
+Full weights cannot be reloaded into such an engine: its LoRA-wrapped layers keep their
+start-up weights under ``reload_weights``.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +36,40 @@ from typing import Any
 from medrl.align.models import is_vision_model, load_tokenizer, resolve_dtype
 from medrl.align.records import Sample, UserError
 from medrl.align.encode import encode_batch, end_of_turn_id, render, text_tokenizer
-from medrl.rollouts.engine import (SamplingParams, check_context, check_weight_names,
-                                   finished_sample)
+from medrl.rollouts.engine import (SamplingParams, WeightSyncError, check_context,
+                                   check_weight_names, finished_sample)
+
+# The ranks vLLM can size its LoRA slots for (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as ``max_lora_rank`` that holds adapters of ``rank``."""
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if rank < 1 or not fits:
+        raise UserError(f"learner.lora.r is {rank}, but vLLM serves LoRA adapters of rank 1 to "
+                        f"{VLLM_LORA_RANKS[-1]} only; set rollout.lora_sync: merged (full "
+                        "weights, adapters merged) or a smaller learner.lora.r.")
+    return fits[0]
+
+
+def write_adapter_folder(tensors: dict[str, Any], config: dict[str, Any], parent: Path,
+                         name: str) -> Path:
+    """Write a PEFT adapter folder ``parent/name`` (``adapter_model.safetensors`` +
+    ``adapter_config.json``) atomically: it is filled under a hidden name and renamed into
+    place, so a reader never sees half of it. ``tensors``: PEFT names -> CPU tensors."""
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()},
+                  str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+        os.replace(tmp, parent / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return parent / name
 
 
 class WeightSyncExtension:
@@ -67,13 +111,16 @@ class VLLMEngine:
     (vLLM makes later ``torch.set_num_threads`` calls no-ops in this process).
     ``enforce_eager=True`` skips graph compilation: start-up drops from ~20 s to a few
     seconds on CPU, at some cost in generation speed (right for tests and tiny models).
+    ``lora_rank``: serve LoRA adapters of up to this rank on the base model in ``model_dir``
+    (pushed with :meth:`update_adapter`); None: full-weight pushes only.
     """
 
     supports_sleep = False  # vLLM's sleep mode is GPU-only; see sleep()
 
     def __init__(self, model_dir: str | Path, *, dtype: Any = "float32", seed: int = 0,
                  kv_cache_memory_bytes: int = 256 * 2**20, max_model_len: int = 2048,
-                 num_threads: int | None = None, enforce_eager: bool = False):
+                 num_threads: int | None = None, enforce_eager: bool = False,
+                 lora_rank: int | None = None):
         self.model_dir = Path(model_dir)
         if is_vision_model(self.model_dir):
             try:
@@ -109,6 +156,21 @@ class VLLMEngine:
         self._pending: list[list[tuple[str, Any]]] = []  # buckets of an unfinished update
         from vllm.platforms import current_platform
 
+        self.serves_adapters = lora_rank is not None
+        self._adapter = None  # the vllm LoRARequest of the adapter in use (None: the base)
+        self._adapter_ids = itertools.count(1)
+        lora = {}
+        if self.serves_adapters:
+            try:
+                current_platform.get_punica_wrapper()  # vLLM's LoRA kernels for this device
+            except NotImplementedError as err:
+                raise UserError(f"vLLM has no LoRA kernels for this platform "
+                                f"({type(current_platform).__name__}); set rollout.lora_sync: "
+                                "merged to push full weights with the adapters merged.") from err
+            lora = dict(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
+            self._adapter_root = tempfile.TemporaryDirectory(prefix="medrl-lora-")
+        # where this engine writes the adapter folders (None without LoRA)
+        self.adapter_dir = Path(self._adapter_root.name) if self.serves_adapters else None
         scheduling = {}
         if current_platform.is_cpu():
             # A chunked prefill (a step's token budget ending inside a prompt) rewinds the
@@ -116,15 +178,23 @@ class VLLMEngine:
             # would crash with "CPU Generator does not use offset". Whole prompts per step.
             scheduling = dict(enable_chunked_prefill=False,
                               max_num_batched_tokens=max(max_model_len, 4096))
-        self.llm = LLM(
-            model=str(self.model_dir), tokenizer=str(self.model_dir),
-            dtype=str(resolve_dtype(dtype, on_gpu=not current_platform.is_cpu())).replace(
-                "torch.", ""),
-            seed=seed, max_model_len=max_model_len,
-            kv_cache_memory_bytes=int(kv_cache_memory_bytes),
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=f"{__name__}.WeightSyncExtension",
-            enable_prefix_caching=True, enforce_eager=enforce_eager, **scheduling)
+        try:
+            self.llm = LLM(
+                model=str(self.model_dir), tokenizer=str(self.model_dir),
+                dtype=str(resolve_dtype(dtype, on_gpu=not current_platform.is_cpu())).replace(
+                    "torch.", ""),
+                seed=seed, max_model_len=max_model_len,
+                kv_cache_memory_bytes=int(kv_cache_memory_bytes),
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls=f"{__name__}.WeightSyncExtension",
+                enable_prefix_caching=True, enforce_eager=enforce_eager, **lora, **scheduling)
+        except ValueError as err:
+            if not self.serves_adapters:
+                raise
+            # e.g. "<Model> does not support LoRA yet.": vLLM's own words, no data in them
+            raise UserError(f"vLLM could not serve LoRA adapters on the model in "
+                            f"{self.model_dir} ({err}); set rollout.lora_sync: merged to push "
+                            "full weights with the adapters merged.") from err
 
     # -- generation ---------------------------------------------------------------------
 
@@ -167,7 +237,8 @@ class VLLMEngine:
                 params.append(self._vllm_sampling(sampling.replace(n=per_request),
                                                   base + j * sampling.n + c))
                 owners.append((j, c))
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, lora_request=self._adapter,
+                                    use_tqdm=False)
 
         samples = []
         for (j, first), request in zip(owners, outputs):
@@ -198,7 +269,8 @@ class VLLMEngine:
         params = self._vllm_sampling(SamplingParams(max_new_tokens=1), self.seed,
                                      prompt_logprobs=0).clone()
         params.logprobs = None
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, lora_request=self._adapter,
+                                    use_tqdm=False)
         out = []
         for sample, request in zip(samples, outputs):
             start = len(sample.prompt_ids)
@@ -216,6 +288,12 @@ class VLLMEngine:
         The buckets are held by reference (in this process, no copy) until the last one,
         because vLLM must see every weight of a fused layer in one reload.
         """
+        if self.serves_adapters:
+            raise WeightSyncError("this vLLM engine serves LoRA adapters on its start-up base "
+                                  "weights, and vLLM cannot reload full weights into its "
+                                  "LoRA-wrapped layers; push the adapter (update_adapter), or "
+                                  "start the engine without lora_rank (rollout.lora_sync: "
+                                  "merged).")
         bucket = list(named_tensors)
         check_weight_names((n for n, _ in bucket), self.known_names, "vLLM rollout engine")
         self._pending.append(bucket)
@@ -229,6 +307,46 @@ class VLLMEngine:
             self.llm.llm_engine.reset_encoder_cache()
         self.policy_version = version
 
+    def update_adapter(self, tensors: dict[str, Any], config: dict[str, Any],
+                       version: int) -> None:
+        """Serve a new LoRA adapter on the base model; the previous one is dropped.
+
+        ``tensors`` / ``config``: a PEFT adapter's ``adapter_model.safetensors`` contents
+        (names -> tensors) and ``adapter_config.json`` (a dict), as
+        ``Learner.adapter_for_sync`` returns them. The adapter is loaded now (a bad one fails
+        here, not in the next ``generate``) under a fresh id; once it is in use, the old one
+        is removed from vLLM and its folder deleted, so memory and disk hold one adapter.
+        """
+        from vllm.lora.request import LoRARequest
+
+        if not self.serves_adapters:
+            raise WeightSyncError("this vLLM engine was started without LoRA (no lora_rank), "
+                                  "so it cannot take an adapter; push full weights with the "
+                                  "adapters merged (update_weights).")
+        adapter_id = next(self._adapter_ids)
+        name = f"policy-v{version}-{adapter_id}"
+        folder = write_adapter_folder(tensors, config, self.adapter_dir, name)
+        request = LoRARequest(name, adapter_id, str(folder))
+        try:
+            self.llm.llm_engine.add_lora(request)
+        except (ValueError, RuntimeError) as err:  # rank too large, modules vLLM cannot wrap
+            shutil.rmtree(folder, ignore_errors=True)
+            raise WeightSyncError(
+                f"vLLM refused the LoRA adapter of policy version {version}: {err}. Set "
+                "rollout.lora_sync: merged to push full weights with the adapters merged."
+            ) from err
+        previous, self._adapter = self._adapter, request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)  # may be evicted already
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        # Cached KV is keyed by adapter too; dropping it frees the blocks of the old one.
+        self.llm.reset_prefix_cache()
+        self.policy_version = version
+
+    def loaded_adapters(self) -> set[int]:
+        """The ids of the adapters vLLM holds (one at most once a push has been made)."""
+        return set(self.llm.llm_engine.list_loras()) if self.serves_adapters else set()
+
     def sleep(self) -> None:
         """Not supported on CPU (vLLM's sleep mode needs CUDA): a no-op."""
 
@@ -241,3 +359,5 @@ class VLLMEngine:
         if engine is not None and hasattr(engine, "engine_core"):
             engine.engine_core.shutdown()
         del self.llm
+        if self.serves_adapters:
+            self._adapter_root.cleanup()

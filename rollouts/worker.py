@@ -4,9 +4,10 @@
 :class:`RolloutGroup` turns it into actors with ``ray.remote`` at call time and:
 
 - spreads prompts over the workers, each prompt's whole GRPO group on one worker;
-- pushes weights through the Ray object store: the caller ``ray.put``s each bucket and
-  passes the refs; the refs travel wrapped in a list so Ray hands them to the worker
-  unresolved, and each worker fetches the buckets itself;
+- pushes weights through the Ray object store: the caller ``ray.put``s each bucket (or, when
+  the engines serve LoRA adapters, the adapter alone) and passes the refs; the refs travel
+  wrapped in a list so Ray hands them to the worker unresolved, and each worker fetches them
+  itself;
 - survives a worker restart: Ray restarts a dead actor (``max_restarts``) with its start-up
   weights, so the group remembers the refs of the last push, re-pushes them to a worker that
   came back, and retries that worker's batch once. A result tagged with an older policy
@@ -17,10 +18,61 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from medrl.align.records import Sample, UserError
 from medrl.rollouts.engine import RolloutEngine, SamplingParams, WeightSyncError, verify_sync
+from medrl.rollouts.vllm_engine import VLLM_LORA_RANKS  # a constant: vLLM is imported lazily
+
+LoraSync = Literal["auto", "adapter", "merged"]
+
+
+def lora_sync_mode(requested: LoraSync, *, backend: str, lora_rank: int | None,
+                   vision: bool, on_gpu: bool) -> tuple[Literal["adapter", "merged"], str | None]:
+    """How a run's weight pushes reach the engines (``rollout.lora_sync``), decided once.
+
+    ``lora_rank``: ``learner.lora.r`` (None without LoRA); ``vision``: the policy is a
+    vision-language model; ``on_gpu``: the rollout workers have GPUs. "adapter": the engines
+    serve the base model with LoRA and each push is the adapter alone; "merged": each push
+    is the full weights with the adapters merged. "auto" is "adapter" where it can be used
+    (vLLM, a text model, rank <= 512) and pays: on GPUs. On CPUs vLLM's LoRA kernels make
+    every generate call over twice as slow, far more than a merged push costs
+    (BENCHMARKS.md, section 1b), so there "auto" is "merged" and "adapter" must be asked for.
+    Returns ``(mode, note)``: the note says why "auto" chose "merged" for a LoRA policy.
+    Raises :class:`UserError` when "adapter" is asked for where it cannot be used.
+    """
+    if lora_rank is None:
+        if requested == "adapter":
+            raise UserError("rollout.lora_sync: adapter pushes LoRA adapters to the engines, "
+                            "but the learner has none (learner.lora is unset); set "
+                            "learner.lora, or rollout.lora_sync: auto.")
+        return "merged", None  # no adapters: the full weights are the policy
+    if requested == "merged":
+        return "merged", None
+    reasons = []
+    if backend != "vllm":
+        reasons.append(f"the {backend} engine loads full weights only")
+    if vision:
+        reasons.append("adapters are served for text models only (a vision-language "
+                       "model's adapters are not checked against vLLM's vision layers)")
+    if lora_rank > VLLM_LORA_RANKS[-1]:
+        reasons.append(f"vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]} and "
+                       f"learner.lora.r is {lora_rank}")
+    if not reasons and (on_gpu or requested == "adapter"):
+        return "adapter", None
+    if not reasons:  # auto on CPU engines
+        return "merged", ("rollout.lora_sync: auto pushes full weights with the LoRA adapters "
+                          "merged, since the rollout workers have no GPU (cluster.rollout_gpus: "
+                          "0) and vLLM's CPU LoRA kernels slow generation more than an "
+                          "adapter-only push saves; set rollout.lora_sync: adapter to push "
+                          "adapters anyway.")
+    if requested == "adapter":
+        raise UserError(f"rollout.lora_sync: adapter cannot be used here: {'; '.join(reasons)}. "
+                        "Set rollout.lora_sync: merged (or auto) to push full weights with the "
+                        "adapters merged.")
+    return "merged", (f"rollout.lora_sync: auto pushes full weights with the LoRA adapters "
+                      f"merged, since {'; '.join(reasons)}.")
 
 
 def create_engine(backend: str, model_dir: str, **engine_kwargs: Any) -> RolloutEngine:
@@ -31,6 +83,9 @@ def create_engine(backend: str, model_dir: str, **engine_kwargs: Any) -> Rollout
 
         engine_kwargs.pop("kv_cache_memory_bytes", None)  # vLLM-only settings
         engine_kwargs.pop("enforce_eager", None)
+        if engine_kwargs.pop("lora_rank", None) is not None:
+            raise UserError("rollout.backend: hf loads full weights only; LoRA adapters are "
+                            "served by vLLM (rollout.lora_sync: merged for the hf engine).")
         return HFEngine(model_dir, **engine_kwargs)
     if backend == "vllm":
         from medrl.rollouts.vllm_engine import VLLMEngine
@@ -71,6 +126,22 @@ class RolloutWorker:
             self.engine.update_weights(bucket, version, last_bucket=i == len(bucket_refs) - 1)
         return self.engine.policy_version
 
+    def serves_adapters(self) -> bool:
+        """Whether the engine takes LoRA adapters (:meth:`update_adapter`) instead of full
+        weights (engines without the attribute take full weights)."""
+        return bool(getattr(self.engine, "serves_adapters", False))
+
+    def update_adapter(self, adapter_ref: list[Any], version: int) -> int:
+        """Fetch a LoRA adapter ``(tensors, config)`` (``Learner.adapter_for_sync``) from the
+        object store and serve it. ``adapter_ref``: one ``ObjectRef`` in a list (or, without
+        Ray, the adapter itself). Returns the new policy version."""
+        import ray
+
+        ref = adapter_ref[0]
+        tensors, config = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        self.engine.update_adapter(tensors, config, version)
+        return self.engine.policy_version
+
     def score(self, samples: list[Sample]) -> tuple[int, list[list[float]]]:
         """``(policy version, log-probs)``: scores of a worker that restarted since the last
         push (start-up weights) must be told apart from a real sync failure."""
@@ -86,6 +157,22 @@ def split_prompts(prompts: Sequence[Sample], parts: int) -> list[list[Sample]]:
         chunks.append(list(prompts[start:end]))
         start = end
     return chunks
+
+
+@dataclass(frozen=True)
+class _Push:
+    """One weight push, kept to re-push to a worker that restarted with its start-up weights.
+
+    ``refs``: the refs of the full weights' buckets, or the one ref of a LoRA adapter."""
+
+    refs: tuple[Any, ...]
+    version: int
+    adapter: bool
+
+    def submit(self, worker) -> Any:
+        if self.adapter:
+            return worker.update_adapter.remote(list(self.refs), self.version)
+        return worker.update_weights.remote(list(self.refs), self.version)
 
 
 class RolloutGroup:
@@ -130,12 +217,15 @@ class RolloutGroup:
                 kwargs = dict(engine_kwargs, seed=engine_kwargs.get("seed", 0) + 1_000_003 * i)
                 self.workers.append(actor.remote(backend, str(model_dir), kwargs))
             ray.get([w.ready.remote() for w in self.workers])
+            # The engines say what they take: a LoRA adapter, or full weights (all alike).
+            self.serves_adapters = all(ray.get([w.serves_adapters.remote()
+                                                for w in self.workers]))
         except BaseException:
             self.shutdown()
             raise
         self.restart_timeout_s = restart_timeout_s
         self.policy_version = 0
-        self._last_push: tuple[list[Any], int] | None = None  # (bucket refs, version)
+        self._last_push: _Push | None = None
         self.restarts_handled = 0
 
     # -- recovery -----------------------------------------------------------------------
@@ -167,9 +257,8 @@ class RolloutGroup:
         import ray
 
         version = self._wait_alive(worker)
-        if self._last_push is not None and version != self._last_push[1]:
-            refs, pushed = self._last_push
-            ray.get(worker.update_weights.remote(list(refs), pushed))
+        if self._last_push is not None and version != self._last_push.version:
+            ray.get(self._last_push.submit(worker))
         self.restarts_handled += 1
 
     def _call_all(self, submit: Callable[[Any, int], Any],
@@ -224,11 +313,22 @@ class RolloutGroup:
     def update_weights_from_refs(self, bucket_refs: Sequence[Any], version: int) -> None:
         """Push weights that the caller put in the object store (one ref per bucket of
         ``(name, tensor)`` pairs) to every worker; remembered for re-pushes."""
-        refs = list(bucket_refs)
-        self._last_push = (refs, version)
-        self.policy_version = version
-        self._call_all(lambda worker, i: worker.update_weights.remote(list(refs), version),
-                       lambda result: result == version)
+        self._push(_Push(tuple(bucket_refs), version, adapter=False))
+
+    def update_adapter_from_ref(self, adapter_ref: Any, version: int) -> None:
+        """Push a LoRA adapter ``(tensors, config)`` that the caller put in the object store
+        (``adapter_ref``, from ``Learner.adapter_for_sync``) to every worker; remembered for
+        re-pushes. Only for a group whose engines serve adapters (:attr:`serves_adapters`)."""
+        if not self.serves_adapters:
+            raise WeightSyncError("this group's engines take full weights, not LoRA adapters; "
+                                  "push with update_weights_from_refs.")
+        self._push(_Push((adapter_ref,), version, adapter=True))
+
+    def _push(self, push: _Push) -> None:
+        self._last_push = push
+        self.policy_version = push.version
+        self._call_all(lambda worker, i: push.submit(worker),
+                       lambda result: result == push.version)
 
     def update_weights_nccl(self, *args: Any, **kwargs: Any) -> None:
         """Seam for the GPU path: broadcast weights from learner rank 0 to the engines over
