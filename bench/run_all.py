@@ -24,13 +24,21 @@ BUDGET_S = 15 * 60
 # (name, module, extra arguments): run in this order.
 BENCHMARKS: list[tuple[str, str, list[str]]] = [
     ("rollouts", "bench.bench_rollouts", []),
+    # LoRA weight push: the adapter alone vs the merged full model (bytes, seconds)
+    ("lora_sync", "bench.bench_lora_sync", []),
     ("learner", "bench.bench_learner", []),
+    # loss variants vs GRPO; token-budget vs fixed micro-batches on unequal lengths
+    ("variants", "bench.bench_variants", []),
     ("qat", "bench.bench_qat", []),  # fake-quantised (HiF8 / E4M3) step vs full precision; quantiser alone
     # medrl's driver vs TRL's GRPOTrainer and the raw loop (interleaved in its process); scaling; memory
     ("e2e", "bench.bench_e2e", []),
 ]
-# Only with --only: TRL vs raw alone (bench_e2e measures the same pair in its run).
-EXTRA: list[tuple[str, str, list[str]]] = [("trl", "bench.bench_trl", [])]
+# Only with --only: TRL vs raw alone (bench_e2e measures the same pair in its run), and
+# the long memory benchmark.
+# hf_memory: peak memory of HF generation, generate's stored output_scores vs HFEngine's drawn
+# log-probs (about 13 minutes on a 2-core machine: over the suite's budget on its own).
+EXTRA: list[tuple[str, str, list[str]]] = [("trl", "bench.bench_trl", []),
+                                           ("hf_memory", "bench.bench_hf_memory", [])]
 
 
 def main() -> None:
