@@ -31,8 +31,7 @@ import statistics
 
 from bench.common import (base_parser, build_model, count_parameters, current_rss_mb,
                           finish_args, interleave, load_prompts, paired_ratio, peak_rss_mb,
-                          peak_rss_per_contender, reset_peak_rss, save_result, start_run,
-                          table)
+                          peak_rss_per_contender, save_result, start_run, table)
 
 MODULE = "bench.bench_hf_memory"
 SEED = 0  # every call of both contenders draws under this seed: the same work each time
@@ -41,6 +40,18 @@ CONTENDERS = {
     "engine": "HFEngine.generate (drawn log-probs, one step's scores held)",
 }
 MIB = 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Set this process's peak RSS (``VmHWM``) back to its current RSS, so that a later
+    :func:`peak_rss_mb` measures only what follows (writes ``5`` to /proc/self/clear_refs,
+    Linux >= 4.0). Returns False where the kernel refuses: the peak then includes the past."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def parse_args():

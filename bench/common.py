@@ -495,15 +495,3 @@ def start_run(args) -> tuple[float, dict, Path]:
 
     torch.set_num_threads(args.threads)
     return started, machine, build_model(args.size)
-
-
-def reset_peak_rss() -> bool:
-    """Set this process's peak RSS (``VmHWM``) back to its current RSS, so that a later
-    :func:`peak_rss_mb` measures only what follows (writes ``5`` to /proc/self/clear_refs,
-    Linux >= 4.0). Returns False where the kernel refuses: the peak then includes the past."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True

@@ -24,8 +24,7 @@ from medrl.align.models import (is_vision_model, load_model, load_tokenizer, res
 from medrl.align.records import Sample
 from medrl.align.encode import EncodedBatch, encode_batch, end_of_turn_id, text_tokenizer
 from medrl.rollouts.engine import (SamplingParams, WeightSyncError, check_context,
-                                   check_weight_names, finished_sample,
-                                   ignored_generation_defaults)
+                                   check_weight_names, finished_sample)
 
 
 class _FinishTracker:
@@ -158,8 +157,8 @@ class HFEngine:
         self.eos_ids = {int(e) for e in eos} | {end_of_turn_id(self.processor)}
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else min(self.eos_ids))
-        # The model's sampling defaults would otherwise fill every field a call leaves unset.
-        self.ignored_defaults = ignored_generation_defaults(self.model_dir)
+        # The model's sampling defaults would otherwise fill every field a call leaves unset
+        # (the driver notes them: medrl.launch.driver.sampling_note).
         from transformers import GenerationConfig
 
         self.model.generation_config = GenerationConfig(

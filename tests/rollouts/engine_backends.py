@@ -25,3 +25,19 @@ def make_engine(backend: str, model_dir, *, seed: int = 0):
 
     return VLLMEngine(model_dir, seed=seed, kv_cache_memory_bytes=32 * 2**20,
                       max_model_len=512, num_threads=2, enforce_eager=True)
+
+
+def eager_token_weights(model, token: int) -> list:
+    """``model``'s weights, changed so that ``token`` is likely at every step: the final norm
+    keeps one hidden dimension, and the (tied) embedding of ``token`` is large along it, so
+    ``token`` wins whenever that normalised activation is positive (about half the steps).
+    Returns ``[(name, tensor)]`` as ``update_weights`` takes them."""
+    import torch
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    norm = torch.zeros_like(state["model.norm.weight"])
+    norm[0] = 50.0
+    state["model.norm.weight"] = norm
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name][token, 0] = 5.0
+    return list(state.items())

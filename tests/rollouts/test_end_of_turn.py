@@ -13,8 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from engine_backends import BACKENDS, make_engine
+from engine_backends import BACKENDS, eager_token_weights, make_engine
 
 from medrl.align.encode import end_of_turn_id
 from medrl.align.models import load_model, load_tokenizer
@@ -85,26 +84,13 @@ def test_neither_an_end_token_nor_an_eos_is_a_clear_error(tiny_qwen2, tmp_path):
 
 # -- both engines stop at it ----------------------------------------------------------------
 
-def eager_end_of_turn_weights(model_dir: Path, token: int) -> list[tuple[str, torch.Tensor]]:
-    """Weights under which ``token`` is likely at every step: the final norm keeps one hidden
-    dimension, and the (tied) embedding of ``token`` is large along it, so ``token`` wins
-    whenever that normalised activation is positive (about half the steps)."""
-    state = {k: v.clone() for k, v in load_model(model_dir).state_dict().items()}
-    norm = torch.zeros_like(state["model.norm.weight"])
-    norm[0] = 50.0
-    state["model.norm.weight"] = norm
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        state[name][token, 0] = 5.0
-    return list(state.items())
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rollouts_stop_at_the_end_of_turn(backend, base_model):
     engine = make_engine(backend, base_model)
     try:
         im_end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
         assert engine.tokenizer.eos_token_id != im_end
-        engine.update_weights(eager_end_of_turn_weights(base_model, im_end), 1)
+        engine.update_weights(eager_token_weights(load_model(base_model), im_end), 1)
         out = engine.generate([prompt(0), prompt(1)], SamplingParams(
             n=4, max_new_tokens=24, min_new_tokens=2, seed=4))
         ended = [s for s in out if s.completion_ids[-1] == im_end]

@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 import torch
-from engine_backends import BACKENDS, HAS_VLLM, make_engine
+from engine_backends import BACKENDS, HAS_VLLM, eager_token_weights, make_engine
 
 from medrl.align.models import load_model, load_tokenizer
 from medrl.align.records import Sample, UserError
@@ -168,17 +168,8 @@ def test_stop_strings(engine, tokenizer):
 
 @pytest.fixture(scope="module")
 def eager_eos_weights(reference, tokenizer):
-    """Weights under which eos is likely at every step: the final norm keeps one hidden
-    dimension, and the (tied) eos embedding is large along it, so eos wins whenever that
-    normalised activation is positive (about half the steps)."""
-    state = {k: v.clone() for k, v in reference.state_dict().items()}
-    eos = tokenizer.eos_token_id
-    norm = torch.zeros_like(state["model.norm.weight"])
-    norm[0] = 50.0
-    state["model.norm.weight"] = norm
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        state[name][eos, 0] = 5.0
-    return list(state.items())
+    """Weights under which eos is likely at every step (:func:`eager_token_weights`)."""
+    return eager_token_weights(reference, tokenizer.eos_token_id)
 
 
 def test_eos_ends_completion_and_min_tokens_hold_it_back(engine, reference, tokenizer,
