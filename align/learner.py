@@ -39,11 +39,10 @@ from medrl.align import learner_state
 from medrl.align.batch import TrainBatch, collate
 from medrl.align.distributed import (LRSchedule, deepspeed_config, free_port, init_distributed,
                                      partitioned_loading)
-from medrl.align.logprobs import Scorer
-from medrl.align.models import is_vision_model, load_model, load_tokenizer, resolve_dtype
+from medrl.align.logprobs import Scorer, ValueScorer
+from medrl.align.models import Head, is_vision_model, load_model, load_tokenizer, resolve_dtype
 from medrl.align.records import Sample, UserError
 from medrl.align.reference import Reference, load_reference
-
 
 
 class Learner:
@@ -71,6 +70,8 @@ class Learner:
     share a prompt run it once (:func:`medrl.align.logprobs.token_logprobs`).
     ``zero3_param_persistence_threshold``: under ZeRO-3, parameters smaller than this stay
     whole on every rank (None: DeepSpeed's default; 0: every parameter is partitioned).
+    ``head``: "lm" (a policy, scored per token) or "value" (a reward model, one value per
+    row: ``logprobs`` and the loss functions of ``train_step_with`` then see [B] values).
     """
 
     def __init__(self, model_dir: str | Path, *, zero_stage: int = 2,
@@ -90,7 +91,7 @@ class Learner:
                  old_logprobs: str = "recompute", correction: str = "none",
                  correction_level: str = "token", correction_threshold: float = 2.0,
                  seed: int = 0, prepare_model: Callable[[torch.nn.Module], Any] | None = None,
-                 zero3_param_persistence_threshold: int | None = None):
+                 zero3_param_persistence_threshold: int | None = None, head: Head = "lm"):
         import deepspeed
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
@@ -144,6 +145,9 @@ class Learner:
             lr=lr, betas=betas, weight_decay=weight_decay,
             zero3_param_persistence_threshold=zero3_param_persistence_threshold)
 
+        if head == "value" and reference is not Reference.NONE:
+            raise UserError("a reward model (a value head) trains without a reference model; "
+                            "set learner.ref_model: none.")
         if reference is Reference.ADAPTERS and not self.lora:
             raise UserError("the reference 'adapters' needs LoRA (learner.lora).")
         self.reference = reference
@@ -155,7 +159,7 @@ class Learner:
             attn_implementation=attn_implementation)
         with partitioned_loading(self.ds_config, zero_stage):
             model = load_model(self.model_dir, dtype=self.dtype,
-                               attn_implementation=attn_implementation)
+                               attn_implementation=attn_implementation, head=head)
         if prepare_model is not None:  # e.g. fake quantisation: before PEFT and DeepSpeed wrap it
             prepare_model(model)
         if gradient_checkpointing:
@@ -171,7 +175,9 @@ class Learner:
                 r=int(self.lora.get("r", 8)), lora_alpha=float(self.lora.get("alpha", 16.0)),
                 lora_dropout=float(self.lora.get("dropout", 0.0)),
                 target_modules=list(self.lora.get("target_modules",
-                                                  ["q_proj", "k_proj", "v_proj", "o_proj"]))))
+                                                  ["q_proj", "k_proj", "v_proj", "o_proj"])),
+                # a reward model's new head trains in full beside the adapters
+                modules_to_save=["score"] if head == "value" else None))
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
         torch_opt = None
@@ -180,7 +186,8 @@ class Learner:
                                           weight_decay=weight_decay)
         schedule = LRSchedule(warmup_steps, total_steps, lr_schedule, min_lr_ratio)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=Scorer(model, **scorer), model_parameters=params, optimizer=torch_opt,
+            model=Scorer(model, **scorer) if head == "lm" else ValueScorer(model),
+            model_parameters=params, optimizer=torch_opt,
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
 
@@ -264,7 +271,8 @@ class Learner:
         for mb, real in self._micro_batches(batch):
             lp = self._token_logprobs(model, mb.to(device)).float().to(self.device)
             if real:  # trimmed micro-batches: back to the batch's completion width
-                parts.append(torch.nn.functional.pad(lp, (0, T - lp.shape[1])))
+                parts.append(lp if lp.dim() == 1 else  # values [b] of a value head
+                             torch.nn.functional.pad(lp, (0, T - lp.shape[1])))
         return torch.cat(parts)
 
     @torch.no_grad()

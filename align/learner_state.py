@@ -41,7 +41,9 @@ def sync_entries(learner: Learner) -> list[tuple[str, torch.nn.Parameter, torch.
     """(HF name, parameter, LoRA layer whose delta is added or None), in model order.
 
     With LoRA the adapter parameters are left out and the base weights are renamed from
-    ``base_model.model.<name>.base_layer.weight`` to ``<name>.weight``.
+    ``base_model.model.<name>.base_layer.weight`` to ``<name>.weight``; a module PEFT trains
+    in full (``modules_to_save``: a reward model's head) is its trained copy, renamed from
+    ``<name>.modules_to_save.default.*`` (its frozen ``original_module`` is left out).
     """
     if not learner.lora:
         return [(name, p, None) for name, p in learner.model.named_parameters()]
@@ -50,13 +52,14 @@ def sync_entries(learner: Learner) -> list[tuple[str, torch.nn.Parameter, torch.
     layers = {name: m for name, m in learner.model.named_modules() if isinstance(m, LoraLayer)}
     out = []
     for name, p in learner.model.named_parameters():
-        if ".lora_" in name or "lora_embedding" in name:
+        if ".lora_" in name or "lora_embedding" in name or ".original_module." in name:
             continue
         owner, _, leaf = name.rpartition(".")
         layer = None
         if owner.endswith(".base_layer") and leaf == "weight":
             layer = layers.get(owner[: -len(".base_layer")])
-        hf_name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        hf_name = (name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+                   .replace(".modules_to_save.default.", "."))
         out.append((hf_name, p, layer))
     return out
 

@@ -188,3 +188,39 @@ class Scorer(torch.nn.Module):
                               temperature=self.temperature, chunk_size=self.chunk_size,
                               with_entropy=with_entropy, share_prompt=self.share_prompt,
                               **(model_inputs or {}))
+
+
+def sequence_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The one-label head's value of each row, read at its last column, float32 [B].
+
+    model: a Hugging Face ``*ForSequenceClassification`` with ``num_labels=1`` (or a PEFT
+    wrapper of one). input_ids, attention_mask: [B, L], left-padded so that column L-1 is
+    every row's last token (the learner's layout with a one-token completion block).
+    Positions count from each row's first real token, as for a right-padded row in HF's own
+    forward, so the value equals ``model(row).logits`` of the row unpadded.
+    """
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("sequence_values: every row must end at the last column (left padding).")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False)
+    return model.score(out.last_hidden_state[:, -1, :]).squeeze(-1).float()
+
+
+class ValueScorer(torch.nn.Module):
+    """A reward model behind the same ``forward`` the learner gives :class:`Scorer`: it
+    returns each row's value [B] (:func:`sequence_values`) instead of token log-probs, so one
+    learner trains either. ``num_completion_tokens`` and ``with_entropy`` are not used."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.temperature = 1.0  # read and restored by Learner.logprobs
+
+    def forward(self, input_ids, attention_mask, num_completion_tokens: int, *,
+                with_entropy: bool = False, model_inputs: dict | None = None):
+        if model_inputs:
+            raise ValueError("a reward model reads text only (no images)")
+        return sequence_values(self.policy, input_ids, attention_mask)

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from medrl.align.records import UserError
 
@@ -252,16 +253,36 @@ def context_length(model_dir: str | Path) -> int | None:
     return int(value) if value else None
 
 
-def load_model(model_dir: str | Path, *, dtype=None, attn_implementation: str = "sdpa"):
-    """Load the policy as a causal LM (text) or image-text-to-text model (VLM).
+# What a learner trains: "lm" a causal LM (or VLM) scored per token, "value" a text model
+# with a one-output sequence-classification head (a reward model) scored per sequence.
+Head = Literal["lm", "value"]
+
+
+def load_model(model_dir: str | Path, *, dtype=None, attn_implementation: str = "sdpa",
+               head: Head = "lm"):
+    """Load the policy as a causal LM (text) or image-text-to-text model (VLM), or, with
+    ``head="value"``, a text model as a one-label sequence classifier (a causal LM folder gets
+    a new, randomly initialised ``score`` head; a reward-model folder keeps its own).
 
     dtype: a ``torch.dtype`` (None: float32). attn_implementation: "sdpa", "eager" or
     "flash_attention_2" (the recipe's ``model.attn_implementation``).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoModelForSequenceClassification)
 
-    factory = AutoModelForImageTextToText if is_vision_model(model_dir) else AutoModelForCausalLM
+    vision = is_vision_model(model_dir)
+    if head == "value":
+        if vision:
+            raise UserError(f"model {model_dir}: a reward model is trained on a text model; "
+                            "this folder holds a vision-language model.")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=1, dtype=dtype or torch.float32,
+            attn_implementation=attn_implementation)
+        if model.config.pad_token_id is None:  # HF's forward finds each row's last token by it
+            model.config.pad_token_id = load_tokenizer(model_dir).pad_token_id
+        return model
+    factory = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     return factory.from_pretrained(model_dir, dtype=dtype or torch.float32,
                                    attn_implementation=attn_implementation)
 

@@ -73,9 +73,10 @@ class LearnerWorker:
         init_distributed(self.rank, self.world_size, master_addr, master_port)
         self.learner = Learner(self.model_dir, **self.learner_kwargs)
 
-    def _shard(self, samples_ref: list) -> list[Sample]:
+    def _shard(self, samples_ref: list, unit: int = 1) -> list[Sample]:
         samples = ray.get(samples_ref[0])
-        return shard(samples, self.rank, self.world_size)
+        units = [samples[i:i + unit] for i in range(0, len(samples), unit)]
+        return [s for u in shard(units, self.rank, self.world_size) for s in u]
 
     def train_step(self, samples_ref: list, ppo_epochs: int,
                    policy_version: int | None) -> dict[str, float]:
@@ -95,6 +96,15 @@ class LearnerWorker:
             raise UserError("reference log-probs were asked for but the learner has no "
                             "reference model; set learner.ref_model to cpu or auto.")
         return [lp[i, :len(s.completion_ids)].cpu() for i, s in enumerate(samples)]
+
+    def train_step_with(self, samples_ref: list, loss_fn, size_fn, unit: int) -> dict[str, float]:
+        self.history.append("train_step_with")
+        batch = self.learner.collate(self._shard(samples_ref, unit))
+        return self.learner.train_step_with(loss_fn, batch, size_fn=size_fn)
+
+    def values(self, samples_ref: list, unit: int) -> list[float]:
+        self.history.append("values")
+        return self.learner.logprobs(self.learner.collate(self._shard(samples_ref, unit))).tolist()
 
     def sync_buckets(self, bucket_mb: float):
         """Rank 0: yield each bucket (a streaming generator). Other ranks: gather only."""
@@ -193,11 +203,12 @@ class LearnerGroup:
         ref = samples if isinstance(samples, ray.ObjectRef) else ray.put(list(samples))
         return [ref]  # wrapped: Ray passes it to the actor unresolved
 
-    def _check_size(self, samples) -> None:
-        if not isinstance(samples, ray.ObjectRef) and len(samples) < self.num_workers:
-            raise UserError(f"The learner step got {len(samples)} samples for "
+    def _check_size(self, samples, unit: int = 1) -> None:
+        if not isinstance(samples, ray.ObjectRef) and len(samples) < self.num_workers * unit:
+            what = "samples" if unit == 1 else f"samples ({len(samples) // unit} units of {unit})"
+            raise UserError(f"The learner step got {len(samples)} {what} for "
                             f"{self.num_workers} learner workers; each needs at least one. "
-                            "Raise the rollout batch or lower learner.num_workers.")
+                            "Raise the batch size or lower learner.num_workers.")
 
     def train_step(self, samples: Sequence[Sample] | ray.ObjectRef, *, ppo_epochs: int = 1,
                    policy_version: int | None = None) -> dict[str, float]:
@@ -225,6 +236,33 @@ class LearnerGroup:
             parts = ray.get([w.logprobs.remote(ref, temperature, reference)
                              for w in self.workers])
         return [lp for part in parts for lp in part]
+
+    def train_step_with(self, loss_fn, samples: Sequence[Sample], size_fn, *,
+                        unit: int = 1) -> dict[str, float]:
+        """One optimiser step with another stage's loss (``Learner.train_step_with``); the
+        global list is sharded by whole units of ``unit`` consecutive samples (a preference
+        pair is two). ``loss_fn`` and ``size_fn`` travel to the ranks: module-level
+        functions."""
+        if len(samples) % unit:
+            raise ValueError(f"{len(samples)} samples do not make whole units of {unit}")
+        self._check_size(samples, unit)
+        ref = self._put(samples)
+        with self._serial:
+            return ray.get([w.train_step_with.remote(ref, loss_fn, size_fn, unit)
+                            for w in self.workers])[0]
+
+    def values(self, samples: Sequence[Sample], *, unit: int = 1) -> list[float]:
+        """A value-head learner's value of each sample, in order (sharded like
+        :meth:`train_step_with`). Every rank runs the forward pass (it is collective), so a
+        list of fewer units than ranks is padded with copies of its first unit, whose values
+        are dropped."""
+        n, samples = len(samples), list(samples)
+        while len(samples) < self.num_workers * unit:
+            samples += samples[:unit]
+        ref = self._put(samples)
+        with self._serial:
+            parts = ray.get([w.values.remote(ref, unit) for w in self.workers])
+        return [v for part in parts for v in part][:n]
 
     def sync_buckets(self, bucket_mb: float = 256) -> Iterator[ray.ObjectRef]:
         """The full weights as object refs, one per bucket, each a ``list[(name, tensor)]``.

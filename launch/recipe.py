@@ -26,9 +26,9 @@ __all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_ove
 Stage = Literal["grpo", "sft", "reward_model", "vision_pretrain", "qat", "eval"]
 # The stages this version runs (launch/stages.py dispatches on these); the others of ``Stage``
 # are planned and refused at validation.
-RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat")
+RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat", "reward_model")
 # Which stage reads which optional section: qat trains on the sft loss and data settings.
-STAGE_SECTIONS = {"sft": ("sft", "qat"), "qat": ("qat",)}
+STAGE_SECTIONS = {"sft": ("sft", "qat"), "qat": ("qat",), "reward_model": ("reward_model",)}
 
 
 def stage_not_runnable(stage: str) -> str:
@@ -296,6 +296,25 @@ class SFTConfig(Section):
                                         "columns replacing the user text (code-style prompts)")
 
 
+class RewardModelConfig(Section):
+    """The reward_model stage: where preference pairs come from and the Bradley-Terry schedule
+    (ProMedical's settings: batch 64, 2 epochs, max length 8192)."""
+
+    pairs: Literal["explicit", "rubric"] = Field("explicit", description="explicit: one pair "
+                                                 "per row; rubric: pairs from graded responses")
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    criterion_field: str | None = "criterion"  # absent or null in a row: an empty criterion
+    tier_field: str | None = "tier"  # per-tier held-out accuracy
+    responses_field: str = "responses"  # rubric: [{"text", "verdicts": [...]}]
+    batch_size: int = Field(64, ge=1, description="pairs per optimiser step")
+    epochs: int | None = Field(None, ge=1)  # None: run.max_steps decides
+    max_length: int = Field(8192, ge=8, description="tokens per text; longer ones lose their "
+                            "left end (the conversation's oldest turns)")
+    eval_every: int = Field(0, ge=0, description="held-out metrics every N steps (and at the "
+                            "last)")
+
+
 class QATConfig(Section):
     format: Literal["hif8", "e4m3"] = "hif8"
     warmup_steps: int = Field(500, ge=0, description="full-precision steps before fake-quant")
@@ -323,6 +342,7 @@ class Recipe(Section):
     logging: LoggingConfig = LoggingConfig()
     sft: SFTConfig | None = None
     qat: QATConfig | None = None
+    reward_model: RewardModelConfig | None = None
 
     @model_validator(mode="after")
     def _stage_sections(self) -> "Recipe":

@@ -32,6 +32,9 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
 
     rows = load_dataset_rows(recipe.data, recipe_dir)
     checked.append(f"data: {len(rows)} rows from {resolve_path(recipe_dir, recipe.data.path).name}")
+    if recipe.run.stage == "reward_model":
+        train, held = reward_model_pairs(recipe, recipe_dir)
+        checked.append(f"reward_model: {len(train)} training and {len(held)} held-out pairs")
     if recipe.run.stage == "qat" and recipe.sft is not None and recipe.sft.epochs is not None:
         checked.append(_check_qat_epochs(recipe, recipe_dir))
 
@@ -75,6 +78,8 @@ def run_stage(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None)
         from medrl.launch.driver import train
 
         return train(recipe, run_dir, resume_from=resume_from)
+    if stage == "reward_model":
+        return run_reward_model(recipe, run_dir, resume_from=resume_from)
     from medrl.align.stages.sft import run_stage as run_sft_stage
 
     return run_sft_stage(stage_io(recipe, run_dir), run_dir, resume_from=resume_from,
@@ -140,3 +145,76 @@ def qat_hooks(recipe: Recipe):
                     clip_warn_threshold=q.clip_warn_threshold, probe_samples=probe,
                     probe_every=q.probe_every, export_fake_quant=q.export_fake_quant,
                     console=Console(stderr=True), gold_letter=gold_letter)
+
+
+def reward_model_pairs(recipe: Recipe, recipe_dir: Path | str | None):
+    """(training pairs, held-out pairs) of a reward_model recipe (:mod:`medrl.launch.preferences`),
+    from its rows split as every stage splits them; relative paths start at ``recipe_dir``."""
+    from medrl.launch.data import load_train_eval
+    from medrl.launch.preferences import preference_pairs
+    from medrl.launch.recipe import RewardModelConfig
+
+    rm = recipe.reward_model or RewardModelConfig()
+    train, held = load_train_eval(recipe.data, base_dir=recipe_dir)
+    options = dict(source=rm.pairs, chosen_field=rm.chosen_field,
+                   rejected_field=rm.rejected_field, criterion_field=rm.criterion_field,
+                   tier_field=rm.tier_field, responses_field=rm.responses_field)
+    return preference_pairs(train, **options), preference_pairs(held, **options)
+
+
+def run_reward_model(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
+    """The reward_model stage: a learner group of ``learner.num_workers`` ranks (Ray actors,
+    on the embedded or the given cluster) trains a value head on preference pairs."""
+    from medrl.align.models import load_tokenizer, resolve_policy
+    from medrl.align.records import UserError
+    from medrl.align.stages.reward_model import RewardModelIO, run_stage as run_rm_stage
+    from medrl.launch.cluster import start_ray
+    from medrl.launch.driver import learner_kwargs
+    from medrl.launch.learner_group import LearnerGroup
+    from medrl.launch.monitor import Monitor
+    from medrl.launch.recipe import RewardModelConfig
+    from medrl.launch.stream import PromptStream
+
+    rm, ln, c, lg = (recipe.reward_model or RewardModelConfig(), recipe.learner, recipe.cluster,
+                     recipe.logging)
+    if ln.max_tokens_per_micro_batch is not None:
+        raise UserError("learner.max_tokens_per_micro_batch is not used by the reward_model "
+                        "stage (a micro-batch holds whole preference pairs); set "
+                        "learner.micro_batch_size (pairs per micro-batch) instead.")
+    train, held = reward_model_pairs(recipe, recipe.run.recipe_dir)
+    if not train:
+        raise UserError(f"the reward_model stage found no preference pair in the training rows "
+                        f"of {recipe.data.path}; check reward_model.pairs and its fields.")
+    stream = PromptStream(train, seed=recipe.run.seed, shuffle=recipe.data.shuffle,
+                          load_media=False)
+    stream.check_take(rm.batch_size, field="reward_model.batch_size")
+    policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed,
+                                base_dir=recipe.run.recipe_dir)
+    # A micro-batch of learner.micro_batch_size pairs is twice as many texts.
+    kwargs = dict(learner_kwargs(recipe), reference="none", kl_coef=0.0, head="value",
+                  micro_batch_size=2 * ln.micro_batch_size, temperature=1.0)
+    group: list[LearnerGroup] = []
+
+    def make_learner(total: int) -> LearnerGroup:
+        start_ray(recipe)
+        group.append(LearnerGroup(ln.num_workers, policy_dir, dict(kwargs, total_steps=total),
+                                  num_cpus_per_worker=c.learner_cpus,
+                                  num_gpus_per_worker=c.learner_gpus,
+                                  resources=c.learner_resources))
+        return group[0]
+
+    io = RewardModelIO(
+        stream=stream, eval_pairs=held, make_learner=make_learner,
+        tokenizer=load_tokenizer(policy_dir), policy_source=str(policy_dir),
+        monitor_factory=lambda total, start: Monitor(
+            run_dir, total_steps=total, start_step=start, tensorboard=lg.tensorboard,
+            plots=lg.plots, progress=lg.progress, every=lg.every,
+            checkpoint_every=recipe.checkpoint.every),
+        batch_size=rm.batch_size, max_length=rm.max_length, max_steps=recipe.run.max_steps,
+        epochs=rm.epochs, eval_every=rm.eval_every, checkpoint_every=recipe.checkpoint.every,
+        keep_last=recipe.checkpoint.keep_last)
+    try:
+        return run_rm_stage(io, run_dir, resume_from=resume_from)
+    finally:
+        for g in group:
+            g.shutdown()
