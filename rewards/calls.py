@@ -84,6 +84,11 @@ class RewardWorker:
             self.instance = self.loaded.target(**self.loaded.kwargs)
             self.instance.setup(self.ctx)
 
+    def batch_metrics(self) -> dict[str, float]:
+        """The class reward's ``batch_metrics()`` for its last call ({} when it has none)."""
+        fn = getattr(self.instance, "batch_metrics", None)
+        return dict(fn()) if callable(fn) else {}
+
     def score(self, samples: list[Sample]) -> list[Any] | Failure:
         r = self.loaded
         if r.kind == "class" and self.instance is None:  # a restarted actor sets up again

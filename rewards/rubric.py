@@ -42,9 +42,10 @@ from pydantic import Field
 
 from medrl.align.records import Sample, UserError
 from medrl.rewards.api import RewardContext, RewardResult, reward
+from medrl.rewards.judge import JudgeClient, JudgeSpec, OnMalformed, connect_judge
 from medrl.rewards.loader import hash_folder
-from medrl.rewards.rubric_scorers import (CriterionPair, CriterionScorer, ScorerKind,
-                                          build_scorer)
+from medrl.rewards.rubric_scorers import (CriterionPair, CriterionScorer, Dtype, ScorerKind,
+                                          scorer_model)
 
 Tier = Literal["main", "bonus", "veto"]
 TIERS: tuple[str, ...] = ("main", "bonus", "veto")
@@ -342,6 +343,21 @@ def resolve_params(aggregation: Aggregation, alpha: float | None, beta: float | 
     return params
 
 
+def judge_options(kind: ScorerKind, max_new_tokens: int | None, max_retries: int | None,
+                  on_malformed: OnMalformed | None) -> tuple[int, int, OnMalformed]:
+    """The judge-only kwargs with their defaults (32, 2, "error"); a reward model has none
+    and refuses them (they would do nothing)."""
+    given = [k for k, v in (("max_new_tokens", max_new_tokens), ("max_retries", max_retries),
+                            ("on_malformed", on_malformed)) if v is not None]
+    if kind != "judge":
+        if given:
+            raise UserError(f"rubric reward: kwargs {', '.join(given)} apply to scorer: judge "
+                            "only; remove them, or set scorer: judge.")
+        return 0, 0, "error"
+    return (32 if max_new_tokens is None else max_new_tokens,
+            2 if max_retries is None else max_retries, on_malformed or "error")
+
+
 # --- the reward ---------------------------------------------------------------------------------
 
 
@@ -349,34 +365,64 @@ def resolve_params(aggregation: Aggregation, alpha: float | None, beta: float | 
 class RubricReward:
     """Scores each response against its row's rubric; see the module docstring.
 
-    model: the criterion reward model's folder (relative to the recipe). scorer: how
-    criteria are scored. aggregation: promedical (alpha, beta, veto_penalty: None for our
-    defaults) or healthbench. batch_size: (sample, criterion) pairs per forward pass.
-    max_length: longest scorer input in tokens.
+    model: the scorer's folder (relative to the recipe), or ``tiny:qwen2`` (random weights:
+    meaningless scores, for smoke runs). scorer: reward_model or judge. aggregation:
+    promedical (alpha, beta, veto_penalty: None for our defaults) or healthbench.
+    batch_size: (sample, criterion) pairs per forward pass / generate call. max_length:
+    longest scorer input in tokens. dtype: of the scorer's weights.
+    Judge only (None: defaults 32, 2, "error"; refused for reward_model): max_new_tokens,
+    max_retries, on_malformed (see :mod:`medrl.rewards.judge`).
+    With Ray initialised the scorer runs in ``replicas`` shared judge actors, each reserving
+    judge_num_cpus / judge_num_gpus; judge_timeout_s bounds their answer to one batch.
     Result: score, dims (see :func:`aggregate`), info ``{"verdicts": [float | None]}`` by
-    criterion index; no criterion or response text.
+    criterion index; no criterion or response text. :meth:`batch_metrics`: the judge's.
     """
 
     def __init__(self, model: str, *, scorer: ScorerKind = "reward_model",
                  aggregation: Aggregation = "promedical", alpha: float | None = None,
                  beta: float | None = None, veto_penalty: float | None = None,
                  batch_size: Annotated[int, Field(gt=0)] = 16,
-                 max_length: Annotated[int, Field(gt=0)] = 2048):
+                 max_length: Annotated[int, Field(gt=0)] = 2048, dtype: Dtype = "float32",
+                 max_new_tokens: Annotated[int, Field(gt=0)] | None = None,
+                 max_retries: Annotated[int, Field(ge=0)] | None = None,
+                 on_malformed: OnMalformed | None = None,
+                 replicas: Annotated[int, Field(gt=0)] = 1,
+                 judge_num_cpus: Annotated[float, Field(ge=0)] = 1.0,
+                 judge_num_gpus: Annotated[float, Field(ge=0)] = 0.0,
+                 judge_timeout_s: Annotated[float, Field(gt=0)] | None = None):
         self.params = resolve_params(aggregation, alpha, beta, veto_penalty)
         self.model_path, self.scorer_kind, self.aggregation = model, scorer, aggregation
-        self.batch_size, self.max_length = batch_size, max_length
-        self.scorer: CriterionScorer | None = None
+        self.batch_size, self.max_length, self.dtype = batch_size, max_length, dtype
+        self.max_new_tokens, self.max_retries, self.on_malformed = judge_options(
+            scorer, max_new_tokens, max_retries, on_malformed)
+        self.replicas, self.judge_timeout_s = replicas, judge_timeout_s
+        self.judge_num_cpus, self.judge_num_gpus = judge_num_cpus, judge_num_gpus
+        self.judge: JudgeClient | None = None
 
     @staticmethod
     def identity_extra(kwargs: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
-        """Pins the exact reward model in checkpoints (a hash over the whole folder)."""
-        folder = RewardContext(base_dir=base_dir).resolve(kwargs["model"])
+        """Pins the exact scorer model in checkpoints (a hash over the whole folder)."""
+        folder, _ = scorer_model(kwargs["model"], base_dir)
         return {"model_dir": str(folder), "model_sha256": hash_folder(folder)}
 
     def setup(self, ctx: RewardContext) -> None:
-        self.scorer = build_scorer(self.scorer_kind, model=ctx.resolve(self.model_path),
-                                   device=ctx.device, batch_size=self.batch_size,
-                                   max_length=self.max_length)
+        folder, tiny = scorer_model(self.model_path, ctx.base_dir)
+        spec = JudgeSpec(self.scorer_kind, str(folder.resolve()), tiny, self.dtype,
+                         self.batch_size, self.max_length, ctx.device, self.max_new_tokens,
+                         self.max_retries, ctx.seed if self.scorer_kind == "judge" else 0)
+        self.judge = connect_judge(spec, run_dir=ctx.run_dir, replicas=self.replicas,
+                                   num_cpus=self.judge_num_cpus, num_gpus=self.judge_num_gpus,
+                                   timeout_s=self.judge_timeout_s, on_malformed=self.on_malformed)
+
+    @property
+    def scorer(self) -> CriterionScorer | None:
+        """The loaded scorer when it runs in this process (None in judge actors)."""
+        return self.judge.host.scorer if self.judge and self.judge.host else None
+
+    def batch_metrics(self) -> dict[str, float]:
+        """The last call's judge metrics: judge_seconds, judge_pairs, judge_pairs_per_s,
+        judge_malformed, judge_retries, judge_generate_calls."""
+        return self.judge.metrics() if self.judge else {}
 
     def _rubric(self, sample: Sample) -> Rubric | None:
         rubric = sample_rubric(sample)
@@ -394,9 +440,9 @@ class RubricReward:
             if id(s.row) not in parsed:
                 parsed[id(s.row)] = self._rubric(s)
             rubrics.append(parsed[id(s.row)])
-        pairs = [CriterionPair(s, c.text) for s, r in zip(samples, rubrics) if r is not None
-                 for c in r.criteria]
-        verdicts = self.scorer.score(pairs) if pairs else []  # one call for the whole batch
+        pairs = [CriterionPair(s, c.text, i) for s, r in zip(samples, rubrics)
+                 if r is not None for i, c in enumerate(r.criteria)]
+        verdicts = self.judge.score(pairs)  # one call for the whole batch
         if len(verdicts) != len(pairs):
             raise ValueError(f"the {self.scorer_kind} scorer returned {len(verdicts)} verdicts "
                              f"for {len(pairs)} (sample, criterion) pairs")

@@ -10,6 +10,8 @@ Built in: ``reward_model``, a criterion-conditioned reward model, i.e. any local
 ``AutoModelForSequenceClassification`` folder with a single label, read on the text of
 :func:`rm_input`; the verdict is the sigmoid of its logit. That text is also the input
 format the reward-model stage trains on, so keep the two in step through :func:`rm_input`.
+And ``judge``, a generative judge (any local causal LM answering in JSON), in
+:mod:`medrl.rewards.judge`, which also serves any scorer from shared, replicated Ray actors.
 """
 
 from __future__ import annotations
@@ -20,14 +22,21 @@ from typing import Any, Literal, NamedTuple, Protocol, Sequence
 from medrl.align.records import Sample, UserError
 
 # The scorers a recipe can name (``kwargs.scorer`` of the ``rubric`` reward).
-ScorerKind = Literal["reward_model"]
+ScorerKind = Literal["reward_model", "judge"]
+# The weights' dtype (``kwargs.dtype``); "auto": bf16 on a GPU, fp32 on the CPU.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# ``model: tiny:<arch>`` builds random weights with this seed (fixed, so that every replica,
+# process and checkpoint identity sees the same folder).
+TINY_SEED = 0
 
 
 class CriterionPair(NamedTuple):
-    """One response and one criterion of its rubric, to be scored together."""
+    """One response and one criterion of its rubric, to be scored together; index: the
+    criterion's position in its rubric (error messages name it, never the text)."""
 
     sample: Sample
     criterion: str
+    index: int = 0
 
 
 class CriterionScorer(Protocol):
@@ -53,6 +62,28 @@ def instruction_text(messages: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def scorer_model(model: str, base_dir: Path | str | None) -> tuple[Path, bool]:
+    """The local folder of ``kwargs.model`` and whether it is a ``tiny:<arch>`` build.
+
+    ``tiny:qwen2`` is written once into the medrl cache (random weights, seed
+    :data:`TINY_SEED`): the scores it gives are meaningless; it lets a recipe run end to end
+    on a fresh clone. Any other value is a folder, relative to the recipe's folder: a model
+    folder, or a run folder of the ``reward_model`` stage (its latest complete checkpoint's
+    ``policy/``) or one of its checkpoint folders.
+    """
+    from medrl.align.models import resolve_policy
+
+    if model.startswith("tiny:"):
+        return resolve_policy(model, seed=TINY_SEED), True
+    path = Path(model).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if path.is_dir() and not (path / "config.json").exists() and (
+            (path / "checkpoints").is_dir() or (path / "policy").is_dir()):
+        return resolve_policy(str(path)), False
+    return path, False
+
+
 def rm_input(instruction: str, criterion: str, response: str) -> str:
     """The one text a criterion-conditioned reward model reads (and is trained on).
 
@@ -76,21 +107,24 @@ class RewardModelScorer:
         self.batch_size, self.max_length = batch_size, max_length
 
     @classmethod
-    def load(cls, folder: Path, *, device: str, batch_size: int,
-             max_length: int) -> "RewardModelScorer":
+    def load(cls, folder: Path, *, device: str, batch_size: int, max_length: int,
+             dtype: Dtype = "float32", new_head: bool = False) -> "RewardModelScorer":
+        """new_head: give a causal LM folder (``tiny:<arch>``) a fresh one-label head,
+        initialised from a fixed seed (so every replica gets the same one)."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from medrl.align.models import ensure_pad_token
+        from medrl.align.models import ensure_pad_token, resolve_dtype
 
-        if not (folder / "config.json").is_file():
-            raise UserError(f"rubric reward: {folder} is not a Hugging Face model folder (no "
-                            "config.json); set kwargs.model to a local "
-                            "AutoModelForSequenceClassification folder.")
+        check_model_folder(folder, "AutoModelForSequenceClassification")
         tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder), folder)
         tokenizer.truncation_side = "left"  # see rm_input: keep the criterion and response
-        model = AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=torch.float32).to(device).eval()
+        torch_dtype = resolve_dtype(dtype, on_gpu=device.startswith("cuda"))
+        with torch.random.fork_rng(devices=[]):  # the new head's init leaves no RNG trace
+            torch.manual_seed(TINY_SEED)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=torch_dtype, **({"num_labels": 1} if new_head else {}))
+        model = model.to(device).eval()
         if model.config.num_labels != 1:
             raise UserError(f"rubric reward: the model in {folder} has "
                             f"{model.config.num_labels} labels; a criterion reward model has "
@@ -125,10 +159,32 @@ class RewardModelScorer:
         return out
 
 
+def check_model_folder(folder: Path, what: str) -> None:
+    """Raise :class:`UserError` unless ``folder`` holds a Hugging Face model (config.json)."""
+    if not (Path(folder) / "config.json").is_file():
+        raise UserError(f"rubric reward: {folder} is not a Hugging Face model folder (no "
+                        f"config.json); set kwargs.model to a local {what} folder, or to "
+                        "tiny:qwen2 for a smoke test.")
+
+
 def build_scorer(kind: ScorerKind, *, model: Path, device: str, batch_size: int,
-                 max_length: int) -> CriterionScorer:
-    """The scorer a recipe names, loaded on ``device`` (the one place kinds are resolved)."""
+                 max_length: int, dtype: Dtype = "float32", tiny: bool = False,
+                 max_new_tokens: int = 32, max_retries: int = 2,
+                 seed: int = 0) -> CriterionScorer:
+    """The scorer a recipe names, loaded on ``device`` (the one place kinds are resolved).
+
+    tiny: ``model`` is a ``tiny:<arch>`` build (a causal LM: the reward model gets a new
+    head). max_new_tokens, max_retries, seed: the judge's (see
+    :class:`medrl.rewards.judge.GenerativeJudge`).
+    """
     if kind == "reward_model":
         return RewardModelScorer.load(model, device=device, batch_size=batch_size,
-                                      max_length=max_length)
-    raise UserError(f"rubric reward: unknown scorer {kind!r}; choose reward_model.")
+                                      max_length=max_length, dtype=dtype, new_head=tiny)
+    if kind == "judge":
+        from medrl.rewards.judge import GenerativeJudge
+
+        return GenerativeJudge.load(model, device=device, batch_size=batch_size,
+                                    max_length=max_length, dtype=dtype,
+                                    max_new_tokens=max_new_tokens, max_retries=max_retries,
+                                    seed=seed)
+    raise UserError(f"rubric reward: unknown scorer {kind!r}; choose reward_model or judge.")

@@ -13,6 +13,10 @@ then the failure policy applies: ``on_error="raise"`` stops with a :class:`Rewar
 the reward, the sample uid(s) and the cause; ``on_error="skip_sample"`` drops the failed
 samples (their uids are returned and counted), appends one line per failure to
 ``RUN_DIR/reward_failures.jsonl`` and goes on.
+
+A class reward may also report batch-level numbers (timings, throughput): an optional
+``batch_metrics() -> dict[str, float]`` method, read after each successful call (in its actor
+for ``actor: true``) and logged as ``rewards/<name>/<key>``.
 """
 
 from __future__ import annotations
@@ -272,6 +276,8 @@ class RewardRunner:
         ``reward_failures.jsonl``; default: the batch's policy version + 1, the step during
         which a batch made by those weights is scored.
         Metrics (over the kept samples): ``rewards/<name>/{mean,std,not_applicable,errors}``,
+        ``rewards/<name>/<key>`` for each ``batch_metrics()`` key of a class reward whose
+        call on the batch succeeded (e.g. the rubric reward's ``judge_seconds``),
         ``rewards/<name>/<dim>/{mean,std,not_applicable}``, ``rewards/combined/{mean,std}``,
         ``rewards/vetoed`` (share of samples any veto fired on), ``rewards/vetoed/<score>`` (share
         each veto fired on), ``rewards/skipped_samples`` (count).
@@ -286,11 +292,14 @@ class RewardRunner:
             return ScoreReport([], [], {"rewards/skipped_samples": 0.0}, [])
         gathers = [(r, self._dispatch(r, samples)) for r in self.rewards]
         results: dict[str, list[RewardResult | Failure]] = {}
+        batch_metrics: dict[str, float] = {}
         for r, gather in gathers:
             results[r.name] = check_batch(gather(), samples)
             if any(isinstance(x, Failure) and x.timed_out for x in results[r.name]):
                 if self.on_error == "skip_sample":
                     self._restart_after_timeout(r)
+            elif not any(isinstance(x, Failure) for x in results[r.name]):
+                batch_metrics.update(self._batch_metrics(r))
         self._check_veto_dims(results)
 
         failures, dropped, errors = [], set(), {r.name: 0 for r in self.rewards}
@@ -319,8 +328,27 @@ class RewardRunner:
         kept = [samples[i] for i in keep]
         fired = self._fill(kept, {n: [v[i] for i in keep] for n, v in results.items()})
         metrics = self._metrics(kept, errors, fired)
+        metrics.update(batch_metrics)
         metrics["rewards/skipped_samples"] = float(len(dropped))
         return ScoreReport(kept, [s.uid for s in samples if s.uid in dropped], metrics, failures)
+
+    def _batch_metrics(self, r: LoadedReward) -> dict[str, float]:
+        """A class reward's optional ``batch_metrics() -> {key: number}`` after its call on
+        the batch, as ``rewards/<name>/<key>``."""
+        if r.kind != "class":
+            return {}
+        worker = self._workers[r.name]
+        if r.actor:
+            import ray
+
+            values = ray.get(worker.batch_metrics.remote(), timeout=BACKSTOP_SLACK_S)
+        else:
+            values = worker.batch_metrics()
+        for key, value in values.items():
+            if not finite(value):
+                raise RewardError(f"reward {r.name!r}: batch_metrics()[{key!r}] is {value!r}; "
+                                  "batch metrics are finite numbers.", reward=r.name)
+        return {f"rewards/{r.name}/{k}": float(v) for k, v in values.items()}
 
     def _log_failures(self, failures: list[RewardFailure], step: int) -> None:
         """Append the skipped failures to ``RUN_DIR/reward_failures.jsonl`` (no run folder:

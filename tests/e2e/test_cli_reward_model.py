@@ -51,3 +51,24 @@ def test_two_rank_reward_model_exports_a_classifier_and_resumes_exactly(tmp_path
     b = load_file(copy / "checkpoints" / "step-000004" / "policy" / "model.safetensors")
     assert a.keys() == b.keys() and "score.weight" in a
     assert all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
+
+    # The rubric reward names the run folder as its model and scores with its last checkpoint.
+    import torch
+    from transformers import AutoTokenizer
+
+    from medrl.align.records import Sample
+    from medrl.rewards import RewardContext
+    from medrl.rewards.rubric import RubricReward
+    from medrl.rewards.rubric_scorers import rm_input
+
+    reward = RubricReward(model=str(run))
+    reward.setup(RewardContext())
+    sample = Sample(uid="s", group_id="s", messages=[{"role": "user", "content": "Dose?"}],
+                    row={"rubric": [{"criterion": "names the dose", "tier": "main",
+                                     "weight": 1.0}]}, completion_text="Take 5 mg.")
+    (result,) = reward([sample])
+    tok = AutoTokenizer.from_pretrained(final / "policy")
+    with torch.no_grad():
+        logit = model(**tok(rm_input("user: Dose?", "names the dose", "Take 5 mg."),
+                            return_tensors="pt")).logits[0, 0]
+    assert result.info["verdicts"][0] == pytest.approx(torch.sigmoid(logit).item(), abs=1e-5)
