@@ -155,6 +155,69 @@ def run_failed(exc: RunFailed) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+@app.command(name="eval")
+def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder, HF model "
+                                                 "folder, or tiny:qwen2"),
+          datasets: str = typer.Option(..., "--datasets", "-d",
+                                       help="comma-separated presets (medqa, medmcqa, pubmedqa, "
+                                            "pubmedqa_pqal) or data files"),
+          data_root: Optional[Path] = typer.Option(None, "--data-root",
+                                                   help="folder of the preset files "
+                                                        "(default $MEDRL_DATA_DIR)"),
+          max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
+                                                    help="first N items of each dataset"),
+          fields: Optional[List[str]] = typer.Option(None, "--field",
+                                                     help="NAME=COLUMN field mapping for "
+                                                          "data files, as data.fields"),
+          mode: str = typer.Option("loglik", "--mode", help="loglik or generate"),
+          samples: int = typer.Option(1, "--samples", min=1,
+                                      help="generate: completions per item (1 = greedy)"),
+          temperature: float = typer.Option(1.0, "--temperature", min=0.0),
+          max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+          workers: int = typer.Option(1, "--workers", min=1, help="engine actors"),
+          backend: str = typer.Option("hf", "--backend", help="hf or vllm"),
+          out: Optional[Path] = typer.Option(None, "--out", help="report folder (default "
+                                             "RUN_DIR/eval/<checkpoint> or eval/<model>)"),
+          seed: int = typer.Option(0, "--seed"),
+          log_text: bool = typer.Option(False, "--log-text",
+                                        help="keep completion texts in predictions.jsonl")):
+    """Score a model on medical multiple-choice benchmarks (see docs/eval.md).
+
+    Writes results.json (every figure with its n and 95% interval), per-item predictions,
+    summary.md and plots/accuracy.png, and prints the summary.
+    """
+    from medrl.launch.cluster import start_cluster
+    from medrl.launch.eval_data import data_root as resolve_root, load_eval_dataset
+    from medrl.launch.evaluate import EvalOptions, default_out_dir, resolve_target, run_eval
+    from medrl.launch.recipe import ClusterConfig
+
+    try:
+        if mode not in ("loglik", "generate"):
+            raise UserError(f"--mode must be loglik or generate, not {mode!r}.")
+        if backend not in ("hf", "vllm"):
+            raise UserError(f"--backend must be hf or vllm, not {backend!r}.")
+        mapping = {}
+        for item in fields or []:
+            name, sep, column = item.partition("=")
+            if not sep or not name or not column:
+                raise UserError(f"--field {item!r}: write NAME=COLUMN, e.g. answer=answer_idx.")
+            mapping[name] = column
+        root = resolve_root(data_root)
+        loaded = [load_eval_dataset(spec.strip(), root=root, max_samples=max_samples,
+                                    fields=mapping) for spec in datasets.split(",") if spec]
+        _, name = resolve_target(target, seed=seed)
+        out_dir = out or default_out_dir(target, name)
+        opts = EvalOptions(mode=mode, samples=samples, temperature=temperature,
+                           max_new_tokens=max_new_tokens, seed=seed, log_text=log_text)
+        start_cluster(ClusterConfig(), cpus=workers, resources={})
+        _, summary = run_eval(target, loaded, out_dir, opts, workers=workers, backend=backend,
+                              progress=lambda ds, r: say(f"{ds}: {r['n']} items scored"))
+    except UserError as exc:
+        raise user_error(exc) from None
+    typer.echo(summary, nl=False)
+    console.print(f"report: {out_dir}", highlight=False)
+
+
 @app.command()
 def schema():
     """Print the recipe JSON Schema (point your editor's YAML plugin at it)."""

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the recipe imports is_loopback from here
-    from medrl.launch.recipe import Recipe
+    from medrl.launch.recipe import ClusterConfig, Recipe
 
 # Environment every actor needs (a learner rank adds its accelerator): vLLM runs its
 # engine in the actor's own process (its multiprocessing mode ignores Ray's CPU allocation),
@@ -95,13 +95,18 @@ def dashboard_exposure(include_dashboard: bool, dashboard_host: str) -> str | No
 
 def start_ray(recipe: Recipe) -> None:
     """Join ``cluster.address`` or start an embedded loopback-only cluster."""
+    start_cluster(recipe.cluster, cpus=cpus_needed(recipe), resources=resources_needed(recipe))
+
+
+def start_cluster(c: ClusterConfig, *, cpus: float, resources: dict[str, float]) -> None:
+    """Join ``c.address`` or start an embedded loopback-only cluster with at least ``cpus``
+    logical CPUs and the custom ``resources`` (no-op when Ray is already initialised)."""
     import ray
 
     if ray.is_initialized():
         return
     env = dict(ACTOR_ENV)  # each learner rank picks its accelerator itself (its own GPUs)
     runtime_env = {"env_vars": env}
-    c = recipe.cluster
     # `medrl submit` runs `medrl run` as a Ray job: the job's driver joins the job's cluster
     # (Ray merges these env_vars into the job's runtime_env, working_dir included).
     address = c.address or ("auto" if IN_RAY_JOB in os.environ else None)
@@ -117,11 +122,11 @@ def start_ray(recipe: Recipe) -> None:
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         if lo and name not in os.environ:
             env[name] = lo
-    num_cpus = c.num_cpus or max(os.cpu_count() or 1, int(cpus_needed(recipe) + 0.999))
+    num_cpus = c.num_cpus or max(os.cpu_count() or 1, int(cpus + 0.999))
     with keep_loopback_node_ip():
         ray.init(
             num_cpus=num_cpus,
-            resources=resources_needed(recipe),
+            resources=resources,
             include_dashboard=c.include_dashboard,
             dashboard_host=c.dashboard_host if c.include_dashboard else LOOPBACK,
             runtime_env=runtime_env,

@@ -149,7 +149,8 @@ class RolloutWorker:
 
 
 def split_prompts(prompts: Sequence[Sample], parts: int) -> list[list[Sample]]:
-    """Contiguous, near-equal chunks (the first ones one longer); empty chunks dropped."""
+    """Contiguous, near-equal chunks (the first ones one longer), one per part: empty ones when
+    there are fewer prompts than parts."""
     size, extra = divmod(len(prompts), parts)
     chunks, start = [], 0
     for i in range(parts):
@@ -338,6 +339,15 @@ class RolloutGroup:
         :meth:`update_weights_from_refs`."""
         raise NotImplementedError("NCCL weight broadcast is not implemented; use "
                                   "update_weights_from_refs (the Ray object store path).")
+
+    def score(self, samples: list[Sample]) -> list[list[float]]:
+        """Temperature-1 log-probs of each sample's completion, the samples split between the
+        workers (contiguous chunks), in order."""
+        chunks = split_prompts(samples, len(self.workers))
+        results = self._call_all(lambda worker, i: worker.score.remote(chunks[i]) if chunks[i]
+                                 else worker.ready.remote())  # nothing to score: a no-op
+        return [scores for chunk, result in zip(chunks, results) if chunk
+                for scores in result[1]]
 
     def score_all(self, samples: list[Sample]) -> list[list[list[float]]]:
         """Every worker's temperature-1 log-probs of the samples' completions, each worker on

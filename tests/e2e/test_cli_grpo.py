@@ -89,6 +89,25 @@ def test_run_folder_has_everything_a_user_needs(full_run):
     assert [p["step"] for p in prompts] == [1, 2, 3, 4, 5, 6]
 
 
+def test_eval_scores_the_last_checkpoint_on_two_workers(full_run, workdir):
+    data = REPO / "recipes" / "data" / "quickstart_mcq.jsonl"
+    proc = medrl("eval", str(full_run), "--datasets", str(data), "--field", "id=id",
+                 "--max-samples", "16", "--workers", "2", cwd=workdir)
+    report = full_run / "eval" / "step-000006"
+    results = json.loads((report / "results.json").read_text())
+    r = results["datasets"]["quickstart_mcq"]
+    assert r["n"] == 16 and r["skipped"] == {"too_long": 0, "unlabelled": 0}
+    preds = [json.loads(x) for x in
+             (report / "quickstart_mcq" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["uid"] for p in preds] == [f"qs-{i:03d}" for i in range(16)]  # both workers' items
+    acc = sum(p["choice"] == p["gold"] for p in preds) / 16
+    assert r["metrics"]["acc"]["value"] == acc
+    assert r["metrics"]["acc"]["low"] <= acc <= r["metrics"]["acc"]["high"]
+    assert "| quickstart_mcq | acc |" in proc.stdout
+    assert (report / "plots" / "accuracy.png").stat().st_size > 0
+    assert all("question" not in p and "completions" not in p for p in preds)
+
+
 def test_resumed_run_matches_the_uninterrupted_one(full_run, workdir):
     recipe = REPO / "recipes" / "quickstart.yaml"
     medrl("run", str(recipe), "run.name=split", f"run.output_dir={workdir / 'runs'}",

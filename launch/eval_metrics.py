@@ -1,0 +1,85 @@
+"""The statistics of ``medrl eval``: pure functions on plain lists.
+
+- :func:`wilson_interval`: the Wilson score interval of a proportion (accuracy): unlike the
+  normal approximation it stays inside [0, 1] and is honest for small n and for p near 0 or 1;
+- :func:`bootstrap_interval`: a percentile bootstrap interval of a mean (rubric scores, reward
+  means), seeded, so a report is reproducible;
+- :func:`pass_at_k`: the unbiased pass@k estimator of Chen et al. (2021) from n samples of
+  which c are correct, 1 - C(n - c, k) / C(n, k);
+- :func:`majority`: the most frequent answer of k samples (maj@k), ties broken by first
+  appearance;
+- :func:`choose_option`: the log-likelihood choice of a multiple-choice item, as
+  lm-evaluation-harness defines ``acc`` (argmax of the summed log-probs of each option's
+  continuation) and ``acc_norm`` (argmax of that sum divided by the continuation's length in
+  bytes).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from typing import Hashable, Sequence
+
+# z for a two-sided 95% interval
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """(low, high) of the Wilson score interval for ``successes`` of ``n``; (0, 1) when n is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, {n}], got {successes}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # the interval holds p exactly; at p = 0 or 1 rounding would put a bound past it
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+def bootstrap_interval(values: Sequence[float], *, seed: int = 0, resamples: int = 1000,
+                       level: float = 0.95) -> tuple[float, float]:
+    """(low, high) percentile bootstrap interval of the mean of ``values`` (NaN, NaN when
+    empty). ``seed`` fixes the resamples."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n
+                   for _ in range(resamples))
+    tail = (1 - level) / 2
+    low = means[max(0, int(math.floor(tail * resamples)))]
+    high = means[min(resamples - 1, int(math.ceil((1 - tail) * resamples)) - 1)]
+    return low, high
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples with ``c`` correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority(answers: Sequence[Hashable | None]) -> Hashable | None:
+    """The most frequent non-None answer (ties: the one seen first); None when there is none."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def choose_option(logprob_sums: Sequence[float], byte_lengths: Sequence[int]
+                  ) -> tuple[int, int]:
+    """(choice by summed log-prob, choice by log-prob per byte) of one item's options; ties go
+    to the first option, as an argmax does."""
+    if not logprob_sums or len(logprob_sums) != len(byte_lengths):
+        raise ValueError("one log-prob sum and one byte length per option are needed")
+    plain = max(range(len(logprob_sums)), key=lambda i: (logprob_sums[i], -i))
+    normed = max(range(len(logprob_sums)),
+                 key=lambda i: (logprob_sums[i] / max(byte_lengths[i], 1), -i))
+    return plain, normed

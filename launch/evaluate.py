@@ -1,0 +1,344 @@
+"""``medrl eval``: how well a model answers medical multiple-choice benchmarks.
+
+A model (a Hugging Face folder, a run folder: its latest complete checkpoint, a checkpoint
+folder, or ``tiny:<arch>``) x datasets (:mod:`medrl.launch.eval_data`) x one scoring mode, on
+the rollout engines (HF or vLLM) in ``--workers`` Ray actors (:class:`RolloutGroup`, items
+split between them). Modes:
+
+- ``loglik``, lm-evaluation-harness's multiple-choice definition: the context is
+  ``"Question: {question}\\nA. {option}\\n...Answer:"`` (PubMedQA-style rows with a separate
+  context: ``"Abstract: {context}\\n"`` first; yes/no/maybe items list no options), plain
+  text without a chat template; each option's continuation is ``" " + choice`` (the letter, or
+  the word yes/no/maybe) and is scored by the engine's log-probs given the context.
+  ``acc``: the option with the highest summed log-prob; ``acc_norm``: the highest log-prob per
+  character of the continuation.
+- ``generate``: the prompt the training loader renders (chat template, options, instruction),
+  ``--samples N`` completions per item (greedy for N = 1, else ``--temperature``), the answer
+  extracted by the rule rewards' extractors. ``acc``: pass@1, the mean correctness of the
+  samples (the unbiased estimator); with N > 1 also ``maj@N`` (the most frequent answer) and
+  ``pass@N``.
+
+Every accuracy is reported with its n and a 95% Wilson interval. Items that cannot be scored
+(the prompt does not fit the engine's context) are counted per dataset (``too_long``), as are
+rows without a gold answer (``unlabelled``). Output in ``OUT`` (:func:`write_report`):
+``results.json``, ``<dataset>/predictions.jsonl`` (uids, gold and predicted letters,
+log-probs; completion text only with ``log_text``), ``summary.md`` and ``plots/accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from medrl.align.records import Sample, UserError
+from medrl.launch.eval_data import EvalDataset
+from medrl.launch.eval_metrics import choose_option, majority, pass_at_k, wilson_interval
+
+Mode = Literal["loglik", "generate"]
+
+
+# --------------------------------------------------------------------- log-likelihood items
+
+
+def loglik_context(row: dict[str, Any], choices: str) -> str:
+    """The plain-text context of a multiple-choice row (module docstring)."""
+    parts = []
+    context = row.get("context")
+    if context:
+        text = " ".join(context) if isinstance(context, (list, tuple)) else str(context)
+        parts.append(f"Abstract: {text.strip()}")
+    parts.append(f"Question: {str(row['question']).strip()}")
+    if choices == "letters":
+        parts += [f"{k}. {v}" for k, v in row["options"].items()]
+    return "\n".join(parts) + "\nAnswer:"
+
+
+def continuations(row: dict[str, Any], choices: str) -> list[str]:
+    """One continuation per option, in option order: ``" A"``..., or ``" yes"``..."""
+    if choices == "letters":
+        return [f" {k}" for k in row["options"]]
+    return [f" {str(v).strip().lower()}" for v in row["options"].values()]
+
+
+def encode_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids): the whole text is encoded once and split where the
+    context's own encoding ends, so merges across the boundary tokenise as the model would see
+    them; if the whole text does not start with the context's ids, both are encoded apart."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
+        return list(ctx), list(whole[len(ctx):])
+    return list(ctx), list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+
+def loglik_requests(tokenizer, item: Sample, choices: str) -> list[Sample]:
+    """One sample per option: the context as prompt ids, the continuation as completion ids."""
+    context = loglik_context(item.row, choices)
+    out = []
+    for i, cont in enumerate(continuations(item.row, choices)):
+        ctx_ids, cont_ids = encode_continuation(tokenizer, context, cont)
+        out.append(replace(item, uid=f"{item.uid}/{i}", prompt_ids=ctx_ids,
+                           completion_ids=cont_ids, images=[], volume=None))
+    return out
+
+
+# ---------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class Prediction:
+    """One item's outcome. ``choice`` / ``choice_norm``: letters picked (loglik);
+    ``answers``: the extracted answer of each sample (generate; None = none found)."""
+
+    uid: str
+    gold: str
+    category: str | None = None
+    choice: str | None = None
+    choice_norm: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    answers: list[str | None] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+
+    def record(self, log_text: bool) -> dict[str, Any]:
+        out = {k: v for k, v in vars(self).items() if v not in (None, [])}
+        if not log_text:
+            out.pop("completions", None)
+        return out
+
+
+def loglik_prediction(item: Sample, scores: Sequence[Sequence[float]], choices: str,
+                      category: str | None) -> Prediction:
+    """The choices of one item from its options' continuation log-probs."""
+    letters = list(item.row["options"])
+    sums = [float(sum(s)) for s in scores]
+    plain, normed = choose_option(sums, [len(c) for c in continuations(item.row, choices)])
+    return Prediction(uid=item.uid, gold=item.row["gold"], category=category,
+                      choice=letters[plain], choice_norm=letters[normed], logprobs=sums)
+
+
+def extracted_letter(text: str, row: dict[str, Any], choices: str) -> str | None:
+    """The option letter a completion answers (None when it names none)."""
+    from medrl.rewards.rules import extract_letter, extract_yes_no_maybe
+
+    options = {str(k).upper(): str(v) for k, v in row["options"].items()}  # lettered by the loader
+    if choices == "letters":
+        return extract_letter(text, options)
+    word = extract_yes_no_maybe(text, options)
+    return next((k for k, v in options.items() if v.strip().lower() == word), None)
+
+
+def generate_prediction(item: Sample, completions: Sequence[Sample], choices: str,
+                        category: str | None) -> Prediction:
+    texts = [c.completion_text for c in completions]
+    return Prediction(uid=item.uid, gold=item.row["gold"], category=category,
+                      answers=[extracted_letter(t, item.row, choices) for t in texts],
+                      completions=texts)
+
+
+# -------------------------------------------------------------------------------- metrics
+
+
+def proportion(successes: float, n: int) -> dict[str, float]:
+    """``{"value", "n", "low", "high"}`` with the Wilson interval (successes may be a mean
+    of per-item shares, e.g. pass@1 over samples: the interval then uses its rounding)."""
+    low, high = wilson_interval(int(round(successes)), n)
+    return {"value": successes / n if n else math.nan, "n": n, "low": low, "high": high}
+
+
+def metrics_of(predictions: Sequence[Prediction], mode: Mode) -> dict[str, dict[str, float]]:
+    """Accuracy metrics of a list of predictions (module docstring)."""
+    n = len(predictions)
+    if mode == "loglik":
+        return {"acc": proportion(sum(p.choice == p.gold for p in predictions), n),
+                "acc_norm": proportion(sum(p.choice_norm == p.gold for p in predictions), n)}
+    samples = len(predictions[0].answers) if predictions else 1
+    out = {"acc": proportion(sum(sum(a == p.gold for a in p.answers) / len(p.answers)
+                                 for p in predictions), n),
+           "answered": proportion(sum(sum(a is not None for a in p.answers) / len(p.answers)
+                                      for p in predictions), n)}
+    if samples > 1:
+        out[f"maj@{samples}"] = proportion(sum(majority(p.answers) == p.gold
+                                               for p in predictions), n)
+        out[f"pass@{samples}"] = proportion(sum(pass_at_k(samples, sum(
+            a == p.gold for a in p.answers), samples) for p in predictions), n)
+    return out
+
+
+def dataset_results(ds: EvalDataset, predictions: Sequence[Prediction], mode: Mode,
+                    too_long: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": str(ds.path), "n": len(predictions),
+                           "skipped": {"too_long": too_long, "unlabelled": ds.unlabelled},
+                           "metrics": metrics_of(predictions, mode)}
+    if ds.category:
+        groups: dict[str, list[Prediction]] = defaultdict(list)
+        for p in predictions:
+            groups[str(p.category)].append(p)
+        out["by_category"] = {k: metrics_of(v, mode) for k, v in sorted(groups.items())}
+    return out
+
+
+# ------------------------------------------------------------------------------ the runs
+
+
+@dataclass
+class EvalOptions:
+    """How ``medrl eval`` scores (its command-line options as plain values)."""
+
+    mode: Mode = "loglik"
+    samples: int = 1
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    log_text: bool = False
+
+
+def fits(sample: Sample, max_len: int, new_tokens: int = 0) -> bool:
+    return len(sample.prompt_ids) + len(sample.completion_ids) + new_tokens <= max_len
+
+
+def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_len: int
+                     ) -> tuple[list[Prediction], int]:
+    """(predictions, items too long for the context) of one dataset on the engine group."""
+    from medrl.align.encode import encode_prompt
+    from medrl.rollouts.engine import SamplingParams
+
+    def category(item):
+        return None if ds.category is None else item.row.get(ds.category)
+
+    if opts.mode == "loglik":
+        requests = [(item, loglik_requests(tokenizer, item, ds.choices)) for item in ds.items]
+        kept = [(item, reqs) for item, reqs in requests if all(fits(r, max_len) for r in reqs)]
+        flat = [r for _, reqs in kept for r in reqs]
+        scores = group.score(flat) if flat else []
+        out, at = [], 0
+        for item, reqs in kept:
+            out.append(loglik_prediction(item, scores[at:at + len(reqs)], ds.choices,
+                                         category(item)))
+            at += len(reqs)
+        return out, len(requests) - len(kept)
+    prompts = [replace(item, prompt_ids=encode_prompt(tokenizer, item).prompt_ids[0])
+               for item in ds.items]
+    kept = [p for p in prompts if fits(p, max_len, opts.max_new_tokens)]
+    greedy = opts.samples == 1
+    sampling = SamplingParams(temperature=0.0 if greedy else opts.temperature,
+                              max_new_tokens=opts.max_new_tokens, n=opts.samples, seed=opts.seed)
+    completions = group.generate(kept, sampling) if kept else []
+    out = [generate_prediction(item, completions[i * opts.samples:(i + 1) * opts.samples],
+                               ds.choices, category(item)) for i, item in enumerate(kept)]
+    return out, len(prompts) - len(kept)
+
+
+def write_report(out_dir: Path, *, model: str, opts: EvalOptions,
+                 results: dict[str, dict[str, Any]],
+                 predictions: dict[str, list[Prediction]]) -> str:
+    """Write results.json, predictions, summary.md and the accuracy plot; returns the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"model": model, "mode": opts.mode, "samples": opts.samples, "seed": opts.seed,
+           "temperature": None if opts.samples == 1 else opts.temperature,
+           "datasets": results}
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
+    for name, preds in predictions.items():
+        (out_dir / name).mkdir(exist_ok=True)
+        with open(out_dir / name / "predictions.jsonl", "w") as f:
+            for p in preds:
+                f.write(json.dumps(p.record(opts.log_text)) + "\n")
+    summary = summary_markdown(model, opts, results)
+    (out_dir / "summary.md").write_text(summary)
+    plot_accuracy(out_dir / "plots" / "accuracy.png", results)
+    return summary
+
+
+def summary_markdown(model: str, opts: EvalOptions, results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"# medrl eval: {model}", "", f"mode {opts.mode}, samples {opts.samples}, "
+             f"seed {opts.seed}; 95% Wilson intervals", "",
+             "| dataset | metric | value | 95% CI | n | skipped |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        skipped = ", ".join(f"{k} {v}" for k, v in r["skipped"].items() if v) or "0"
+        for metric, m in r["metrics"].items():
+            lines.append(f"| {name} | {metric} | {m['value']:.3f} | "
+                         f"[{m['low']:.3f}, {m['high']:.3f}] | {m['n']} | {skipped} |")
+        for cat, ms in r.get("by_category", {}).items():
+            m = ms["acc"]
+            lines.append(f"| {name} / {cat} | acc | {m['value']:.3f} | "
+                         f"[{m['low']:.3f}, {m['high']:.3f}] | {m['n']} | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(path: Path, results: dict[str, dict[str, Any]]) -> None:
+    """Accuracy per dataset (and category) with its interval, one bar each."""
+    from matplotlib.figure import Figure
+
+    bars = []
+    for name, r in results.items():
+        bars.append((name, r["metrics"]["acc"]))
+        bars += [(f"{name}/{cat}", ms["acc"]) for cat, ms in r.get("by_category", {}).items()]
+    fig = Figure(figsize=(max(4.0, 0.9 * len(bars) + 1.5), 3.5))
+    ax = fig.subplots()
+    values = [m["value"] for _, m in bars]
+    errors = [[v - m["low"] for v, (_, m) in zip(values, bars)],
+              [m["high"] - v for v, (_, m) in zip(values, bars)]]
+    ax.bar(range(len(bars)), values, yerr=errors, capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (95% CI)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def resolve_target(target: str, *, seed: int = 0) -> tuple[Path, str]:
+    """(model folder, a name for the report) of a run folder, checkpoint folder, HF folder or
+    ``tiny:<arch>``; a folder without weights is a :class:`UserError` naming it."""
+    from medrl.align.models import resolve_policy
+
+    folder = resolve_policy(target, seed=seed)
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise UserError(f"{folder} holds no model weights (*.safetensors or *.bin); point "
+                        "medrl eval at a finished checkpoint or a complete model folder.")
+    name = folder.parent.name if folder.name == "policy" else folder.name
+    return folder, name
+
+
+def default_out_dir(target: str, name: str) -> Path:
+    """``RUN_DIR/eval/<checkpoint>`` for a run or checkpoint folder, else ``eval/<name>``."""
+    path = Path(target).expanduser()
+    if (path / "checkpoints").is_dir():
+        return path / "eval" / name
+    if (path / "policy").is_dir() and path.parent.name == "checkpoints":
+        return path.parent.parent / "eval" / name
+    return Path("eval") / name
+
+
+def run_eval(target: str, datasets: Sequence[EvalDataset], out_dir: Path, opts: EvalOptions,
+             *, workers: int = 1, backend: str = "hf", cpus_per_worker: float = 1.0,
+             max_model_len: int = 4096, progress=None) -> tuple[dict[str, Any], str]:
+    """Score ``datasets`` with the model of ``target`` on ``workers`` engine actors (Ray must
+    be initialised); writes the report into ``out_dir``. Returns (results, summary)."""
+    from medrl.align.encode import text_tokenizer
+    from medrl.align.models import context_length, load_tokenizer
+    from medrl.rollouts.worker import RolloutGroup
+
+    folder, _ = resolve_target(target, seed=opts.seed)
+    positions = context_length(folder)
+    max_len = min(max_model_len, positions) if positions else max_model_len
+    tokenizer = text_tokenizer(load_tokenizer(folder))
+    group = RolloutGroup(workers, backend, str(folder),
+                         {"dtype": "float32", "max_model_len": max_len, "seed": opts.seed},
+                         num_cpus_per_worker=cpus_per_worker, max_restarts=0)
+    results, predictions = {}, {}
+    try:
+        for ds in datasets:
+            preds, too_long = evaluate_dataset(group, tokenizer, ds, opts, max_len)
+            results[ds.name] = dataset_results(ds, preds, opts.mode, too_long)
+            predictions[ds.name] = preds
+            if progress is not None:
+                progress(ds.name, results[ds.name])
+    finally:
+        group.shutdown()
+    summary = write_report(out_dir, model=str(folder), opts=opts, results=results,
+                           predictions=predictions)
+    return results, summary

@@ -1,0 +1,144 @@
+"""medrl eval's scoring on a tiny model and real items: the log-likelihood choice against an
+independent computation of the same definition, generation metrics on known completions,
+the datasets and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medrl.align.records import Sample, UserError
+from medrl.launch.eval_data import EvalDataset, load_eval_dataset
+from medrl.launch.evaluate import (EvalOptions, evaluate_dataset, generate_prediction,
+                                   loglik_context, metrics_of)
+
+
+class InProcess:
+    """The engine group's score / generate on one in-process HF engine."""
+
+    def __init__(self, model_dir):
+        from medrl.rollouts.hf_engine import HFEngine
+
+        self.engine = HFEngine(model_dir, seed=0)
+
+    def score(self, samples):
+        return self.engine.score(samples)
+
+    def generate(self, prompts, sampling):
+        return self.engine.generate(prompts, sampling)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_qwen2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (tiny_qwen2, AutoTokenizer.from_pretrained(tiny_qwen2),
+            AutoModelForCausalLM.from_pretrained(tiny_qwen2).eval(), InProcess(tiny_qwen2))
+
+
+def by_hand(model, tokenizer, context: str, continuation: str) -> float:
+    """Sum of the continuation tokens' log-probs given the context: one forward pass of the
+    two encoded apart and joined (the definition, computed without medrl's code)."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return float(sum(logp[len(ctx) + j - 1, t] for j, t in enumerate(cont)))
+
+
+@pytest.mark.parametrize("preset", ["medqa", "pubmedqa"])
+def test_loglik_choice_equals_an_independent_computation(shared_data, tiny, preset):
+    model_dir, tok, model, group = tiny
+    ds = load_eval_dataset(preset, root=shared_data, max_samples=6)
+    preds, too_long = evaluate_dataset(group, tok, ds, EvalOptions(mode="loglik"), 4096)
+    assert too_long == 0 and len(preds) == 6
+    for item, p in zip(ds.items, preds):
+        context = loglik_context(item.row, ds.choices)
+        conts = ([f" {k}" for k in item.row["options"]] if ds.choices == "letters"
+                 else [f" {v}" for v in item.row["options"].values()])
+        sums = [by_hand(model, tok, context, c) for c in conts]
+        assert p.logprobs == pytest.approx(sums, abs=2e-4)
+        letters = list(item.row["options"])
+        assert p.choice == letters[max(range(len(sums)), key=sums.__getitem__)]
+        per_char = [s / len(c) for s, c in zip(sums, conts)]
+        assert p.choice_norm == letters[max(range(len(sums)), key=per_char.__getitem__)]
+    m = metrics_of(preds, "loglik")
+    assert m["acc"]["value"] == sum(p.choice == p.gold for p in preds) / 6
+
+
+def test_contexts_follow_the_harness_layout(shared_data):
+    medqa = load_eval_dataset("medqa", root=shared_data, max_samples=1).items[0].row
+    text = loglik_context(medqa, "letters")
+    assert text.startswith("Question: ") and text.endswith("\nD. " + medqa["options"]["D"] +
+                                                           "\nAnswer:")
+    pqal = load_eval_dataset("pubmedqa_pqal", root=shared_data, max_samples=1).items[0].row
+    text = loglik_context(pqal, "words")
+    assert text.startswith("Abstract: ") and "\nQuestion: " in text and "A. yes" not in text
+    assert pqal["gold"] in ("A", "B", "C")
+
+
+def test_items_too_long_for_the_context_are_counted(shared_data, tiny):
+    _, tok, _, group = tiny
+    ds = load_eval_dataset("medqa", root=shared_data, max_samples=4)
+    preds, too_long = evaluate_dataset(group, tok, ds, EvalOptions(mode="loglik"), 40)
+    assert too_long == 4 and preds == []
+
+
+def completion(text: str) -> Sample:
+    return Sample(uid="c", group_id="c", completion_text=text)
+
+
+def test_generation_metrics_on_known_completions():
+    row = {"options": {"A": "aspirin", "B": "heparin", "C": "rest"}, "gold": "B"}
+    item = Sample(uid="q1", group_id="q1", row=row)
+    p1 = generate_prediction(item, [completion("B"), completion("The answer is A"),
+                                    completion("heparin"), completion("no idea")],
+                             "letters", None)
+    assert p1.answers == ["B", "A", "B", None]
+    p2 = generate_prediction(Sample(uid="q2", group_id="q2", row=dict(row, gold="C")),
+                             [completion("A")] * 4, "letters", None)
+    m = metrics_of([p1, p2], "generate")
+    assert m["acc"]["value"] == pytest.approx((2 / 4 + 0) / 2)  # pass@1 over the samples
+    assert m["maj@4"]["value"] == 0.5  # q1: B twice beats A once; q2: A
+    assert m["pass@4"]["value"] == 0.5
+    assert m["answered"]["value"] == pytest.approx((3 / 4 + 1) / 2)
+
+
+def test_greedy_generation_on_the_engine_is_one_sample_per_item(shared_data, tiny):
+    _, tok, _, group = tiny
+    ds = load_eval_dataset("medqa", root=shared_data, max_samples=2)
+    preds, too_long = evaluate_dataset(group, tok, ds, EvalOptions(
+        mode="generate", max_new_tokens=4), 4096)
+    assert too_long == 0 and [len(p.answers) for p in preds] == [1, 1]
+    assert set(metrics_of(preds, "generate")) == {"acc", "answered"}
+
+
+def test_dataset_errors_name_what_and_where(tmp_path):
+    with pytest.raises(UserError, match="neither a preset .*medqa.* nor a file"):
+        load_eval_dataset("medqb", root=tmp_path, max_samples=None)
+    with pytest.raises(UserError, match="preset 'medqa' reads medqa/test.jsonl under a data "
+                                        "root; pass --data-root"):
+        load_eval_dataset("medqa", root=None, max_samples=None)
+    with pytest.raises(UserError, match=r"medqa/test.jsonl not found"):
+        load_eval_dataset("medqa", root=tmp_path, max_samples=None)
+    path = tmp_path / "open.jsonl"
+    path.write_text(json.dumps({"question": "Q?", "answer": "yes"}) + "\n")
+    with pytest.raises(UserError, match=r"open.jsonl: column 'options' \(data.fields.options\) "
+                                        r"not found"):
+        load_eval_dataset(str(path), root=None, max_samples=None)
+    path.write_text(json.dumps({"question": "Q?", "options": None, "answer": "yes"}) + "\n")
+    with pytest.raises(UserError, match=r"open.jsonl: sample open-0 \(row 0\): the mcq template "
+                                        r"needs options"):
+        load_eval_dataset(str(path), root=None, max_samples=None)
+
+
+def test_rows_without_a_gold_answer_are_counted_not_scored(tmp_path):
+    path = tmp_path / "mcq.jsonl"
+    rows = [{"question": "Q1?", "options": {"A": "x", "B": "y"}, "answer": "A"},
+            {"question": "Q2?", "options": {"A": "x", "B": "y"}, "answer": None}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds: EvalDataset = load_eval_dataset(str(path), root=None, max_samples=None)
+    assert [s.row["gold"] for s in ds.items] == ["A"] and ds.unlabelled == 1
