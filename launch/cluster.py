@@ -45,9 +45,12 @@ LOOPBACK = "127.0.0.1"  # the embedded cluster's node address: every Ray server 
 
 
 def cpus_needed(recipe: Recipe) -> float:
-    """Logical CPUs the recipe's actors reserve."""
+    """Logical CPUs the recipe's actors reserve (reward actors and judge actors included)."""
+    from medrl.rewards.rubric import judge_cpus
+
     c = recipe.cluster
     rewards = sum(r.num_cpus for r in recipe.rewards.functions if r.actor)
+    rewards += judge_cpus([r.model_dump() for r in recipe.rewards.functions])
     return (recipe.rollout.num_workers * c.rollout_cpus
             + recipe.learner.num_workers * c.learner_cpus + rewards)
 

@@ -358,6 +358,22 @@ def judge_options(kind: ScorerKind, max_new_tokens: int | None, max_retries: int
             2 if max_retries is None else max_retries, on_malformed or "error")
 
 
+def judge_cpus(functions: Sequence[dict[str, Any]]) -> float:
+    """Logical CPUs the judge actors of a recipe's ``rubric`` rewards reserve (``replicas`` x
+    ``judge_num_cpus`` per distinct scorer model and kind; rewards sharing one judge count it
+    once), so an embedded cluster is started with room for them. functions: the recipe's
+    ``rewards.functions`` as dicts."""
+    judges: dict[tuple[Any, Any], float] = {}
+    for f in functions:
+        if f.get("name") != "rubric":
+            continue
+        k = f.get("kwargs") or {}
+        key = (str(k.get("model")), k.get("scorer", "reward_model"))
+        need = float(k.get("replicas", 1)) * float(k.get("judge_num_cpus", 1.0))
+        judges[key] = max(judges.get(key, 0.0), need)
+    return sum(judges.values())
+
+
 # --- the reward ---------------------------------------------------------------------------------
 
 

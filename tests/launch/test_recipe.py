@@ -342,3 +342,19 @@ def test_every_shipped_recipe_validates_as_it_is(name):
     path = REPO / "recipes" / name
     checked = check_recipe(load_recipe(path), path.parent)
     assert checked[0] == "schema" and any(c.startswith("data:") for c in checked)
+
+
+def test_judge_actors_count_in_the_cpus_an_embedded_cluster_reserves():
+    from medrl.launch.cluster import cpus_needed
+
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["data"]["path"] = str(REPO / "recipes" / data["data"]["path"])
+    base = cpus_needed(Recipe.model_validate(data))
+    judge = {"name": "rubric", "kwargs": {"model": "tiny:qwen2", "replicas": 2,
+                                          "judge_num_cpus": 1.5}}
+    other = {"name": "rubric", "alias": "hb", "kwargs": {"model": "tiny:qwen2", "replicas": 2,
+                                                         "judge_num_cpus": 1.5,
+                                                         "aggregation": "healthbench"}}
+    data["rewards"]["functions"] = data["rewards"]["functions"] + [judge, other]
+    # the two rubric rewards share one judge: 2 replicas x 1.5 CPUs, counted once
+    assert cpus_needed(Recipe.model_validate(data)) == base + 3.0
