@@ -29,6 +29,10 @@ BENCHMARKS: list[tuple[str, str, list[str]]] = [
     ("learner", "bench.bench_learner", []),
     # loss variants vs GRPO; token-budget vs fixed micro-batches on unequal lengths
     ("variants", "bench.bench_variants", []),
+    # rubric reward vs a plain forward of its reward model; cost per step as G and criteria grow
+    ("rubric", "bench.bench_rubric", []),
+    # the reward_model stage's Bradley-Terry step vs raw torch on the same pairs
+    ("reward_model", "bench.bench_reward_model", []),
     ("qat", "bench.bench_qat", []),  # fake-quantised (HiF8 / E4M3) step vs full precision; quantiser alone
     # medrl's driver vs TRL's GRPOTrainer and the raw loop (interleaved in its process); scaling; memory
     ("e2e", "bench.bench_e2e", []),
