@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from bench.common import (SHARED_DATA, base_parser, bench_cache_dir, finish_args, interleave,
-                          paired_ratio, save_result, start_clock, table)
+                          paired_ratio, save_model_folder, save_result, start_clock, table)
 
 MODULE = "bench.bench_rubric"
 HEALTHBENCH = SHARED_DATA / "healthbench" / "oss_eval_sample.jsonl"
@@ -100,16 +97,7 @@ def build_scorer_model(kind: str, *, seed: int = 0) -> Path:
         model = Qwen2ForCausalLM(config)
         model.generation_config.eos_token_id = eos
         model.generation_config.pad_token_id = pad
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return save_model_folder(model, tokenizer, out_dir)
 
 
 # --- the batch ----------------------------------------------------------------------------------

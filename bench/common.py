@@ -93,6 +93,12 @@ def build_model(size: str = "5m", *, seed: int = 0, cache_dir: str | Path | None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = pad
+    return save_model_folder(model, tokenizer, out_dir)
+
+
+def save_model_folder(model, tokenizer, out_dir: Path) -> Path:
+    """``save_pretrained`` of both into a temporary sibling renamed into place, so an
+    interrupted build is never taken for a finished one; returns ``out_dir``."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -11,8 +11,8 @@ a row without a gold answer is counted as unlabelled and left out, never silentl
 | --- | --- | --- | --- |
 | ``medqa`` | ``medqa/test.jsonl`` (USMLE, 4 options) | A-D | ``meta_info`` (step1, step2&3) |
 | ``medmcqa`` | ``medmcqa/test.jsonl`` | A-D | |
-| ``pubmedqa`` | ``pubmedqa/medagents_test.jsonl`` (context inside the question) | yes/no/maybe | |
-| ``pubmedqa_pqal`` | ``pubmedqa/ori_pqal.json`` (expert-labelled, contexts apart) | yes/no/maybe | ``YEAR`` |
+| ``pubmedqa`` | ``pubmedqa/medagents_test.jsonl`` (context in the question) | yes/no/maybe | |
+| ``pubmedqa_pqal`` | ``pubmedqa/ori_pqal.json`` (contexts apart) | yes/no/maybe | ``YEAR`` |
 """
 
 from __future__ import annotations

@@ -122,8 +122,8 @@ def criterion_examples(winner: Sequence[float | None], loser: Sequence[float | N
                        ) -> list[tuple[int, bool]]:
     """(criterion index, winner meets it more) for each criterion that applies to both
     responses and on which their verdicts differ."""
-    return [(i, w > l) for i, (w, l) in enumerate(zip(winner, loser, strict=True))
-            if w is not None and l is not None and w != l]
+    return [(i, win > lose) for i, (win, lose) in enumerate(zip(winner, loser, strict=True))
+            if win is not None and lose is not None and win != lose]
 
 
 def rubric_pairs(sample: Sample, *, responses_field: str) -> list[Sample]:
@@ -136,10 +136,10 @@ def rubric_pairs(sample: Sample, *, responses_field: str) -> list[Sample]:
     criteria = rubric.criteria
     instruction = instruction_text(sample.messages)
     out = []
-    for w, l in lexicographic_pairs([c.tier for c in criteria], [c.weight for c in criteria],
-                                    [v for _, v in graded]):
-        for i, winner_more in criterion_examples(graded[w][1], graded[l][1]):
-            chosen, rejected = (w, l) if winner_more else (l, w)
+    for win, lose in lexicographic_pairs([c.tier for c in criteria],
+                                         [c.weight for c in criteria], [v for _, v in graded]):
+        for i, winner_more in criterion_examples(graded[win][1], graded[lose][1]):
+            chosen, rejected = (win, lose) if winner_more else (lose, win)
             out.append(_pair(sample, len(out), instruction, criteria[i].text, graded[chosen][0],
                              graded[rejected][0], criteria[i].tier))
     return out

@@ -24,8 +24,8 @@ def test_bt_loss_equals_a_hand_computation():
     chosen = torch.tensor([2.0, 0.5, -1.0])
     rejected = torch.tensor([1.0, 0.5, 0.0])
     loss, metrics = bt_loss(chosen, rejected)
-    by_hand = sum(-math.log(1 / (1 + math.exp(-(w - l))))
-                  for w, l in [(2.0, 1.0), (0.5, 0.5), (-1.0, 0.0)]) / 3
+    by_hand = sum(-math.log(1 / (1 + math.exp(-(win - lose))))
+                  for win, lose in [(2.0, 1.0), (0.5, 0.5), (-1.0, 0.0)]) / 3
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
     assert metrics["accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)  # a tie counts one half
     assert metrics["margin"] == pytest.approx((1.0 + 0.0 - 1.0) / 3)
