@@ -44,6 +44,9 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
         loaded = load_rewards([s.model_dump() for s in recipe.rewards.functions],
                               base_dir=recipe_dir,
                               veto=[v.model_dump() for v in recipe.rewards.veto])
+        for r in loaded:  # a class reward's __init__ is cheap and checks its own arguments
+            if r.kind == "class":
+                r.target(**r.kwargs)
         checked.append(f"{len(loaded)} reward(s) loaded, arguments bound")
     return checked
 

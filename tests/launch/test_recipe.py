@@ -358,3 +358,13 @@ def test_judge_actors_count_in_the_cpus_an_embedded_cluster_reserves():
     data["rewards"]["functions"] = data["rewards"]["functions"] + [judge, other]
     # the two rubric rewards share one judge: 2 replicas x 1.5 CPUs, counted once
     assert cpus_needed(Recipe.model_validate(data)) == base + 3.0
+
+
+def test_validate_runs_class_rewards_own_argument_checks(tmp_path):
+    data = base()
+    data["rewards"]["functions"] = [{"name": "rubric", "kwargs": {"model": "tiny:qwen2",
+                                                                  "veto_penalty": 1.1}}]
+    result = runner.invoke(app, ["validate", str(write_recipe(tmp_path, data))])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert ("kwargs.veto_penalty is 1.1; it must be > 1 + beta = 1.2"
+            in " ".join(result.output.split()))
