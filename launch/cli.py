@@ -160,7 +160,7 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
                                                  "folder, or tiny:qwen2"),
           datasets: str = typer.Option(..., "--datasets", "-d",
                                        help="comma-separated presets (medqa, medmcqa, pubmedqa, "
-                                            "pubmedqa_pqal) or data files"),
+                                            "pubmedqa_pqal, healthbench) or data files"),
           data_root: Optional[Path] = typer.Option(None, "--data-root",
                                                    help="folder of the preset files "
                                                         "(default $MEDRL_DATA_DIR)"),
@@ -180,7 +180,12 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
                                              "RUN_DIR/eval/<checkpoint> or eval/<model>)"),
           seed: int = typer.Option(0, "--seed"),
           log_text: bool = typer.Option(False, "--log-text",
-                                        help="keep completion texts in predictions.jsonl")):
+                                        help="keep completion texts in predictions.jsonl"),
+          judge: Optional[str] = typer.Option(None, "--judge",
+                                              help="rubric datasets: the criterion scorer's "
+                                                   "model (folder, reward_model run, tiny:qwen2)"),
+          judge_scorer: str = typer.Option("reward_model", "--judge-scorer",
+                                           help="reward_model or judge (a generative judge LM)")):
     """Score a model on medical multiple-choice benchmarks (see docs/eval.md).
 
     Writes results.json (every figure with its n and 95% interval), per-item predictions,
@@ -196,6 +201,8 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
             raise UserError(f"--mode must be loglik or generate, not {mode!r}.")
         if backend not in ("hf", "vllm"):
             raise UserError(f"--backend must be hf or vllm, not {backend!r}.")
+        if judge_scorer not in ("reward_model", "judge"):
+            raise UserError(f"--judge-scorer must be reward_model or judge, not {judge_scorer!r}.")
         mapping = {}
         for item in fields or []:
             name, sep, column = item.partition("=")
@@ -208,8 +215,10 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
         _, name = resolve_target(target, seed=seed)
         out_dir = out or default_out_dir(target, name)
         opts = EvalOptions(mode=mode, samples=samples, temperature=temperature,
-                           max_new_tokens=max_new_tokens, seed=seed, log_text=log_text)
-        start_cluster(ClusterConfig(), cpus=workers, resources={})
+                           max_new_tokens=max_new_tokens, seed=seed, log_text=log_text,
+                           judge=judge, judge_scorer=judge_scorer)
+        judged = any(d.kind == "rubric" for d in loaded)  # + one judge actor
+        start_cluster(ClusterConfig(), cpus=workers + judged, resources={})
         _, summary = run_eval(target, loaded, out_dir, opts, workers=workers, backend=backend,
                               progress=lambda ds, r: say(f"{ds}: {r['n']} items scored"))
     except UserError as exc:

@@ -13,6 +13,11 @@ a row without a gold answer is counted as unlabelled and left out, never silentl
 | ``medmcqa`` | ``medmcqa/test.jsonl`` | A-D | |
 | ``pubmedqa`` | ``pubmedqa/medagents_test.jsonl`` (context in the question) | yes/no/maybe | |
 | ``pubmedqa_pqal`` | ``pubmedqa/ori_pqal.json`` (contexts apart) | yes/no/maybe | ``YEAR`` |
+| ``healthbench`` | ``healthbench/oss_eval_sample.jsonl`` | rubric-graded free text | theme |
+
+A rubric dataset (``kind="rubric"``) holds conversations and physician rubrics instead of
+options: its items need ``row["rubric"]``, and the theme is read from HealthBench's
+``example_tags`` (``theme:<name>``) into ``row["theme"]``.
 """
 
 from __future__ import annotations
@@ -32,13 +37,15 @@ YES_NO_MAYBE = {"A": "yes", "B": "no", "C": "maybe"}
 @dataclass(frozen=True)
 class Preset:
     """path: under the data root. fields, template: as in a recipe's ``data`` section.
+    kind: multiple-choice items, or conversations graded by a rubric.
     choices: what a log-likelihood continuation is, the option ``letters`` or the option
     ``words`` (yes / no / maybe). options: fixed options for rows that carry none.
-    category: a row field to break accuracy down by."""
+    category: a row field to break the figures down by."""
 
     path: str
     fields: dict[str, str] = field(default_factory=dict)
-    template: Literal["mcq", "open"] = "mcq"
+    template: Literal["mcq", "open", "chat"] = "mcq"
+    kind: Literal["mcq", "rubric"] = "mcq"
     choices: Literal["letters", "words"] = "letters"
     options: dict[str, str] | None = None
     category: str | None = None
@@ -55,6 +62,9 @@ PRESETS: dict[str, Preset] = {
                              "answer": "final_decision"},
                             template="open", choices="words", options=YES_NO_MAYBE,
                             category="YEAR"),
+    "healthbench": Preset("healthbench/oss_eval_sample.jsonl",
+                          {"id": "prompt_id", "messages": "prompt", "rubric": "rubrics"},
+                          template="chat", kind="rubric", category="theme"),
 }
 
 
@@ -69,6 +79,7 @@ class EvalDataset:
     choices: str
     category: str | None
     unlabelled: int = 0
+    kind: str = "mcq"
 
 
 def data_root(given: str | Path | None) -> Path | None:
@@ -105,6 +116,8 @@ def load_eval_dataset(spec: str, *, root: Path | None, max_samples: int | None,
     mapping = {**preset.fields, **(fields or {})}
     cfg = DataConfig(path=str(path), fields=mapping, template=preset.template,
                      max_samples=max_samples)
+    if preset.kind == "rubric":
+        return rubric_dataset(name, path, load_samples(cfg), preset)
     items, unlabelled = [], 0
     for s in load_samples(cfg):
         row = dict(s.row)
@@ -124,3 +137,21 @@ def load_eval_dataset(spec: str, *, root: Path | None, max_samples: int | None,
                         f"mapping {mapping}); check --fields.")
     return EvalDataset(name=name, path=path, items=items, choices=preset.choices,
                        category=preset.category, unlabelled=unlabelled)
+
+
+def rubric_dataset(name: str, path: Path, samples: list[Sample], preset: Preset) -> EvalDataset:
+    """A rubric-graded dataset: rows without a rubric are counted as unlabelled; the theme
+    comes from ``example_tags`` (``theme:<name>``; "none" when a row has none)."""
+    items, unlabelled = [], 0
+    for s in samples:
+        if not s.row.get("rubric"):
+            unlabelled += 1
+            continue
+        tags = s.row.get("example_tags") or []
+        theme = next((t.split(":", 1)[1] for t in tags if str(t).startswith("theme:")), "none")
+        items.append(dataclasses.replace(s, row={**s.row, "theme": theme}))
+    if not items:
+        raise UserError(f"{path}: no row has a rubric (data field 'rubric'); check --field "
+                        "rubric=COLUMN.")
+    return EvalDataset(name=name, path=path, items=items, choices="", category=preset.category,
+                       unlabelled=unlabelled, kind="rubric")

@@ -18,6 +18,13 @@ split between them). Modes:
   samples (the unbiased estimator); with N > 1 also ``maj@N`` (the most frequent answer) and
   ``pass@N``.
 
+Rubric datasets (HealthBench) are always generated, and each completion is graded against the
+row's physician rubric by the ``rubric`` reward with HealthBench's aggregation (points of the
+criteria met / sum of positive points, clipped to [0, 1]), its criteria scored by ``--judge``
+(a criterion reward model, or a judge LM with ``--judge-scorer judge``) in the shared judge
+actors; ``score`` is the mean over items with a 95% bootstrap interval, also per theme and
+per axis (``axis:<name>``).
+
 Every accuracy is reported with its n and a 95% Wilson interval. Items that cannot be scored
 (the prompt does not fit the engine's context) are counted per dataset (``too_long``), as are
 rows without a gold answer (``unlabelled``). Output in ``OUT`` (:func:`write_report`):
@@ -36,7 +43,8 @@ from typing import Any, Literal, Sequence
 
 from medrl.align.records import Sample, UserError
 from medrl.launch.eval_data import EvalDataset
-from medrl.launch.eval_metrics import choose_option, majority, pass_at_k, wilson_interval
+from medrl.launch.eval_metrics import (bootstrap_interval, choose_option, majority, pass_at_k,
+                                       wilson_interval)
 
 Mode = Literal["loglik", "generate"]
 
@@ -102,6 +110,9 @@ class Prediction:
     logprobs: list[float] = field(default_factory=list)
     answers: list[str | None] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)  # rubric: one per sample
+    dims: dict[str, float] = field(default_factory=dict)  # rubric: axis means over samples
+    verdicts: list[list[float | None]] = field(default_factory=list)  # rubric: by criterion
 
     def record(self, log_text: bool) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if v not in (None, [])}
@@ -139,6 +150,21 @@ def generate_prediction(item: Sample, completions: Sequence[Sample], choices: st
                       completions=texts)
 
 
+def rubric_prediction(item: Sample, completions: Sequence[Sample], results: Sequence[Any],
+                      category: str | None) -> Prediction:
+    """One rubric item's grades (``results``: the rubric reward's, one per completion)."""
+    dims: dict[str, list[float]] = defaultdict(list)
+    for r in results:
+        for key, value in (r.dims or {}).items():
+            if key.startswith("axis:") and value is not None:
+                dims[key].append(float(value))
+    return Prediction(uid=item.uid, gold="", category=category,
+                      scores=[r.score for r in results],
+                      verdicts=[list((r.info or {}).get("verdicts", [])) for r in results],
+                      dims={k: sum(v) / len(v) for k, v in sorted(dims.items())},
+                      completions=[c.completion_text for c in completions])
+
+
 # -------------------------------------------------------------------------------- metrics
 
 
@@ -149,8 +175,33 @@ def proportion(successes: float, n: int) -> dict[str, float]:
     return {"value": successes / n if n else math.nan, "n": n, "low": low, "high": high}
 
 
-def metrics_of(predictions: Sequence[Prediction], mode: Mode) -> dict[str, dict[str, float]]:
-    """Accuracy metrics of a list of predictions (module docstring)."""
+def mean_with_interval(values: Sequence[float], seed: int) -> dict[str, float]:
+    """``{"value", "n", "low", "high"}``: the mean and its 95% bootstrap interval."""
+    low, high = bootstrap_interval(values, seed=seed)
+    return {"value": sum(values) / len(values) if values else math.nan, "n": len(values),
+            "low": low, "high": high}
+
+
+def rubric_metrics(predictions: Sequence[Prediction], seed: int) -> dict[str, dict[str, float]]:
+    """``score`` (each item's mean over its graded samples), ``graded`` (share of samples a
+    criterion applied to) and one ``axis:<name>`` per axis, over the items."""
+    item_scores = [sum(v) / len(v) for p in predictions
+                   if (v := [x for x in p.scores if x is not None])]
+    samples = sum(len(p.scores) for p in predictions)
+    graded = sum(x is not None for p in predictions for x in p.scores)
+    out = {"score": mean_with_interval(item_scores, seed),
+           "graded": proportion(graded, samples)}
+    for axis in sorted({k for p in predictions for k in p.dims}):
+        out[axis] = mean_with_interval([p.dims[axis] for p in predictions if axis in p.dims],
+                                       seed)
+    return out
+
+
+def metrics_of(predictions: Sequence[Prediction], mode: Mode | Literal["rubric"], *,
+               seed: int = 0) -> dict[str, dict[str, float]]:
+    """The metrics of a list of predictions (module docstring)."""
+    if mode == "rubric":
+        return rubric_metrics(predictions, seed)
     n = len(predictions)
     if mode == "loglik":
         return {"acc": proportion(sum(p.choice == p.gold for p in predictions), n),
@@ -169,15 +220,17 @@ def metrics_of(predictions: Sequence[Prediction], mode: Mode) -> dict[str, dict[
 
 
 def dataset_results(ds: EvalDataset, predictions: Sequence[Prediction], mode: Mode,
-                    too_long: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"path": str(ds.path), "n": len(predictions),
+                    too_long: int, seed: int = 0) -> dict[str, Any]:
+    kind = "rubric" if ds.kind == "rubric" else mode
+    out: dict[str, Any] = {"path": str(ds.path), "n": len(predictions), "kind": ds.kind,
                            "skipped": {"too_long": too_long, "unlabelled": ds.unlabelled},
-                           "metrics": metrics_of(predictions, mode)}
+                           "metrics": metrics_of(predictions, kind, seed=seed)}
     if ds.category:
         groups: dict[str, list[Prediction]] = defaultdict(list)
         for p in predictions:
             groups[str(p.category)].append(p)
-        out["by_category"] = {k: metrics_of(v, mode) for k, v in sorted(groups.items())}
+        out["by_category"] = {k: metrics_of(v, kind, seed=seed)
+                              for k, v in sorted(groups.items())}
     return out
 
 
@@ -194,22 +247,25 @@ class EvalOptions:
     max_new_tokens: int = 256
     seed: int = 0
     log_text: bool = False
+    judge: str | None = None  # rubric datasets: the criterion scorer's model
+    judge_scorer: Literal["reward_model", "judge"] = "reward_model"
 
 
 def fits(sample: Sample, max_len: int, new_tokens: int = 0) -> bool:
     return len(sample.prompt_ids) + len(sample.completion_ids) + new_tokens <= max_len
 
 
-def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_len: int
-                     ) -> tuple[list[Prediction], int]:
-    """(predictions, items too long for the context) of one dataset on the engine group."""
+def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_len: int,
+                     grader=None) -> tuple[list[Prediction], int]:
+    """(predictions, items too long for the context) of one dataset on the engine group;
+    ``grader(completions) -> RewardResults``: the rubric reward, for rubric datasets."""
     from medrl.align.encode import encode_prompt
     from medrl.rollouts.engine import SamplingParams
 
     def category(item):
         return None if ds.category is None else item.row.get(ds.category)
 
-    if opts.mode == "loglik":
+    if opts.mode == "loglik" and ds.kind == "mcq":
         requests = [(item, loglik_requests(tokenizer, item, ds.choices)) for item in ds.items]
         kept = [(item, reqs) for item, reqs in requests if all(fits(r, max_len) for r in reqs)]
         flat = [r for _, reqs in kept for r in reqs]
@@ -227,6 +283,12 @@ def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_l
     sampling = SamplingParams(temperature=0.0 if greedy else opts.temperature,
                               max_new_tokens=opts.max_new_tokens, n=opts.samples, seed=opts.seed)
     completions = group.generate(kept, sampling) if kept else []
+    if ds.kind == "rubric":
+        results = grader(completions) if completions else []
+        k = opts.samples
+        return [rubric_prediction(item, completions[i * k:(i + 1) * k],
+                                  results[i * k:(i + 1) * k], category(item))
+                for i, item in enumerate(kept)], len(prompts) - len(kept)
     out = [generate_prediction(item, completions[i * opts.samples:(i + 1) * opts.samples],
                                ds.choices, category(item)) for i, item in enumerate(kept)]
     return out, len(prompts) - len(kept)
@@ -254,7 +316,8 @@ def write_report(out_dir: Path, *, model: str, opts: EvalOptions,
 
 def summary_markdown(model: str, opts: EvalOptions, results: dict[str, dict[str, Any]]) -> str:
     lines = [f"# medrl eval: {model}", "", f"mode {opts.mode}, samples {opts.samples}, "
-             f"seed {opts.seed}; 95% Wilson intervals", "",
+             f"seed {opts.seed}; 95% intervals (Wilson for shares, bootstrap for mean "
+             "scores)", "",
              "| dataset | metric | value | 95% CI | n | skipped |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         skipped = ", ".join(f"{k} {v}" for k, v in r["skipped"].items() if v) or "0"
@@ -262,20 +325,27 @@ def summary_markdown(model: str, opts: EvalOptions, results: dict[str, dict[str,
             lines.append(f"| {name} | {metric} | {m['value']:.3f} | "
                          f"[{m['low']:.3f}, {m['high']:.3f}] | {m['n']} | {skipped} |")
         for cat, ms in r.get("by_category", {}).items():
-            m = ms["acc"]
-            lines.append(f"| {name} / {cat} | acc | {m['value']:.3f} | "
+            metric = headline(ms)
+            m = ms[metric]
+            lines.append(f"| {name} / {cat} | {metric} | {m['value']:.3f} | "
                          f"[{m['low']:.3f}, {m['high']:.3f}] | {m['n']} | |")
     return "\n".join(lines) + "\n"
 
 
+def headline(metrics: dict[str, Any]) -> str:
+    """The metric a dataset is summed up by: accuracy, or a rubric dataset's mean score."""
+    return "acc" if "acc" in metrics else "score"
+
+
 def plot_accuracy(path: Path, results: dict[str, dict[str, Any]]) -> None:
-    """Accuracy per dataset (and category) with its interval, one bar each."""
+    """Accuracy (rubric datasets: mean score) per dataset and category with its interval."""
     from matplotlib.figure import Figure
 
     bars = []
     for name, r in results.items():
-        bars.append((name, r["metrics"]["acc"]))
-        bars += [(f"{name}/{cat}", ms["acc"]) for cat, ms in r.get("by_category", {}).items()]
+        bars.append((name, r["metrics"][headline(r["metrics"])]))
+        bars += [(f"{name}/{cat}", ms[headline(ms)])
+                 for cat, ms in r.get("by_category", {}).items()]
     fig = Figure(figsize=(max(4.0, 0.9 * len(bars) + 1.5), 3.5))
     ax = fig.subplots()
     values = [m["value"] for _, m in bars]
@@ -284,7 +354,7 @@ def plot_accuracy(path: Path, results: dict[str, dict[str, Any]]) -> None:
     ax.bar(range(len(bars)), values, yerr=errors, capsize=3, color="#4c72b0")
     ax.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_ylabel("accuracy / score (95% CI)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -326,14 +396,15 @@ def run_eval(target: str, datasets: Sequence[EvalDataset], out_dir: Path, opts: 
     positions = context_length(folder)
     max_len = min(max_model_len, positions) if positions else max_model_len
     tokenizer = text_tokenizer(load_tokenizer(folder))
+    grader = rubric_grader(opts, out_dir) if any(d.kind == "rubric" for d in datasets) else None
     group = RolloutGroup(workers, backend, str(folder),
                          {"dtype": "float32", "max_model_len": max_len, "seed": opts.seed},
                          num_cpus_per_worker=cpus_per_worker, max_restarts=0)
     results, predictions = {}, {}
     try:
         for ds in datasets:
-            preds, too_long = evaluate_dataset(group, tokenizer, ds, opts, max_len)
-            results[ds.name] = dataset_results(ds, preds, opts.mode, too_long)
+            preds, too_long = evaluate_dataset(group, tokenizer, ds, opts, max_len, grader)
+            results[ds.name] = dataset_results(ds, preds, opts.mode, too_long, opts.seed)
             predictions[ds.name] = preds
             if progress is not None:
                 progress(ds.name, results[ds.name])
@@ -342,3 +413,19 @@ def run_eval(target: str, datasets: Sequence[EvalDataset], out_dir: Path, opts: 
     summary = write_report(out_dir, model=str(folder), opts=opts, results=results,
                            predictions=predictions)
     return results, summary
+
+
+def rubric_grader(opts: EvalOptions, out_dir: Path):
+    """The ``rubric`` reward with HealthBench's aggregation on ``opts.judge`` (its judge
+    actors shared and started on the current Ray cluster), as ``grader(samples)``."""
+    from medrl.rewards import RewardContext
+    from medrl.rewards.rubric import RubricReward
+
+    if not opts.judge:
+        raise UserError("a rubric dataset (healthbench) is graded criterion by criterion: pass "
+                        "--judge MODEL (a criterion reward model folder or reward_model run, "
+                        "or a judge LM with --judge-scorer judge; tiny:qwen2 for a smoke run "
+                        "with meaningless grades).")
+    reward = RubricReward(model=opts.judge, scorer=opts.judge_scorer, aggregation="healthbench")
+    reward.setup(RewardContext(run_dir=out_dir, base_dir=Path.cwd(), seed=opts.seed))
+    return reward

@@ -142,3 +142,47 @@ def test_rows_without_a_gold_answer_are_counted_not_scored(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ds: EvalDataset = load_eval_dataset(str(path), root=None, max_samples=None)
     assert [s.row["gold"] for s in ds.items] == ["A"] and ds.unlabelled == 1
+
+
+def test_healthbench_grades_follow_the_published_formula(shared_data, tiny):
+    """Rubric datasets end to end on the shared HealthBench rows: each completion's score is
+    HealthBench's points-met / positive points (clipped) of the verdicts it was given."""
+    from medrl.launch.evaluate import rubric_grader
+
+    _, tok, _, group = tiny
+    ds = load_eval_dataset("healthbench", root=shared_data, max_samples=3)
+    assert ds.kind == "rubric" and all(s.row["theme"] != "none" for s in ds.items)
+    opts = EvalOptions(mode="generate", max_new_tokens=8, judge="tiny:qwen2")
+    grader = rubric_grader(opts, shared_data / "unused")
+    preds, too_long = evaluate_dataset(group, tok, ds, opts, 4096, grader)
+    assert too_long == 0 and len(preds) == 3
+    for item, p in zip(ds.items, preds):
+        points = [c["points"] for c in item.row["rubric"]]
+        (verdicts,) = p.verdicts
+        assert len(verdicts) == len(points)
+        earned = sum(pt for pt, v in zip(points, verdicts) if v >= 0.5)
+        assert p.scores[0] == pytest.approx(min(max(earned / sum(x for x in points if x > 0),
+                                                    0.0), 1.0))
+    m = metrics_of(preds, "rubric")
+    assert m["score"]["value"] == pytest.approx(sum(p.scores[0] for p in preds) / 3)
+    assert m["score"]["low"] <= m["score"]["value"] <= m["score"]["high"]
+    assert any(k.startswith("axis:") for k in m)
+
+
+def test_rubric_metrics_average_each_items_samples_and_count_ungraded():
+    from medrl.launch.evaluate import Prediction
+
+    preds = [Prediction(uid="a", gold="", scores=[0.2, 0.6], dims={"axis:x": 0.5}),
+             Prediction(uid="b", gold="", scores=[None, 1.0]),
+             Prediction(uid="c", gold="", scores=[None, None])]
+    m = metrics_of(preds, "rubric")
+    assert m["score"]["value"] == pytest.approx((0.4 + 1.0) / 2) and m["score"]["n"] == 2
+    assert m["graded"]["value"] == pytest.approx(3 / 6)
+    assert m["axis:x"]["value"] == 0.5 and m["axis:x"]["n"] == 1
+
+
+def test_rubric_datasets_need_a_judge(shared_data, tmp_path):
+    from medrl.launch.evaluate import rubric_grader
+
+    with pytest.raises(UserError, match="pass --judge MODEL"):
+        rubric_grader(EvalOptions(), tmp_path)
