@@ -111,6 +111,9 @@ def load_eval_dataset(spec: str, *, root: Path | None, max_samples: int | None,
                             f"({root}) must hold {preset.path}.")
     elif Path(spec).expanduser().is_file():
         path, name, preset = Path(spec).expanduser(), Path(spec).stem, Preset(spec)
+        if fields and "rubric" in fields:  # conversations (or questions) with a rubric
+            preset = Preset(spec, kind="rubric", category="theme",
+                            template="chat" if "messages" in fields else "open")
     else:
         raise UserError(f"dataset {spec!r} is neither a preset ({preset_names()}) nor a file.")
     mapping = {**preset.fields, **(fields or {})}

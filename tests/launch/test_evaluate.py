@@ -186,3 +186,14 @@ def test_rubric_datasets_need_a_judge(shared_data, tmp_path):
 
     with pytest.raises(UserError, match="pass --judge MODEL"):
         rubric_grader(EvalOptions(), tmp_path)
+
+
+def test_a_file_with_a_rubric_column_is_a_rubric_dataset(tmp_path):
+    path = tmp_path / "consults.jsonl"
+    row = {"qid": "c1", "question": "Chest pain at rest?",
+           "crit": [{"criterion": "urges emergency care", "points": 5}]}
+    path.write_text(json.dumps(row) + "\n")
+    ds = load_eval_dataset(str(path), root=None, max_samples=None,
+                           fields={"id": "qid", "rubric": "crit"})
+    assert ds.kind == "rubric" and ds.items[0].row["rubric"] == row["crit"]
+    assert ds.items[0].messages[-1]["content"] == "Chest pain at rest?"
