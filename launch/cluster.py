@@ -51,6 +51,8 @@ def cpus_needed(recipe: Recipe) -> float:
     c = recipe.cluster
     rewards = sum(r.num_cpus for r in recipe.rewards.functions if r.actor)
     rewards += judge_cpus([r.model_dump() for r in recipe.rewards.functions])
+    if recipe.evaluation is not None and recipe.evaluation.judge:  # its rubric grader's actor
+        rewards += 1.0
     return (recipe.rollout.num_workers * c.rollout_cpus
             + recipe.learner.num_workers * c.learner_cpus + rewards)
 

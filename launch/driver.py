@@ -365,13 +365,18 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
           callbacks: Sequence[Callable[[int, Components], None]] = ()) -> Path | None:
     """Run (or resume) a GRPO stage; returns the last checkpoint written.
 
-    ``callbacks`` run after each step with ``(step, components)``: evaluation hooks, or the
+    ``callbacks`` run after each step with ``(step, components)`` and may return metrics to
+    log with the step's: the recipe's ``evaluation`` (:mod:`medrl.launch.eval_hook`), or the
     tests that kill a worker mid-run.
     """
+    from medrl.launch.eval_hook import training_evaluation
+
     from medrl.launch.cluster import start_ray
     from medrl.launch.monitor import Timer
 
     start_ray(recipe)
+    evaluation = training_evaluation(recipe, run_dir)  # its datasets load before any actor
+    callbacks = [*callbacks, *([evaluation] if evaluation else [])]
     c = build(recipe, run_dir, resume_from=resume_from)
     last_ckpt = resume_from
     every, last_step = recipe.checkpoint.every, recipe.run.max_steps
@@ -420,7 +425,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
             if recipe.logging.log_completions:  # patient text: only when the recipe asks
                 c.prompt_log.write_completions(step, samples)
             for callback in callbacks:
-                callback(step, c)
+                metrics.update(callback(step, c) or {})
             c.monitor.log(step, metrics)
     finally:
         if pool:

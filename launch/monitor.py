@@ -429,7 +429,7 @@ def _time_plot(rows, path: Path) -> Path | None:
 
 
 def write_plots(run_dir: str | Path) -> list[Path]:
-    """Reward, KL, completion length and step-time PNGs in ``RUN_DIR/plots/``."""
+    """Reward, evaluation, KL, completion length and step-time PNGs in ``RUN_DIR/plots/``."""
     run_dir = Path(run_dir)
     rows = sorted(read_metrics(run_dir), key=lambda row: row["step"])
     out = run_dir / PLOTS_DIR
@@ -441,8 +441,14 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         if len(parts) == 3 and parts[0] == "rewards" and parts[2] == "mean" \
                 and parts[1] != "combined":
             reward_keys[key] = parts[1]
+    # benchmarks during the run (launch/eval_hook.py): eval/<dataset>/acc or .../score
+    eval_keys = {k: k.split("/")[1] for k in sorted({k for row in rows for k in row})
+                 if k.startswith("eval/") and k.count("/") == 2
+                 and k.rsplit("/", 1)[1] in ("acc", "score")}
     written = [
         _line_plot(rows, reward_keys, "reward", "mean reward", out / "reward.png"),
+        _line_plot(rows, eval_keys, "benchmarks on the current weights",
+                   "accuracy / score", out / "evaluation.png"),
         _line_plot(rows, {"kl": "kl"}, "KL to the reference policy", "KL", out / "kl.png"),
         _line_plot(rows, {"completion/length_mean": "mean"}, "completion length", "tokens",
                    out / "completion_length.png"),

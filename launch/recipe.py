@@ -28,7 +28,8 @@ Stage = Literal["grpo", "sft", "reward_model", "vision_pretrain", "qat", "eval"]
 # are planned and refused at validation.
 RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat", "reward_model")
 # Which stage reads which optional section: qat trains on the sft loss and data settings.
-STAGE_SECTIONS = {"sft": ("sft", "qat"), "qat": ("qat",), "reward_model": ("reward_model",)}
+STAGE_SECTIONS = {"sft": ("sft", "qat"), "qat": ("qat",), "reward_model": ("reward_model",),
+                  "evaluation": ("grpo",)}
 
 
 def stage_not_runnable(stage: str) -> str:
@@ -315,6 +316,21 @@ class RewardModelConfig(Section):
                             "last)")
 
 
+class EvaluationConfig(Section):
+    """Benchmarks on the current weights during a grpo run, scored as ``medrl eval`` scores
+    them (docs/eval.md), through the rollout engines; logged as eval/<dataset>/<metric>."""
+
+    every: int = Field(..., ge=1, description="evaluate every N steps and at the last step")
+    datasets: list[str] = Field(..., min_length=1, description="presets or data files")
+    max_samples: int | None = Field(None, ge=1, description="first N items of each dataset")
+    data_root: str | None = Field(None, description="folder of the preset files (default "
+                                  "$MEDRL_DATA_DIR); relative to the recipe")
+    fields: dict[str, str] = {}  # NAME -> COLUMN for data files, as data.fields
+    mode: Literal["loglik", "generate"] = "loglik"
+    max_new_tokens: int = Field(256, ge=1, description="generate mode and rubric datasets")
+    judge: str | None = None  # rubric datasets: the criterion scorer's model
+
+
 class QATConfig(Section):
     format: Literal["hif8", "e4m3"] = "hif8"
     warmup_steps: int = Field(500, ge=0, description="full-precision steps before fake-quant")
@@ -343,6 +359,7 @@ class Recipe(Section):
     sft: SFTConfig | None = None
     qat: QATConfig | None = None
     reward_model: RewardModelConfig | None = None
+    evaluation: EvaluationConfig | None = None
 
     @model_validator(mode="after")
     def _stage_sections(self) -> "Recipe":
@@ -351,7 +368,7 @@ class Recipe(Section):
             raise ValueError(stage_not_runnable(stage))
         for section, stages in STAGE_SECTIONS.items():
             if getattr(self, section) is not None and stage not in stages:
-                raise ValueError(f"a {section}: section is read only by run.stage "
+                raise ValueError(f"the {section}: section is read only by run.stage "
                                  f"{' or '.join(stages)}, and this recipe's stage is {stage}: "
                                  f"remove the {section}: section, or set run.stage")
         if stage == "grpo" and not self.rewards.functions:

@@ -32,6 +32,12 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
 
     rows = load_dataset_rows(recipe.data, recipe_dir)
     checked.append(f"data: {len(rows)} rows from {resolve_path(recipe_dir, recipe.data.path).name}")
+    if recipe.evaluation is not None:
+        from medrl.launch.eval_hook import load_datasets
+
+        loaded_eval = load_datasets(recipe, recipe_dir)
+        checked.append("evaluation: " + ", ".join(f"{d.name} ({len(d.items)} items)"
+                                                  for d in loaded_eval))
     if recipe.run.stage == "reward_model":
         train, held = reward_model_pairs(recipe, recipe_dir)
         checked.append(f"reward_model: {len(train)} training and {len(held)} held-out pairs")

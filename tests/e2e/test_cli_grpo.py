@@ -24,6 +24,9 @@ SMALL = [
     "learner.micro_batch_size=4", "learner.lr_schedule=constant", "learner.lr=1e-3",
     "learner.zero_stage=2", "logging.progress=false", "logging.log_completions=true",
     "checkpoint.every=3",
+    # benchmarks on the current weights every 3 steps: must not change the run (resume test)
+    "evaluation.every=3", "evaluation.datasets=[data/quickstart_mcq.jsonl]",
+    "evaluation.fields={id: id}", "evaluation.max_samples=8",
 ]
 
 
@@ -69,6 +72,10 @@ def test_run_folder_has_everything_a_user_needs(full_run):
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "reward/mean", "time/generate", "time/learn", "time/sync"):
         assert key in steps[1], key
+    evaluated = [s for s in steps if "eval/quickstart_mcq/acc" in steps[s]]
+    assert evaluated == [3, 6] and steps[6]["eval/quickstart_mcq/n"] == 8
+    assert steps[6]["eval/quickstart_mcq/acc_low"] <= steps[6]["eval/quickstart_mcq/acc"]
+    assert (full_run / "plots" / "evaluation.png").is_file()
     ckpts = sorted(p.name for p in (full_run / "checkpoints").iterdir())
     assert ckpts == ["step-000003", "step-000006"]
     last = full_run / "checkpoints" / "step-000006"
@@ -120,6 +127,8 @@ def test_resumed_run_matches_the_uninterrupted_one(full_run, workdir):
     for step in range(1, 7):
         for key in ("loss", "reward/mean", "advantage/abs_mean", "completion/length_mean"):
             assert resumed[step][key] == full[step][key], (step, key)
+    for step in (3, 6):  # evaluated on the same weights either way
+        assert resumed[step]["eval/quickstart_mcq/acc"] == full[step]["eval/quickstart_mcq/acc"]
     assert completions(split) == completions(full_run)
     assert per_step(split, "prompts.jsonl") == per_step(full_run, "prompts.jsonl")
 

@@ -267,7 +267,7 @@ def test_a_section_of_another_stage_is_refused(tmp_path, stage, section, stages)
     data = stage_recipe(stage, **{section: {}})
     with pytest.raises(RecipeError) as err:
         load_recipe(write_recipe(tmp_path, data))
-    assert (f"a {section}: section is read only by run.stage {stages}, and this recipe's "
+    assert (f"the {section}: section is read only by run.stage {stages}, and this recipe's "
             f"stage is {stage}: remove the {section}: section, or set run.stage") \
         in str(err.value)
 
@@ -368,3 +368,19 @@ def test_validate_runs_class_rewards_own_argument_checks(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert ("kwargs.veto_penalty is 1.1; it must be > 1 + beta = 1.2"
             in " ".join(result.output.split()))
+
+
+def test_an_evaluation_section_outside_grpo_is_refused(tmp_path):
+    data = stage_recipe("sft", evaluation={"every": 2, "datasets": ["medqa"]})
+    with pytest.raises(RecipeError, match="the evaluation: section is read only by run.stage "
+                                          "grpo"):
+        load_recipe(write_recipe(tmp_path, data))
+
+
+def test_validate_loads_the_evaluation_datasets(tmp_path):
+    data = base()
+    data["evaluation"] = {"every": 2, "datasets": ["medqa"], "data_root": "nowhere"}
+    result = runner.invoke(app, ["validate", str(write_recipe(tmp_path, data))])
+    assert result.exit_code == 2
+    assert "preset 'medqa':" in result.output and "medqa/test.jsonl not found" in " ".join(
+        result.output.split())
