@@ -26,7 +26,7 @@ def test_the_promedical_recipe_validates_with_the_papers_settings():
 
     result = CliRunner().invoke(app, ["validate", str(RECIPE)])
     assert result.exit_code == 0, result.output
-    assert "1 reward(s) loaded" in result.output
+    assert "1 reward(s) loaded" in " ".join(result.output.split())  # wrapped to the width
 
     recipe = load_recipe(RECIPE)
     assert (recipe.rollout.group_size, recipe.learner.lr, recipe.algorithm.kl.coef) == \

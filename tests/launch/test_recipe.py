@@ -382,5 +382,5 @@ def test_validate_loads_the_evaluation_datasets(tmp_path):
     data["evaluation"] = {"every": 2, "datasets": ["medqa"], "data_root": "nowhere"}
     result = runner.invoke(app, ["validate", str(write_recipe(tmp_path, data))])
     assert result.exit_code == 2
-    assert "preset 'medqa':" in result.output and "medqa/test.jsonl not found" in " ".join(
-        result.output.split())
+    text = " ".join(result.output.split())  # wrapped to the terminal's width
+    assert "preset 'medqa':" in text and "medqa/test.jsonl not found" in text
