@@ -185,7 +185,10 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
                                               help="rubric datasets: the criterion scorer's "
                                                    "model (folder, reward_model run, tiny:qwen2)"),
           judge_scorer: str = typer.Option("reward_model", "--judge-scorer",
-                                           help="reward_model or judge (a generative judge LM)")):
+                                           help="reward_model or judge (a generative judge LM)"),
+          checkpoints: Optional[str] = typer.Option(None, "--checkpoints",
+                                                    help="a run folder's checkpoints to "
+                                                         "compare: all, or steps like 100,200")):
     """Score a model on medical multiple-choice benchmarks (see docs/eval.md).
 
     Writes results.json (every figure with its n and 95% interval), per-item predictions,
@@ -193,7 +196,8 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
     """
     from medrl.launch.cluster import start_cluster
     from medrl.launch.eval_data import data_root as resolve_root, load_eval_dataset
-    from medrl.launch.evaluate import EvalOptions, default_out_dir, resolve_target, run_eval
+    from medrl.launch.evaluate import (EvalOptions, default_out_dir, resolve_target, run_eval,
+                                       run_checkpoints, write_comparison)
     from medrl.launch.recipe import ClusterConfig
 
     try:
@@ -219,8 +223,18 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
                            judge=judge, judge_scorer=judge_scorer)
         judged = any(d.kind == "rubric" for d in loaded)  # + one judge actor
         start_cluster(ClusterConfig(), cpus=workers + judged, resources={})
-        _, summary = run_eval(target, loaded, out_dir, opts, workers=workers, backend=backend,
-                              progress=lambda ds, r: say(f"{ds}: {r['n']} items scored"))
+        progress = lambda ds, r: say(f"{ds}: {r['n']} items scored")  # noqa: E731
+        if checkpoints is None:
+            _, summary = run_eval(target, loaded, out_dir, opts, workers=workers,
+                                  backend=backend, progress=progress)
+        else:  # each checkpoint's report in RUN_DIR/eval/step-N, then one comparison
+            per_step = {}
+            for ckpt in run_checkpoints(Path(target), checkpoints):
+                per_step[int(ckpt.name.split("-")[1])], _ = run_eval(
+                    str(ckpt), loaded, Path(target) / "eval" / ckpt.name, opts,
+                    workers=workers, backend=backend, progress=progress)
+            out_dir = out or Path(target) / "eval"
+            summary = write_comparison(out_dir, per_step)
     except UserError as exc:
         raise user_error(exc) from None
     typer.echo(summary, nl=False)

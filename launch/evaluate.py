@@ -429,3 +429,67 @@ def rubric_grader(opts: EvalOptions, out_dir: Path):
     reward = RubricReward(model=opts.judge, scorer=opts.judge_scorer, aggregation="healthbench")
     reward.setup(RewardContext(run_dir=out_dir, base_dir=Path.cwd(), seed=opts.seed))
     return reward
+
+
+def run_checkpoints(run_dir: Path, steps: str) -> list[Path]:
+    """The complete checkpoints of a run that ``--checkpoints`` names: "all", or
+    comma-separated steps. A step without a complete checkpoint is a UserError naming it."""
+    from medrl.align.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"{run_dir} has no complete checkpoint to compare; --checkpoints needs "
+                        "a run folder with checkpoints/step-*/COMPLETE.")
+    if steps == "all":
+        return found
+    by_step = {int(p.name.split("-")[1]): p for p in found}
+    try:
+        wanted = [int(s) for s in steps.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--checkpoints {steps!r}: write all, or steps like 100,200.") from None
+    missing = [s for s in wanted if s not in by_step]
+    if missing:
+        raise UserError(f"{run_dir}: no complete checkpoint at step(s) "
+                        f"{', '.join(map(str, missing))}; it has {', '.join(map(str, by_step))}.")
+    return [by_step[s] for s in wanted]
+
+
+def write_comparison(out_dir: Path, per_step: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """One table (and plots/compare.png) of every dataset's metrics across checkpoints:
+    ``per_step`` maps a step to its results. Writes compare.json and compare.md; returns the
+    Markdown."""
+    from matplotlib.figure import Figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(json.dumps(
+        {str(k): v for k, v in sorted(per_step.items())}, indent=1))
+    steps = sorted(per_step)
+    names = sorted({d for r in per_step.values() for d in r})
+    lines = ["# medrl eval across checkpoints", "",
+             "| dataset | metric | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for name in names:
+        metrics = sorted({m for r in per_step.values() if name in r
+                          for m in r[name]["metrics"]})
+        for metric in metrics:
+            cells = [per_step[s].get(name, {}).get("metrics", {}).get(metric) for s in steps]
+            lines.append(f"| {name} | {metric} | " + " | ".join(
+                "" if c is None else f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+                for c in cells) + " |")
+        main = headline({m: 0 for m in metrics})
+        points = [(s, per_step[s][name]["metrics"][main]) for s in steps if name in per_step[s]]
+        ax.errorbar([s for s, _ in points], [m["value"] for _, m in points],
+                    yerr=[[max(0.0, m["value"] - m["low"]) for _, m in points],
+                          [max(0.0, m["high"] - m["value"]) for _, m in points]],
+                    marker="o", capsize=3, label=f"{name} {main}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy / score (95% CI)")
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    (out_dir / "plots").mkdir(exist_ok=True)
+    fig.savefig(out_dir / "plots" / "compare.png", dpi=110)
+    text = "\n".join(lines) + "\n"
+    (out_dir / "compare.md").write_text(text)
+    return text

@@ -114,6 +114,18 @@ def test_eval_scores_the_last_checkpoint_on_two_workers(full_run, workdir):
     assert (report / "plots" / "accuracy.png").stat().st_size > 0
     assert all("question" not in p and "completions" not in p for p in preds)
 
+    # Every checkpoint, compared; the same 8 items the run evaluated on the same weights.
+    proc = medrl("eval", str(full_run), "--datasets", str(data), "--field", "id=id",
+                 "--max-samples", "8", "--checkpoints", "all", cwd=workdir)
+    compare = json.loads((full_run / "eval" / "compare.json").read_text())
+    assert sorted(compare) == ["3", "6"]
+    during = per_step(full_run, "metrics.jsonl")
+    for step in (3, 6):
+        acc = compare[str(step)]["quickstart_mcq"]["metrics"]["acc"]["value"]
+        assert acc == during[step]["eval/quickstart_mcq/acc"]
+    assert "| quickstart_mcq | acc |" in proc.stdout and "step 3 | step 6" in proc.stdout
+    assert (full_run / "eval" / "plots" / "compare.png").is_file()
+
 
 def test_resumed_run_matches_the_uninterrupted_one(full_run, workdir):
     recipe = REPO / "recipes" / "quickstart.yaml"
