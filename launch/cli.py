@@ -196,8 +196,9 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
     """
     from medrl.launch.cluster import start_cluster
     from medrl.launch.eval_data import data_root as resolve_root, load_eval_dataset
-    from medrl.launch.evaluate import (EvalOptions, default_out_dir, resolve_target, run_eval,
-                                       run_checkpoints, write_comparison)
+    from medrl.launch.eval_report import write_comparison
+    from medrl.launch.evaluate import (EvalOptions, default_out_dir, resolve_target,
+                                       run_checkpoints, run_eval)
     from medrl.launch.recipe import ClusterConfig
 
     try:

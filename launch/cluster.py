@@ -130,6 +130,9 @@ def start_cluster(c: ClusterConfig, *, cpus: float, resources: dict[str, float])
     num_cpus = c.num_cpus or max(os.cpu_count() or 1, int(cpus + 0.999))
     with keep_loopback_node_ip():
         ray.init(
+            # a new cluster even when this machine runs one started by `ray start` (which a
+            # bare ray.init() would join, refusing num_cpus): cluster.address joins one
+            address="local",
             num_cpus=num_cpus,
             resources=resources,
             include_dashboard=c.include_dashboard,

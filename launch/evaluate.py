@@ -27,14 +27,13 @@ per axis (``axis:<name>``).
 
 Every accuracy is reported with its n and a 95% Wilson interval. Items that cannot be scored
 (the prompt does not fit the engine's context) are counted per dataset (``too_long``), as are
-rows without a gold answer (``unlabelled``). Output in ``OUT`` (:func:`write_report`):
-``results.json``, ``<dataset>/predictions.jsonl`` (uids, gold and predicted letters,
+rows without a gold answer (``unlabelled``). Output in ``OUT``
+(:func:`medrl.launch.eval_report.write_report`): ``results.json``, ``<dataset>/predictions.jsonl`` (uids, gold and predicted letters,
 log-probs; completion text only with ``log_text``), ``summary.md`` and ``plots/accuracy.png``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -294,72 +293,6 @@ def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_l
     return out, len(prompts) - len(kept)
 
 
-def write_report(out_dir: Path, *, model: str, opts: EvalOptions,
-                 results: dict[str, dict[str, Any]],
-                 predictions: dict[str, list[Prediction]]) -> str:
-    """Write results.json, predictions, summary.md and the accuracy plot; returns the summary."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"model": model, "mode": opts.mode, "samples": opts.samples, "seed": opts.seed,
-           "temperature": None if opts.samples == 1 else opts.temperature,
-           "datasets": results}
-    (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
-    for name, preds in predictions.items():
-        (out_dir / name).mkdir(exist_ok=True)
-        with open(out_dir / name / "predictions.jsonl", "w") as f:
-            for p in preds:
-                f.write(json.dumps(p.record(opts.log_text)) + "\n")
-    summary = summary_markdown(model, opts, results)
-    (out_dir / "summary.md").write_text(summary)
-    plot_accuracy(out_dir / "plots" / "accuracy.png", results)
-    return summary
-
-
-def summary_markdown(model: str, opts: EvalOptions, results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"# medrl eval: {model}", "", f"mode {opts.mode}, samples {opts.samples}, "
-             f"seed {opts.seed}; 95% intervals (Wilson for shares, bootstrap for mean "
-             "scores)", "",
-             "| dataset | metric | value | 95% CI | n | skipped |", "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        skipped = ", ".join(f"{k} {v}" for k, v in r["skipped"].items() if v) or "0"
-        for metric, m in r["metrics"].items():
-            lines.append(f"| {name} | {metric} | {m['value']:.3f} | "
-                         f"[{m['low']:.3f}, {m['high']:.3f}] | {m['n']} | {skipped} |")
-        for cat, ms in r.get("by_category", {}).items():
-            metric = headline(ms)
-            m = ms[metric]
-            lines.append(f"| {name} / {cat} | {metric} | {m['value']:.3f} | "
-                         f"[{m['low']:.3f}, {m['high']:.3f}] | {m['n']} | |")
-    return "\n".join(lines) + "\n"
-
-
-def headline(metrics: dict[str, Any]) -> str:
-    """The metric a dataset is summed up by: accuracy, or a rubric dataset's mean score."""
-    return "acc" if "acc" in metrics else "score"
-
-
-def plot_accuracy(path: Path, results: dict[str, dict[str, Any]]) -> None:
-    """Accuracy (rubric datasets: mean score) per dataset and category with its interval."""
-    from matplotlib.figure import Figure
-
-    bars = []
-    for name, r in results.items():
-        bars.append((name, r["metrics"][headline(r["metrics"])]))
-        bars += [(f"{name}/{cat}", ms[headline(ms)])
-                 for cat, ms in r.get("by_category", {}).items()]
-    fig = Figure(figsize=(max(4.0, 0.9 * len(bars) + 1.5), 3.5))
-    ax = fig.subplots()
-    values = [m["value"] for _, m in bars]
-    errors = [[v - m["low"] for v, (_, m) in zip(values, bars)],
-              [m["high"] - v for v, (_, m) in zip(values, bars)]]
-    ax.bar(range(len(bars)), values, yerr=errors, capsize=3, color="#4c72b0")
-    ax.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy / score (95% CI)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-
-
 def resolve_target(target: str, *, seed: int = 0) -> tuple[Path, str]:
     """(model folder, a name for the report) of a run folder, checkpoint folder, HF folder or
     ``tiny:<arch>``; a folder without weights is a :class:`UserError` naming it."""
@@ -410,6 +343,8 @@ def run_eval(target: str, datasets: Sequence[EvalDataset], out_dir: Path, opts: 
                 progress(ds.name, results[ds.name])
     finally:
         group.shutdown()
+    from medrl.launch.eval_report import write_report
+
     summary = write_report(out_dir, model=str(folder), opts=opts, results=results,
                            predictions=predictions)
     return results, summary
@@ -452,44 +387,3 @@ def run_checkpoints(run_dir: Path, steps: str) -> list[Path]:
         raise UserError(f"{run_dir}: no complete checkpoint at step(s) "
                         f"{', '.join(map(str, missing))}; it has {', '.join(map(str, by_step))}.")
     return [by_step[s] for s in wanted]
-
-
-def write_comparison(out_dir: Path, per_step: dict[int, dict[str, dict[str, Any]]]) -> str:
-    """One table (and plots/compare.png) of every dataset's metrics across checkpoints:
-    ``per_step`` maps a step to its results. Writes compare.json and compare.md; returns the
-    Markdown."""
-    from matplotlib.figure import Figure
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.json").write_text(json.dumps(
-        {str(k): v for k, v in sorted(per_step.items())}, indent=1))
-    steps = sorted(per_step)
-    names = sorted({d for r in per_step.values() for d in r})
-    lines = ["# medrl eval across checkpoints", "",
-             "| dataset | metric | " + " | ".join(f"step {s}" for s in steps) + " |",
-             "|---|---|" + "---|" * len(steps)]
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for name in names:
-        metrics = sorted({m for r in per_step.values() if name in r
-                          for m in r[name]["metrics"]})
-        for metric in metrics:
-            cells = [per_step[s].get(name, {}).get("metrics", {}).get(metric) for s in steps]
-            lines.append(f"| {name} | {metric} | " + " | ".join(
-                "" if c is None else f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
-                for c in cells) + " |")
-        main = headline({m: 0 for m in metrics})
-        points = [(s, per_step[s][name]["metrics"][main]) for s in steps if name in per_step[s]]
-        ax.errorbar([s for s, _ in points], [m["value"] for _, m in points],
-                    yerr=[[max(0.0, m["value"] - m["low"]) for _, m in points],
-                          [max(0.0, m["high"] - m["value"]) for _, m in points]],
-                    marker="o", capsize=3, label=f"{name} {main}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy / score (95% CI)")
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    (out_dir / "plots").mkdir(exist_ok=True)
-    fig.savefig(out_dir / "plots" / "compare.png", dpi=110)
-    text = "\n".join(lines) + "\n"
-    (out_dir / "compare.md").write_text(text)
-    return text

@@ -490,3 +490,37 @@ def test_cli_commands(token_cluster, monkeypatch):
     assert result.exit_code == 0 and "cli-check" in result.output
     result = runner.invoke(app, ["stop", job_id, "--address", address])
     assert result.exit_code == 0 and "not running" in result.output
+
+
+@pytest.mark.slow
+def test_an_embedded_cluster_starts_beside_a_running_one(tmp_path):
+    """`ray start` records its cluster under RAY_TMPDIR, where a bare ray.init() finds and
+    joins it (and then refuses num_cpus); medrl's embedded cluster is a new one all the same."""
+    ports = [free_port() for _ in range(7)]
+    raytmp = Path(tempfile.mkdtemp(prefix="medrl-ray-"))  # short: Ray socket paths max 107 chars
+    env = dict(os.environ, RAY_TMPDIR=str(raytmp), RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0", MEDRL_CACHE=str(tmp_path / "cache"),
+               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    env.pop("RAY_ADDRESS", None)
+    ray = str(Path(sys.executable).parent / "ray")
+    try:
+        subprocess.run(
+            [ray, "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             "--include-dashboard=false", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
+             f"--dashboard-agent-listen-port={ports[2]}",
+             f"--dashboard-agent-grpc-port={ports[3]}", f"--metrics-export-port={ports[4]}",
+             f"--ray-client-server-port={ports[5]}", f"--runtime-env-agent-port={ports[6]}",
+             "--disable-usage-stats"], env=env, capture_output=True, check=True, timeout=180)
+        assert list(raytmp.rglob("ray_current_cluster"))
+        data = REPO / "recipes" / "data" / "quickstart_mcq.jsonl"
+        proc = subprocess.run([sys.executable, "-m", "medrl.launch.cli", "eval", "tiny:qwen2",
+                               "-d", str(data), "--max-samples", "2", "--out",
+                               str(tmp_path / "ev")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.loads((tmp_path / "ev" / "results.json").read_text())
+        assert results["datasets"]["quickstart_mcq"]["n"] == 2
+    finally:  # not `ray stop`: it stops every Ray process on the machine
+        for leftover in _own_processes(str(raytmp)):
+            leftover.kill()
+        shutil.rmtree(raytmp, ignore_errors=True)
