@@ -33,6 +33,8 @@ BENCHMARKS: list[tuple[str, str, list[str]]] = [
     ("rubric", "bench.bench_rubric", []),
     # the reward_model stage's Bradley-Terry step vs raw torch on the same pairs
     ("reward_model", "bench.bench_reward_model", []),
+    # medrl eval: MedQA items/s, log-likelihood and generation, HF vs vLLM vs a plain forward
+    ("eval", "bench.bench_eval", []),
     ("qat", "bench.bench_qat", []),  # fake-quantised (HiF8 / E4M3) step vs full precision; quantiser alone
     # medrl's driver vs TRL's GRPOTrainer and the raw loop (interleaved in its process); scaling; memory
     ("e2e", "bench.bench_e2e", []),
