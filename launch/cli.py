@@ -186,6 +186,9 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
                                                    "model (folder, reward_model run, tiny:qwen2)"),
           judge_scorer: str = typer.Option("reward_model", "--judge-scorer",
                                            help="reward_model or judge (a generative judge LM)"),
+          reward: Optional[List[str]] = typer.Option(None, "--reward",
+                                                     help="a reward plugin as a metric of "
+                                                          "generated items (repeatable)"),
           checkpoints: Optional[str] = typer.Option(None, "--checkpoints",
                                                     help="a run folder's checkpoints to "
                                                          "compare: all, or steps like 100,200")):
@@ -221,7 +224,10 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
         out_dir = out or default_out_dir(target, name)
         opts = EvalOptions(mode=mode, samples=samples, temperature=temperature,
                            max_new_tokens=max_new_tokens, seed=seed, log_text=log_text,
-                           judge=judge, judge_scorer=judge_scorer)
+                           judge=judge, judge_scorer=judge_scorer, rewards=tuple(reward or ()))
+        if opts.rewards and mode != "generate" and not any(d.kind == "rubric" for d in loaded):
+            raise UserError("--reward scores generated completions: add --mode generate (or "
+                            "evaluate a rubric dataset, which is always generated).")
         judged = any(d.kind == "rubric" for d in loaded)  # + one judge actor
         start_cluster(ClusterConfig(), cpus=workers + judged, resources={})
         progress = lambda ds, r: say(f"{ds}: {r['n']} items scored")  # noqa: E731

@@ -25,6 +25,10 @@ criteria met / sum of positive points, clipped to [0, 1]), its criteria scored b
 actors; ``score`` is the mean over items with a 95% bootstrap interval, also per theme and
 per axis (``axis:<name>``).
 
+Any reward of the plugin system is a metric too (``--reward NAME``, generated items): each
+item's mean over its samples, averaged over the items with a bootstrap interval, as
+``reward:<name>``.
+
 Every accuracy is reported with its n and a 95% Wilson interval. Items that cannot be scored
 (the prompt does not fit the engine's context) are counted per dataset (``too_long``), as are
 rows without a gold answer (``unlabelled``). Output in ``OUT``
@@ -112,9 +116,10 @@ class Prediction:
     scores: list[float | None] = field(default_factory=list)  # rubric: one per sample
     dims: dict[str, float] = field(default_factory=dict)  # rubric: axis means over samples
     verdicts: list[list[float | None]] = field(default_factory=list)  # rubric: by criterion
+    rewards: dict[str, list[float | None]] = field(default_factory=dict)  # --reward, by sample
 
     def record(self, log_text: bool) -> dict[str, Any]:
-        out = {k: v for k, v in vars(self).items() if v not in (None, [])}
+        out = {k: v for k, v in vars(self).items() if v not in (None, [], {})}
         if not log_text:
             out.pop("completions", None)
         return out
@@ -196,11 +201,29 @@ def rubric_metrics(predictions: Sequence[Prediction], seed: int) -> dict[str, di
     return out
 
 
+def reward_metrics(predictions: Sequence[Prediction], seed: int) -> dict[str, dict[str, float]]:
+    """``reward:<name>``: each item's mean reward over its samples (None: not applicable,
+    left out), averaged over the items with a bootstrap interval."""
+    out = {}
+    for name in sorted({k for p in predictions for k in p.rewards}):
+        means = [sum(v) / len(v) for p in predictions
+                 if (v := [x for x in p.rewards.get(name, []) if x is not None])]
+        out[f"reward:{name}"] = mean_with_interval(means, seed)
+    return out
+
+
 def metrics_of(predictions: Sequence[Prediction], mode: Mode | Literal["rubric"], *,
                seed: int = 0) -> dict[str, dict[str, float]]:
     """The metrics of a list of predictions (module docstring)."""
     if mode == "rubric":
-        return rubric_metrics(predictions, seed)
+        return {**rubric_metrics(predictions, seed), **reward_metrics(predictions, seed)}
+    if mode == "generate":
+        return {**choice_metrics(predictions, mode), **reward_metrics(predictions, seed)}
+    return choice_metrics(predictions, mode)
+
+
+def choice_metrics(predictions: Sequence[Prediction], mode: Mode) -> dict[str, dict[str, float]]:
+    """Accuracy of multiple-choice predictions, log-likelihood or generated."""
     n = len(predictions)
     if mode == "loglik":
         return {"acc": proportion(sum(p.choice == p.gold for p in predictions), n),
@@ -248,6 +271,7 @@ class EvalOptions:
     log_text: bool = False
     judge: str | None = None  # rubric datasets: the criterion scorer's model
     judge_scorer: Literal["reward_model", "judge"] = "reward_model"
+    rewards: tuple[str, ...] = ()  # reward plugins scored on generated items, as metrics
 
 
 def fits(sample: Sample, max_len: int, new_tokens: int = 0) -> bool:
@@ -255,9 +279,10 @@ def fits(sample: Sample, max_len: int, new_tokens: int = 0) -> bool:
 
 
 def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_len: int,
-                     grader=None) -> tuple[list[Prediction], int]:
+                     grader=None, rewards=None) -> tuple[list[Prediction], int]:
     """(predictions, items too long for the context) of one dataset on the engine group;
-    ``grader(completions) -> RewardResults``: the rubric reward, for rubric datasets."""
+    ``grader(completions) -> RewardResults``: the rubric reward, for rubric datasets;
+    ``rewards(completions) -> {name: [value per completion]}``: the ``--reward`` plugins."""
     from medrl.align.encode import encode_prompt
     from medrl.rollouts.engine import SamplingParams
 
@@ -282,14 +307,19 @@ def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_l
     sampling = SamplingParams(temperature=0.0 if greedy else opts.temperature,
                               max_new_tokens=opts.max_new_tokens, n=opts.samples, seed=opts.seed)
     completions = group.generate(kept, sampling) if kept else []
+    k = opts.samples
     if ds.kind == "rubric":
         results = grader(completions) if completions else []
-        k = opts.samples
-        return [rubric_prediction(item, completions[i * k:(i + 1) * k],
-                                  results[i * k:(i + 1) * k], category(item))
-                for i, item in enumerate(kept)], len(prompts) - len(kept)
-    out = [generate_prediction(item, completions[i * opts.samples:(i + 1) * opts.samples],
-                               ds.choices, category(item)) for i, item in enumerate(kept)]
+        out = [rubric_prediction(item, completions[i * k:(i + 1) * k],
+                                 results[i * k:(i + 1) * k], category(item))
+               for i, item in enumerate(kept)]
+    else:
+        out = [generate_prediction(item, completions[i * k:(i + 1) * k], ds.choices,
+                                   category(item)) for i, item in enumerate(kept)]
+    if rewards is not None and completions:
+        values = rewards(completions)
+        for i, p in enumerate(out):
+            p.rewards = {name: v[i * k:(i + 1) * k] for name, v in values.items()}
     return out, len(prompts) - len(kept)
 
 
@@ -330,13 +360,15 @@ def run_eval(target: str, datasets: Sequence[EvalDataset], out_dir: Path, opts: 
     max_len = min(max_model_len, positions) if positions else max_model_len
     tokenizer = text_tokenizer(load_tokenizer(folder))
     grader = rubric_grader(opts, out_dir) if any(d.kind == "rubric" for d in datasets) else None
+    rewards = reward_metric_fn(opts.rewards, out_dir) if opts.rewards else None
     group = RolloutGroup(workers, backend, str(folder),
                          {"dtype": "float32", "max_model_len": max_len, "seed": opts.seed},
                          num_cpus_per_worker=cpus_per_worker, max_restarts=0)
     results, predictions = {}, {}
     try:
         for ds in datasets:
-            preds, too_long = evaluate_dataset(group, tokenizer, ds, opts, max_len, grader)
+            preds, too_long = evaluate_dataset(group, tokenizer, ds, opts, max_len, grader,
+                                               rewards)
             results[ds.name] = dataset_results(ds, preds, opts.mode, too_long, opts.seed)
             predictions[ds.name] = preds
             if progress is not None:
@@ -387,3 +419,20 @@ def run_checkpoints(run_dir: Path, steps: str) -> list[Path]:
         raise UserError(f"{run_dir}: no complete checkpoint at step(s) "
                         f"{', '.join(map(str, missing))}; it has {', '.join(map(str, by_step))}.")
     return [by_step[s] for s in wanted]
+
+
+def reward_metric_fn(names: Sequence[str], out_dir: Path):
+    """``fn(completions) -> {name: [value per completion]}`` of reward plugins named as in a
+    recipe (registered name, ``module:fn`` or ``file.py:fn``), run by the reward runner (a
+    failing reward stops the evaluation, naming itself and the sample)."""
+    from medrl.rewards import RewardContext, RewardRunner, load_rewards
+
+    runner = RewardRunner(load_rewards([{"name": n} for n in names], base_dir=Path.cwd()),
+                          ctx=RewardContext(run_dir=None, base_dir=Path.cwd()))
+    runner.start()
+
+    def score(completions: list[Sample]) -> dict[str, list[float | None]]:
+        scored = runner.score(completions, step=0).samples
+        return {r.name: [s.rewards.get(r.name) for s in scored] for r in runner.rewards}
+
+    return score

@@ -197,3 +197,22 @@ def test_a_file_with_a_rubric_column_is_a_rubric_dataset(tmp_path):
                            fields={"id": "qid", "rubric": "crit"})
     assert ds.kind == "rubric" and ds.items[0].row["rubric"] == row["crit"]
     assert ds.items[0].messages[-1]["content"] == "Chest pain at rest?"
+
+
+def test_reward_plugins_are_metrics_of_generated_items(tmp_path):
+    from medrl.launch.evaluate import reward_metric_fn
+
+    row = {"options": {"A": "aspirin", "B": "heparin"}, "answer": "B", "gold": "B"}
+    items = [Sample(uid=u, group_id=u, row=row) for u in ("q1", "q2")]
+    texts = [["B", "A"], ["heparin", "no idea"]]  # two samples per item
+    completions = [Sample(uid=f"{it.uid}/{j}", group_id=it.uid, row=row, completion_text=t)
+                   for it, ts in zip(items, texts) for j, t in enumerate(ts)]
+    values = reward_metric_fn(["mcq_letter"], tmp_path)(completions)
+    assert values == {"mcq_letter": [1.0, 0.0, 1.0, 0.0]}
+    preds = [generate_prediction(it, completions[2 * i:2 * i + 2], "letters", None)
+             for i, it in enumerate(items)]
+    for i, p in enumerate(preds):
+        p.rewards = {"mcq_letter": values["mcq_letter"][2 * i:2 * i + 2]}
+    m = metrics_of(preds, "generate")
+    # the rule reward and the answer extractor agree: the reward's mean is pass@1
+    assert m["reward:mcq_letter"]["value"] == m["acc"]["value"] == 0.5
