@@ -32,8 +32,9 @@ item's mean over its samples, averaged over the items with a bootstrap interval,
 Every accuracy is reported with its n and a 95% Wilson interval. Items that cannot be scored
 (the prompt does not fit the engine's context) are counted per dataset (``too_long``), as are
 rows without a gold answer (``unlabelled``). Output in ``OUT``
-(:func:`medrl.launch.eval_report.write_report`): ``results.json``, ``<dataset>/predictions.jsonl`` (uids, gold and predicted letters,
-log-probs; completion text only with ``log_text``), ``summary.md`` and ``plots/accuracy.png``.
+(:func:`medrl.launch.eval_report.write_report`): ``results.json``,
+``<dataset>/predictions.jsonl`` (uids, gold and predicted letters, log-probs; completion text
+only with ``log_text``), ``summary.md`` and ``plots/accuracy.png``.
 """
 
 from __future__ import annotations
