@@ -40,7 +40,8 @@ from medrl.align.batch import TrainBatch, collate
 from medrl.align.distributed import (LRSchedule, deepspeed_config, free_port, init_distributed,
                                      partitioned_loading)
 from medrl.align.logprobs import Scorer, ValueScorer
-from medrl.align.models import Head, is_vision_model, load_model, load_tokenizer, resolve_dtype
+from medrl.align.models import (Head, add_lora, is_vision_model, load_model, load_tokenizer,
+                                resolve_dtype)
 from medrl.align.records import Sample, UserError
 from medrl.align.reference import Reference, load_reference
 
@@ -167,17 +168,7 @@ class Learner:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if self.lora:
-            from peft import LoraConfig, get_peft_model
-
-            torch.manual_seed(seed)  # the adapters' initial values do not depend on the above
-
-            model = get_peft_model(model, LoraConfig(
-                r=int(self.lora.get("r", 8)), lora_alpha=float(self.lora.get("alpha", 16.0)),
-                lora_dropout=float(self.lora.get("dropout", 0.0)),
-                target_modules=list(self.lora.get("target_modules",
-                                                  ["q_proj", "k_proj", "v_proj", "o_proj"])),
-                # a reward model's new head trains in full beside the adapters
-                modules_to_save=["score"] if head == "value" else None))
+            model = add_lora(model, self.lora, seed=seed, head=head)
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
         torch_opt = None

@@ -287,6 +287,22 @@ def load_model(model_dir: str | Path, *, dtype=None, attn_implementation: str = 
                                    attn_implementation=attn_implementation)
 
 
+def add_lora(model, lora: dict, *, seed: int, head: Head = "lm"):
+    """``model`` wrapped with PEFT LoRA adapters: ``lora`` is ``{"r", "alpha", "dropout",
+    "target_modules"}`` (defaults 8, 16, 0, the attention projections). The adapters' initial
+    values come from ``seed`` alone; a value head (``head="value"``) trains in full beside them
+    (``modules_to_save``)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(
+        r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16.0)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+        modules_to_save=["score"] if head == "value" else None))
+
+
 def placeholder_token_ids(config) -> list[int]:
     """The image / video placeholder ids of a vision-language model's config ([] for text)."""
     return [int(v) for k in ("image_token_id", "video_token_id")
