@@ -1,6 +1,6 @@
 """medrl end to end: the GRPO driver vs TRL's GRPOTrainer and the raw limit; scaling; memory.
 
-The work is ``bench.bench_trl``'s: the 5M model (``bench.common.build_model``), the first
+The work is ``bench.bench_trl``'s: the 5M model (``bench.models.build_model``), the first
 MedQA test prompts in file order, 2 prompts per step, G=8 completions of a forced 64 new
 tokens, the letter reward (``bench.common.letter_reward``, as the plugin
 ``bench/e2e_reward.py:bench_letter``), the token-mean clipped loss without KL, AdamW (lr 1e-5,
@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_raw import LEARNING_RATE, MAX_GRAD_NORM, add_grpo_args, finish_grpo_args
-from bench.common import (MEDQA_TEST, QUICKSTART_DATA, Timing, base_parser, count_parameters,
-                          load_prompts, peak_rss_mb, save_result, start_run, table)
+from bench.common import (MEDQA_TEST, QUICKSTART_DATA, Timing, base_parser, load_prompts,
+                          peak_rss_mb, save_result, start_run, table)
+from bench.models import count_parameters
 
 MODULE = "bench.bench_e2e"
 REWARD_PLUGIN = Path(__file__).resolve().with_name("e2e_reward.py")

@@ -1,7 +1,7 @@
 """``medrl eval`` throughput: items per second on MedQA, vLLM vs HF, log-likelihood and greedy
 generation, and the log-likelihood path against a raw forward pass of the same requests.
 
-One process, one model (``bench.common.build_model``), the first ``--items`` MedQA test
+One process, one model (``bench.models.build_model``), the first ``--items`` MedQA test
 questions through ``medrl.launch.eval_data`` (the ``medqa`` preset). Contenders, in
 interleaved rounds, each scoring every item with ``medrl.launch.evaluate.evaluate_dataset``
 on an in-process engine (the engine a ``medrl eval`` worker holds):
@@ -18,8 +18,9 @@ Run from the repository root: ``python -m bench.bench_eval`` (``--quick`` to che
 
 from __future__ import annotations
 
-from bench.common import (SHARED_DATA, base_parser, count_parameters, finish_args, interleave,
-                          paired_ratio, save_result, start_run, table)
+from bench.common import (SHARED_DATA, base_parser, finish_args, interleave, paired_ratio,
+                          save_result, start_run, table)
+from bench.models import count_parameters
 
 MODULE = "bench.bench_eval"
 RAW_BATCH = 16
@@ -27,7 +28,7 @@ RAW_BATCH = 16
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.common.MODEL_SIZES)")
+    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--items", type=int, default=None, help="MedQA items (32; quick 8)")
     parser.add_argument("--new-tokens", type=int, default=16, help="generate: new tokens")
     args = parser.parse_args()

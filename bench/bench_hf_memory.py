@@ -29,9 +29,10 @@ import gc
 import json
 import statistics
 
-from bench.common import (base_parser, build_model, count_parameters, current_rss_mb,
-                          finish_args, interleave, load_prompts, paired_ratio, peak_rss_mb,
-                          peak_rss_per_contender, save_result, start_run, table)
+from bench.common import (base_parser, current_rss_mb, finish_args, interleave, load_prompts,
+                          paired_ratio, peak_rss_mb, peak_rss_per_contender, save_result, start_run,
+                          table)
+from bench.models import build_model, count_parameters
 
 MODULE = "bench.bench_hf_memory"
 SEED = 0  # every call of both contenders draws under this seed: the same work each time
@@ -56,7 +57,7 @@ def reset_peak_rss() -> bool:
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.common.MODEL_SIZES)")
+    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--prompts", type=int, default=None, help="MedQA prompts (2; quick 1)")
     parser.add_argument("--group", type=int, default=None,
                         help="completions per prompt, G (8; quick 4)")

@@ -19,9 +19,9 @@ Run from the repository root: ``python -m bench.bench_learner`` (``--quick`` to 
 
 from __future__ import annotations
 
-from bench.common import (base_parser, count_parameters, finish_args, interleave, load_prompts,
-                          paired_ratio, peak_rss_per_contender, rss_child, save_result,
-                          start_run, table)
+from bench.common import (base_parser, finish_args, interleave, load_prompts, paired_ratio,
+                          peak_rss_per_contender, rss_child, save_result, start_run, table)
+from bench.models import count_parameters
 
 MODULE = "bench.bench_learner"
 LEARNING_RATE = 1e-5
@@ -38,7 +38,7 @@ CONTENDERS = {
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.common.MODEL_SIZES)")
+    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--group", type=int, default=8, help="completions per prompt")
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=None,

@@ -24,8 +24,9 @@ import os
 import sys
 import time
 
-from bench.common import (base_parser, build_model, count_parameters, finish_args, interleave,
-                          load_prompts, paired_ratio, save_result, start_clock, table)
+from bench.common import (base_parser, finish_args, interleave, load_prompts, paired_ratio,
+                          save_result, start_clock, table)
+from bench.models import build_model, count_parameters
 
 MODULE = "bench.bench_lora_sync"
 KV_CACHE_BYTES = 64 * 2**20

@@ -25,9 +25,9 @@ Run from the repository root: ``python -m bench.bench_qat`` (``--quick`` to chec
 
 from __future__ import annotations
 
-from bench.common import (QUICKSTART_DATA, base_parser, count_parameters, finish_args,
-                          interleave, paired_ratio, peak_rss_per_contender, rss_child,
-                          save_result, start_run, table)
+from bench.common import (QUICKSTART_DATA, base_parser, finish_args, interleave, paired_ratio,
+                          peak_rss_per_contender, rss_child, save_result, start_run, table)
+from bench.models import count_parameters
 
 MODULE = "bench.bench_qat"
 LEARNING_RATE = 1e-5
@@ -49,7 +49,7 @@ LABELS = {
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.common.MODEL_SIZES)")
+    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--elements", type=int, default=4 * 2**20,
                         help="elements of the tensor the quantiser is timed on")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import time
 
-from bench.common import (base_parser, count_parameters, finish_args, letter_reward, load_prompts,
-                          measure, save_result, start_run, table)
+from bench.common import (base_parser, finish_args, letter_reward, load_prompts, measure,
+                          save_result, start_run, table)
+from bench.models import count_parameters
 
 MODULE = "bench.bench_raw"
 LEARNING_RATE = 1e-5
@@ -30,7 +31,7 @@ def add_grpo_args(parser) -> None:
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="forced completion length (64; quick 16)")
-    parser.add_argument("--size", default="5m", help="model size (bench.common.MODEL_SIZES)")
+    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
 
 
 def finish_grpo_args(args):

@@ -17,8 +17,9 @@ repository root: ``python -m bench.bench_reward_model`` (``--quick`` to check it
 
 from __future__ import annotations
 
-from bench.common import (REPO, base_parser, count_parameters, finish_args, interleave,
-                          paired_ratio, save_result, start_run, table)
+from bench.common import (REPO, base_parser, finish_args, interleave, paired_ratio, save_result,
+                          start_run, table)
+from bench.models import count_parameters
 
 MODULE = "bench.bench_reward_model"
 HEALTHBENCH = REPO.parent / "shared" / "data" / "healthbench" / "oss_eval_sample.jsonl"
@@ -33,7 +34,7 @@ CONTENDERS = {
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.common.MODEL_SIZES)")
+    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per step (16; quick 4)")
     parser.add_argument("--max-length", type=int, default=384, help="tokens per text")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Rollout engines side by side: generation speed, the Ray worker's overhead, weight updates.
 
-One process, one model (``bench.common.build_model``), the same MedQA prompts and forced
+One process, one model (``bench.models.build_model``), the same MedQA prompts and forced
 completion lengths (``min_new_tokens == max_new_tokens``) for every contender:
 
 1. throughput: vLLM (in-process, ``medrl.rollouts.vllm_engine.VLLMEngine``) vs Hugging Face
@@ -22,8 +22,9 @@ import os
 import sys
 import time
 
-from bench.common import (base_parser, build_model, count_parameters, finish_args, interleave,
-                          load_prompts, paired_ratio, save_result, start_clock, table)
+from bench.common import (base_parser, finish_args, interleave, load_prompts, paired_ratio,
+                          save_result, start_clock, table)
+from bench.models import build_model, count_parameters
 
 MODULE = "bench.bench_rollouts"
 KV_CACHE_BYTES = 256 * 2**20

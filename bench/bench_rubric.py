@@ -33,8 +33,9 @@ import dataclasses
 import math
 from pathlib import Path
 
-from bench.common import (SHARED_DATA, base_parser, bench_cache_dir, finish_args, interleave,
-                          paired_ratio, save_model_folder, save_result, start_clock, table)
+from bench.common import (SHARED_DATA, base_parser, finish_args, interleave, paired_ratio,
+                          save_result, start_clock, table)
+from bench.models import bench_cache_dir, qwen2_folder
 
 MODULE = "bench.bench_rubric"
 HEALTHBENCH = SHARED_DATA / "healthbench" / "oss_eval_sample.jsonl"
@@ -70,34 +71,12 @@ def parse_args():
 
 def build_scorer_model(kind: str, *, seed: int = 0) -> Path:
     """A scorer's model folder: ``kind`` "rm", a one-label ``Qwen2ForSequenceClassification``;
-    "judge", a ``Qwen2ForCausalLM`` (tied embeddings, eos ``<|im_end|>``). Both
-    :data:`RM_CONFIG`, random weights seeded by ``seed``, the bundled tokenizer (with its chat
-    template), pad ``<|endoftext|>``; written once into the benchmark cache through a temporary
-    sibling renamed into place."""
-    import torch
-    from transformers import (AutoTokenizer, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen2ForSequenceClassification)
-
-    from medrl.align.models import TOKENIZER_DIR
-
+    "judge", a causal LM (tied embeddings). Both :data:`RM_CONFIG`, random weights seeded by
+    ``seed``, the bundled tokenizer; written once into the benchmark cache."""
     out_dir = bench_cache_dir() / f"qwen2-{kind}-h{RM_CONFIG['hidden_size']}-" \
         f"l{RM_CONFIG['num_hidden_layers']}-seed{seed}"
-    if (out_dir / "config.json").exists():
-        return out_dir
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=eos,
-                         pad_token_id=pad, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                         num_labels=1, tie_word_embeddings=kind == "judge", **RM_CONFIG)
-    torch.manual_seed(seed)
-    if kind == "rm":
-        model = Qwen2ForSequenceClassification(config)
-    else:
-        model = Qwen2ForCausalLM(config)
-        model.generation_config.eos_token_id = eos
-        model.generation_config.pad_token_id = pad
-    return save_model_folder(model, tokenizer, out_dir)
+    return qwen2_folder(out_dir, RM_CONFIG, seed=seed, head="value" if kind == "rm" else "lm",
+                        tie_word_embeddings=kind == "judge")
 
 
 # --- the batch ----------------------------------------------------------------------------------

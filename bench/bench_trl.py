@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer vs the raw limit: the same GRPO work in one process, step for step.
 
-The work (see ``bench.bench_raw``): the same model (``bench.common.build_model``), the same
+The work (see ``bench.bench_raw``): the same model (``bench.models.build_model``), the same
 MedQA prompts in the same order (2 per step), G=8 completions of a forced 64 new tokens, the
 same letter reward, the token-mean clipped loss without KL, AdamW (lr 1e-5, no weight decay,
 constant schedule), gradient clipping at 1.0. TRL 1.16 runs on the CPU (``use_cpu=True``,
@@ -21,8 +21,9 @@ import time
 
 from bench.bench_raw import (LEARNING_RATE, MAX_GRAD_NORM, RawGRPO, add_grpo_args,
                              finish_grpo_args)
-from bench.common import (Timing, base_parser, count_parameters, letter_reward, load_prompts,
-                          paired_ratio, save_result, start_run, table)
+from bench.common import (Timing, base_parser, letter_reward, load_prompts, paired_ratio,
+                          save_result, start_run, table)
+from bench.models import count_parameters
 
 MODULE = "bench.bench_trl"
 

@@ -1,6 +1,6 @@
 """Loss variants against GRPO on one batch, and token-budget against fixed micro-batches.
 
-One process, one model (``bench.common.build_model``), MedQA prompts through the project's
+One process, one model (``bench.models.build_model``), MedQA prompts through the project's
 loader (``bench.bench_learner.make_samples``), old log-probs set to the starting policy's:
 
 1. ``Learner.train_step`` (ZeRO-2, one rank, gloo) with ``loss`` = grpo, gspo, gspo_token,
@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 
 from bench.bench_learner import LEARNING_RATE, MAX_GRAD_NORM, make_samples
-from bench.common import (base_parser, count_parameters, finish_args, interleave, paired_ratio,
+from bench.common import (base_parser, finish_args, interleave, paired_ratio,
                           peak_rss_per_contender, rss_child, save_result, start_run, table)
+from bench.models import count_parameters
 
 MODULE = "bench.bench_variants"
 # name: learner keyword arguments beyond the shared ones
@@ -38,7 +39,7 @@ SPLITS = ("fixed", "budget")
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.common.MODEL_SIZES)")
+    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--group", type=int, default=8, help="completions per prompt")
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=None,

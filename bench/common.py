@@ -1,8 +1,6 @@
-"""What every benchmark shares: the model, the prompts, the reward, timing, tables, machine.
+"""What every benchmark shares: the prompts, the reward, timing, tables, machine (the models
+are built by :mod:`bench.models`).
 
-- :func:`build_model`: a Qwen2-shaped model with random weights (head_dim 64, the bundled
-  byte-level BPE tokenizer), written once into a cache folder, like ``tiny:qwen2`` but at
-  benchmark sizes (:data:`MODEL_SIZES`).
 - :func:`load_prompts`: MedQA test questions from ``../shared/data`` through the project's
   own data loader, or the bundled quick-start items when that folder is absent.
 - :func:`letter_reward`: letter accuracy, one plain function every contender calls.
@@ -19,10 +17,8 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,83 +39,6 @@ RESULTS_DIR = REPO / "bench" / "results"
 SHARED_DATA = REPO.parent / "shared" / "data"
 MEDQA_TEST = SHARED_DATA / "medqa" / "test.jsonl"
 QUICKSTART_DATA = REPO / "recipes" / "data" / "quickstart_mcq.jsonl"
-
-# Qwen2-shaped text models; every size keeps head_dim 64 (vLLM's CPU attention needs >= 64).
-# Parameter counts with the bundled 1024-token vocabulary (tied embeddings).
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    # ~5.2M parameters: the size every comparison uses
-    "5m": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=5,
-               num_attention_heads=4, num_key_value_heads=2),
-    # ~40M parameters: a larger state dict for the weight-update measurements
-    "40m": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=10,
-                num_attention_heads=8, num_key_value_heads=4),
-}
-
-
-# --- the model ----------------------------------------------------------------------------------
-
-
-def bench_cache_dir() -> Path:
-    """Where benchmark models are written (``$MEDRL_CACHE/bench``, default ~/.cache/medrl)."""
-    from medrl.align.models import default_cache_dir
-
-    return default_cache_dir() / "bench"
-
-
-def build_model(size: str = "5m", *, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """A Hugging Face folder holding the ``size`` model (random weights seeded by ``seed``).
-
-    Built like ``medrl.align.models.materialize_tiny``: the bundled tokenizer, eos
-    ``<|im_end|>``, pad ``<|endoftext|>``, written to a temporary sibling and renamed into
-    place, so an interrupted build is never taken for a finished one.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
-
-    from medrl.align.models import TOKENIZER_DIR
-
-    if size not in MODEL_SIZES:
-        raise ValueError(f"model size {size!r} unknown; choose one of {', '.join(MODEL_SIZES)}")
-    out_dir = Path(cache_dir or bench_cache_dir()) / f"qwen2-{size}-seed{seed}"
-    if (out_dir / "config.json").exists():
-        return out_dir
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=eos,
-                         pad_token_id=pad, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, **MODEL_SIZES[size])
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = pad
-    return save_model_folder(model, tokenizer, out_dir)
-
-
-def save_model_folder(model, tokenizer, out_dir: Path) -> Path:
-    """``save_pretrained`` of both into a temporary sibling renamed into place, so an
-    interrupted build is never taken for a finished one; returns ``out_dir``."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def count_parameters(model_dir: str | Path) -> int:
-    """Number of distinct parameters (tied weights once), counted on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(p.numel() for p in model.parameters())
-
 
 # --- the prompts and the reward -----------------------------------------------------------------
 
@@ -257,6 +176,7 @@ def rss_child(args, make_batch: Callable[[Path], Any],
     import transformers
 
     del deepspeed, transformers
+    from bench.models import build_model
 
     model_dir = build_model(args.size)
     batch = make_batch(model_dir)
@@ -500,4 +420,6 @@ def start_run(args) -> tuple[float, dict, Path]:
     import torch
 
     torch.set_num_threads(args.threads)
+    from bench.models import build_model
+
     return started, machine, build_model(args.size)
