@@ -11,6 +11,7 @@ down, which a DeepSpeed learner in the same process would still be using.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,22 @@ def test_vllm_engine_equals_the_learner_after_each_adapter_push(learners, tiny_q
     assert not root.exists()
 
 
+def wait_until_restarted(ray, worker, *, pushed: int, timeout_s: float = 120.0) -> None:
+    """Block until a killed worker no longer answers with the pushed version: it is
+    restarting (its calls fail) or back with its start-up weights."""
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(worker.ready.remote(), timeout=30) != pushed:
+                return
+        except (ActorUnavailableError, GetTimeoutError):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the killed worker still serves version {pushed}")
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_group_pushes_the_adapter_and_repushes_it_after_a_restart(ray_local, learners,
@@ -241,6 +258,7 @@ def test_group_pushes_the_adapter_and_repushes_it_after_a_restart(ray_local, lea
         push_weights(learner, group, version=1)
         assert max_abs_diff(group.score_all(fixed)[0], expected) <= ATOL
         ray_local.kill(group.workers[0], no_restart=False)
+        wait_until_restarted(ray_local, group.workers[0], pushed=1)  # the kill is asynchronous
         assert max_abs_diff(group.score_all(fixed)[0], expected) <= ATOL  # re-pushed
         assert group.restarts_handled == 1
     finally:
