@@ -11,6 +11,7 @@ which never sees these items, is untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -64,7 +65,7 @@ def training_evaluation(recipe: Recipe, run_dir: Path) -> Callable[[int, Any], d
             state["grader"] = (rubric_grader(opts, run_dir / "eval")
                                if any(d.kind == "rubric" for d in datasets) else None)
         opts = state["opts"]
-        seeded = EvalOptions(**{**vars(opts), "seed": recipe.run.seed * 1_000_003 + step})
+        seeded = dataclasses.replace(opts, seed=recipe.run.seed * 1_000_003 + step)
         max_len = recipe.rollout.max_prompt_tokens + recipe.rollout.max_new_tokens
         out: dict[str, float] = {}
         for ds in datasets:

@@ -151,14 +151,14 @@ class RewardModelIO:
     keep_last: int | None = None
 
 
-def evaluate(learner: PairLearner, tokenizer, pairs: Sequence[Sample], max_length: int,
+def evaluate(learner: PairLearner, encoded: Sequence[Sample], tiers: Sequence[str],
              batch_size: int) -> dict[str, float]:
-    """``eval/*`` metrics (:func:`pair_metrics`) of the held-out pairs, no update."""
+    """``eval/*`` metrics (:func:`pair_metrics`) of held-out pairs, no update. encoded: their
+    :func:`encode_pairs` (2 samples per pair); tiers: one per pair; batch_size: in pairs."""
     values: list[float] = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = encode_pairs(tokenizer, pairs[i:i + batch_size], max_length)
-        values += learner.values(chunk, unit=2)
-    return pair_metrics(values, [str(p.row.get("tier") or "") for p in pairs])
+    for i in range(0, len(encoded), 2 * batch_size):
+        values += learner.values(encoded[i:i + 2 * batch_size], unit=2)
+    return pair_metrics(values, tiers)
 
 
 def run_stage(io: RewardModelIO, run_dir: Path, *, resume_from: Path | None = None) -> Path:
@@ -180,6 +180,8 @@ def run_stage(io: RewardModelIO, run_dir: Path, *, resume_from: Path | None = No
         learner.load(resume_from)
         io.stream.load_state(state["data_cursor"])
         restore_rng(state["rng"])
+    held_out = encode_pairs(io.tokenizer, io.eval_pairs, io.max_length)  # once, for every eval
+    tiers = [str(p.row.get("tier") or "") for p in io.eval_pairs]
     monitor = io.monitor_factory(steps, start)
     last = resume_from
     try:
@@ -189,8 +191,7 @@ def run_stage(io: RewardModelIO, run_dir: Path, *, resume_from: Path | None = No
             metrics = learner.train_step_with(pair_loss, batch, pair_count, unit=2)
             metrics["epoch"] = float(io.stream.epoch)
             if io.eval_pairs and io.eval_every and (step % io.eval_every == 0 or step == steps):
-                metrics.update(evaluate(learner, io.tokenizer, io.eval_pairs, io.max_length,
-                                        io.batch_size))
+                metrics.update(evaluate(learner, held_out, tiers, io.batch_size))
             if (io.checkpoint_every and step % io.checkpoint_every == 0) or step == steps:
                 ckpt_state = {"stage": "reward_model", "policy_version": step,
                               "data_cursor": io.stream.state(), "rng": capture_rng(),

@@ -146,7 +146,8 @@ def test_learns_a_criterion_dependent_preference_only_with_the_criterion(make_le
         batch = rng.sample(train, 16)
         learner.train_step_with(pair_loss, learner.collate(encode_pairs(tok, batch, 64)),
                                 size_fn=pair_count)
-    accuracy = evaluate(OneRank(learner), tok, held, 64, 16)["eval/accuracy"]
+    accuracy = evaluate(OneRank(learner), encode_pairs(tok, held, 64), [""] * len(held),
+                        16)["eval/accuracy"]
     if blank:  # each response pair appears once each way: exactly one of the two is right
         assert accuracy == pytest.approx(0.5, abs=0.1)
     else:
