@@ -11,7 +11,9 @@
 - :func:`choose_option`: the log-likelihood choice of a multiple-choice item, as
   lm-evaluation-harness defines ``acc`` (argmax of the summed log-probs of each option's
   continuation) and ``acc_norm`` (argmax of that sum divided by the continuation's length in
-  bytes).
+  bytes);
+- :func:`proportion` / :func:`mean_with_interval`: a figure as reports hold it,
+  ``{"value", "n", "low", "high"}``.
 """
 
 from __future__ import annotations
@@ -83,3 +85,17 @@ def choose_option(logprob_sums: Sequence[float], byte_lengths: Sequence[int]
     normed = max(range(len(logprob_sums)),
                  key=lambda i: (logprob_sums[i] / max(byte_lengths[i], 1), -i))
     return plain, normed
+
+
+def proportion(successes: float, n: int) -> dict[str, float]:
+    """``{"value", "n", "low", "high"}`` with the Wilson interval (successes may be a mean
+    of per-item shares, e.g. pass@1 over samples: the interval then uses its rounding)."""
+    low, high = wilson_interval(int(round(successes)), n)
+    return {"value": successes / n if n else math.nan, "n": n, "low": low, "high": high}
+
+
+def mean_with_interval(values: Sequence[float], seed: int) -> dict[str, float]:
+    """``{"value", "n", "low", "high"}``: the mean and its 95% bootstrap interval."""
+    low, high = bootstrap_interval(values, seed=seed)
+    return {"value": sum(values) / len(values) if values else math.nan, "n": len(values),
+            "low": low, "high": high}

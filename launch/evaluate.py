@@ -39,7 +39,6 @@ only with ``log_text``), ``summary.md`` and ``plots/accuracy.png``.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,8 +46,8 @@ from typing import Any, Literal, Sequence
 
 from medrl.align.records import Sample, UserError
 from medrl.launch.eval_data import EvalDataset
-from medrl.launch.eval_metrics import (bootstrap_interval, choose_option, majority, pass_at_k,
-                                       wilson_interval)
+from medrl.launch.eval_metrics import (choose_option, majority, mean_with_interval, pass_at_k,
+                                       proportion)
 
 Mode = Literal["loglik", "generate"]
 
@@ -171,20 +170,6 @@ def rubric_prediction(item: Sample, completions: Sequence[Sample], results: Sequ
 
 
 # -------------------------------------------------------------------------------- metrics
-
-
-def proportion(successes: float, n: int) -> dict[str, float]:
-    """``{"value", "n", "low", "high"}`` with the Wilson interval (successes may be a mean
-    of per-item shares, e.g. pass@1 over samples: the interval then uses its rounding)."""
-    low, high = wilson_interval(int(round(successes)), n)
-    return {"value": successes / n if n else math.nan, "n": n, "low": low, "high": high}
-
-
-def mean_with_interval(values: Sequence[float], seed: int) -> dict[str, float]:
-    """``{"value", "n", "low", "high"}``: the mean and its 95% bootstrap interval."""
-    low, high = bootstrap_interval(values, seed=seed)
-    return {"value": sum(values) / len(values) if values else math.nan, "n": len(values),
-            "low": low, "high": high}
 
 
 def rubric_metrics(predictions: Sequence[Prediction], seed: int) -> dict[str, dict[str, float]]:
