@@ -156,11 +156,15 @@ def run_failed(exc: RunFailed) -> typer.Exit:
 
 
 @app.command(name="eval")
-def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder, HF model "
-                                                 "folder, or tiny:qwen2"),
-          datasets: str = typer.Option(..., "--datasets", "-d",
-                                       help="comma-separated presets (medqa, medmcqa, pubmedqa, "
-                                            "pubmedqa_pqal, healthbench) or data files"),
+def eval_(ctx: typer.Context,
+          targets: List[str] = typer.Argument(..., help="run folder(s), checkpoint folder(s), "
+                                              "HF model folder(s), tiny:qwen2; or one recipe "
+                                              "YAML of run.stage eval, then key.path=value "
+                                              "overrides"),
+          datasets: Optional[str] = typer.Option(None, "--datasets", "-d",
+                                                 help="comma-separated presets (medqa, medmcqa, "
+                                                      "pubmedqa, pubmedqa_pqal, healthbench, "
+                                                      "ct_rate_mcq) or data files"),
           data_root: Optional[Path] = typer.Option(None, "--data-root",
                                                    help="folder of the preset files "
                                                         "(default $MEDRL_DATA_DIR)"),
@@ -189,13 +193,24 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
           reward: Optional[List[str]] = typer.Option(None, "--reward",
                                                      help="a reward plugin as a metric of "
                                                           "generated items (repeatable)"),
+          reward_args: Optional[List[str]] = typer.Option(
+              None, "--reward-arg", help="NAME.KEY=VALUE: a keyword argument of a --reward "
+              "(YAML value), e.g. mcq_letter.strict=true"),
+          system_prompt: Optional[str] = typer.Option(None, "--system-prompt",
+                                                      help="every prompt's system message"),
+          prompt_template: Optional[str] = typer.Option(
+              None, "--prompt-template", help="extraction sets: the user message, filled "
+              "from the row's columns ({dialogue}); e.g. the sft recipe's sft.prompt_template"),
           checkpoints: Optional[str] = typer.Option(None, "--checkpoints",
                                                     help="a run folder's checkpoints to "
-                                                         "compare: all, or steps like 100,200")):
-    """Score a model on medical multiple-choice benchmarks (see docs/eval.md).
+                                                         "compare: all, or steps like 100,200"),
+          force: bool = typer.Option(False, "--force", help="recipe: replace a non-empty run "
+                                     "folder")):
+    """Score models on medical benchmarks (see docs/eval.md).
 
     Writes results.json (every figure with its n and 95% interval), per-item predictions,
-    summary.md and plots/accuracy.png, and prints the summary.
+    summary.md and plots/accuracy.png, and prints the summary. Several targets (or
+    --checkpoints) are compared in one table, compare.md, and plots/compare.png.
     """
     from medrl.launch.cluster import start_cluster
     from medrl.launch.eval_data import data_root as resolve_root, load_eval_dataset
@@ -205,6 +220,18 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
     from medrl.launch.recipe import ClusterConfig
 
     try:
+        if Path(targets[0]).suffix in (".yaml", ".yml") and Path(targets[0]).is_file():
+            given = [f"--{n.replace('_', '-')}" for n in ctx.params
+                     if n not in ("targets", "force") and ctx.get_parameter_source(n).name
+                     == "COMMANDLINE"]
+            if given:
+                raise UserError(f"{targets[0]} is a recipe: its evaluation: section says what "
+                                f"to score, so {', '.join(given)} do(es) not apply; write them "
+                                "as overrides (e.g. evaluation.max_samples=50).")
+            return eval_recipe(Path(targets[0]), targets[1:], force=force)
+        if datasets is None:
+            raise UserError("name the datasets: --datasets medqa,pubmedqa (presets) or data "
+                            "files.")
         if mode not in ("loglik", "generate"):
             raise UserError(f"--mode must be loglik or generate, not {mode!r}.")
         if backend not in ("hf", "vllm"):
@@ -219,33 +246,84 @@ def eval_(target: str = typer.Argument(..., help="run folder, checkpoint folder,
             mapping[name] = column
         root = resolve_root(data_root)
         loaded = [load_eval_dataset(spec.strip(), root=root, max_samples=max_samples,
-                                    fields=mapping) for spec in datasets.split(",") if spec]
-        _, name = resolve_target(target, seed=seed)
-        out_dir = out or default_out_dir(target, name)
+                                    fields=mapping, system_prompt=system_prompt,
+                                    prompt_template=prompt_template)
+                  for spec in datasets.split(",") if spec]
+        names = [resolve_target(t, seed=seed)[1] for t in targets]
         opts = EvalOptions(mode=mode, samples=samples, temperature=temperature,
                            max_new_tokens=max_new_tokens, seed=seed, log_text=log_text,
-                           judge=judge, judge_scorer=judge_scorer, rewards=tuple(reward or ()))
-        if opts.rewards and mode != "generate" and not any(d.kind == "rubric" for d in loaded):
+                           judge=judge, judge_scorer=judge_scorer,
+                           rewards=reward_specs(reward or [], reward_args or []))
+        if opts.rewards and mode != "generate" and all(d.kind == "mcq" for d in loaded):
             raise UserError("--reward scores generated completions: add --mode generate (or "
-                            "evaluate a rubric dataset, which is always generated).")
+                            "evaluate a dataset that is always generated).")
         judged = any(d.kind == "rubric" for d in loaded)  # + one judge actor
         start_cluster(ClusterConfig(), cpus=workers + judged, resources={})
         progress = lambda ds, r: say(f"{ds}: {r['n']} items scored")  # noqa: E731
-        if checkpoints is None:
-            _, summary = run_eval(target, loaded, out_dir, opts, workers=workers,
-                                  backend=backend, progress=progress)
-        else:  # each checkpoint's report in RUN_DIR/eval/step-N, then one comparison
-            per_step = {}
-            for ckpt in run_checkpoints(Path(target), checkpoints):
-                per_step[int(ckpt.name.split("-")[1])], _ = run_eval(
-                    str(ckpt), loaded, Path(target) / "eval" / ckpt.name, opts,
-                    workers=workers, backend=backend, progress=progress)
-            out_dir = out or Path(target) / "eval"
-            summary = write_comparison(out_dir, per_step)
+        kw = dict(workers=workers, backend=backend, progress=progress)
+        if checkpoints is None and len(targets) == 1:
+            out_dir = out or default_out_dir(targets[0], names[0])
+            _, summary = run_eval(targets[0], loaded, out_dir, opts, **kw)
+        else:  # each report where a single one would go, then one comparison
+            entries = []
+            for target, name in zip(targets, names):
+                if checkpoints is None:
+                    results, _ = run_eval(target, loaded, default_out_dir(target, name), opts,
+                                          **kw)
+                    entries.append({"model": name, "step": None, "results": results})
+                    continue
+                for ckpt in run_checkpoints(Path(target), checkpoints):
+                    results, _ = run_eval(str(ckpt), loaded, Path(target) / "eval" / ckpt.name,
+                                          opts, **kw)
+                    entries.append({"model": Path(target).name,
+                                    "step": int(ckpt.name.split("-")[1]), "results": results})
+            out_dir = out or (Path(targets[0]) / "eval" if len(targets) == 1
+                              else Path("eval") / "compare")
+            summary = write_comparison(out_dir, entries)
     except UserError as exc:
         raise user_error(exc) from None
     typer.echo(summary, nl=False)
     console.print(f"report: {out_dir}", highlight=False)
+
+
+def reward_specs(names: list[str], args: list[str]) -> tuple[dict, ...]:
+    """``--reward`` names and ``--reward-arg NAME.KEY=VALUE`` -> reward specs with kwargs (the
+    value read as YAML, as recipe overrides are)."""
+    import yaml
+
+    specs = {n: {"name": n, "kwargs": {}} for n in names}
+    for item in args:
+        head, sep, value = item.partition("=")
+        name, dot, key = head.rpartition(".")
+        if not sep or not dot or not key:
+            raise UserError(f"--reward-arg {item!r}: write NAME.KEY=VALUE, e.g. "
+                            "mcq_letter.strict=true.")
+        if name not in specs:
+            raise UserError(f"--reward-arg {item!r}: no --reward {name!r} to pass it to (the "
+                            f"rewards are: {', '.join(specs) or 'none'}).")
+        specs[name]["kwargs"][key] = yaml.safe_load(value) if value else None
+    return tuple(specs.values())
+
+
+def eval_recipe(recipe_path: Path, overrides: list[str], *, force: bool) -> None:
+    """``medrl eval RECIPE``: a recipe of ``run.stage: eval``, run as ``medrl run`` runs it
+    (a new run folder holding the report), with the summary printed."""
+    from medrl.launch.recipe import load_recipe
+    from medrl.launch.rundir import absolute_recipe, new_run
+    from medrl.launch.stages import check_recipe, run_stage
+
+    resolved = load_recipe(recipe_path, overrides)
+    if resolved.run.stage != "eval":
+        raise UserError(f"{recipe_path}: run.stage is {resolved.run.stage}; medrl eval runs a "
+                        "recipe of run.stage: eval (a training recipe's evaluation: section "
+                        "runs inside `medrl run`).")
+    check_recipe(resolved, recipe_path.parent)
+    resolved = absolute_recipe(resolved, recipe_path.parent)
+    with new_run(resolved, force=force, say=say) as run_dir:
+        run_stage(resolved, run_dir)
+    name = "compare.md" if resolved.evaluation.checkpoints else "summary.md"
+    typer.echo((run_dir / name).read_text(), nl=False)
+    console.print(f"report: {run_dir}", highlight=False)
 
 
 @app.command()

@@ -369,13 +369,13 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
     log with the step's: the recipe's ``evaluation`` (:mod:`medrl.launch.eval_hook`), or the
     tests that kill a worker mid-run.
     """
-    from medrl.launch.eval_hook import training_evaluation
+    from medrl.launch.eval_hook import grpo_evaluation
 
     from medrl.launch.cluster import start_ray
     from medrl.launch.monitor import Timer
 
     start_ray(recipe)
-    evaluation = training_evaluation(recipe, run_dir)  # its datasets load before any actor
+    evaluation = grpo_evaluation(recipe, run_dir)  # its datasets load before any actor
     callbacks = [*callbacks, *([evaluation] if evaluation else [])]
     c = build(recipe, run_dir, resume_from=resume_from)
     last_ckpt = resume_from

@@ -18,6 +18,13 @@ a row without a gold answer is counted as unlabelled and left out, never silentl
 A rubric dataset (``kind="rubric"``) holds conversations and physician rubrics instead of
 options: its items need ``row["rubric"]``, and the theme is read from HealthBench's
 ``example_tags`` (``theme:<name>``) into ``row["theme"]``.
+
+Two more kinds of data file are told apart by their field mapping (:data:`TASK_FIELDS`, read
+here, not by the training loader): ``label=COLUMN`` makes a fact-checking set (the text in
+``question``, its veracity label, optionally ``error_span=COLUMN``; the prompt is
+:func:`medrl.launch.eval_tasks.factcheck_prompt`), ``record=COLUMN`` a structured-extraction
+set (a dialogue in ``question``, the gold record, a mapping, in ``record``; the prompt is
+``prompt_template`` filled from the row, or an instruction naming the dataset's record fields).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from typing import Literal
 from medrl.align.records import Sample, UserError
 
 DATA_ROOT_ENV = "MEDRL_DATA_DIR"
+# eval-only field names (NAME=COLUMN): the kind of dataset they make
+TASK_FIELDS = {"label": "factcheck", "error_span": "factcheck", "record": "extract"}
 YES_NO_MAYBE = {"A": "yes", "B": "no", "C": "maybe"}
 
 
@@ -45,7 +54,7 @@ class Preset:
     path: str
     fields: dict[str, str] = field(default_factory=dict)
     template: Literal["mcq", "open", "chat"] = "mcq"
-    kind: Literal["mcq", "rubric"] = "mcq"
+    kind: Literal["mcq", "rubric", "factcheck", "extract"] = "mcq"
     choices: Literal["letters", "words"] = "letters"
     options: dict[str, str] | None = None
     category: str | None = None
@@ -93,9 +102,12 @@ def preset_names() -> str:
 
 
 def load_eval_dataset(spec: str, *, root: Path | None, max_samples: int | None,
-                      fields: dict[str, str] | None = None) -> EvalDataset:
+                      fields: dict[str, str] | None = None, system_prompt: str | None = None,
+                      prompt_template: str | None = None) -> EvalDataset:
     """A preset name or a file path -> its items. Raises :class:`UserError` naming the preset
-    or file when it cannot be found or holds no labelled multiple-choice item."""
+    or file when it cannot be found or holds no labelled item. ``system_prompt``: the system
+    message of every prompt; ``prompt_template``: extraction sets' user message
+    (``str.format_map`` of the row, e.g. an sft recipe's ``sft.prompt_template``)."""
     from medrl.launch.data import load_samples
     from medrl.launch.recipe import DataConfig
     from medrl.rewards.rules import gold_letter
@@ -114,13 +126,26 @@ def load_eval_dataset(spec: str, *, root: Path | None, max_samples: int | None,
         if fields and "rubric" in fields:  # conversations (or questions) with a rubric
             preset = Preset(spec, kind="rubric", category="theme",
                             template="chat" if "messages" in fields else "open")
+        kinds = {TASK_FIELDS[k] for k in fields or {} if k in TASK_FIELDS}
+        if len(kinds) > 1:
+            raise UserError(f"dataset {spec}: the fields label / error_span (fact checking) "
+                            "and record (extraction) make different kinds of dataset; map "
+                            "one kind per file.")
+        if kinds:
+            preset = Preset(spec, kind=kinds.pop(), template="open")
     else:
         raise UserError(f"dataset {spec!r} is neither a preset ({preset_names()}) nor a file.")
     mapping = {**preset.fields, **(fields or {})}
+    task_columns = {k: mapping.pop(k) for k in list(mapping) if k in TASK_FIELDS}
     cfg = DataConfig(path=str(path), fields=mapping, template=preset.template,
-                     max_samples=max_samples)
+                     max_samples=max_samples, system_prompt=system_prompt)
     if preset.kind == "rubric":
         return rubric_dataset(name, path, load_samples(cfg), preset)
+    if preset.kind in ("factcheck", "extract"):
+        items, unlabelled = task_dataset(preset.kind, path, load_samples(cfg), task_columns,
+                                         prompt_template)
+        return EvalDataset(name=name, path=path, items=items, choices="", category=None,
+                           unlabelled=unlabelled, kind=preset.kind)
     items, unlabelled = [], 0
     for s in load_samples(cfg):
         row = dict(s.row)
@@ -158,3 +183,78 @@ def rubric_dataset(name: str, path: Path, samples: list[Sample], preset: Preset)
                         "rubric=COLUMN.")
     return EvalDataset(name=name, path=path, items=items, choices="", category=preset.category,
                        unlabelled=unlabelled, kind="rubric")
+
+
+def user_message(sample: Sample, text: str) -> Sample:
+    """The sample with ``text`` as its one user message (its system message kept)."""
+    messages = [m for m in sample.messages if m.get("role") == "system"]
+    return dataclasses.replace(sample, messages=messages + [{"role": "user", "content": text}])
+
+
+def task_dataset(kind: str, path: Path, samples: list[Sample], columns: dict[str, str],
+                 template: str | None) -> tuple[list[Sample], int]:
+    """(items, unlabelled) of a fact-checking or extraction file (module docstring): each item
+    with ``row["gold"]`` (fact checking: "error" / "correct", and ``row["gold_spans"]``;
+    extraction: the gold record) and its task prompt. A bad label or record is a UserError
+    naming the file and the sample, never its text."""
+    from medrl.launch.eval_tasks import factcheck_prompt, gold_spans, gold_verdict
+
+    items, unlabelled = [], 0
+    if kind == "factcheck":
+        label, span = columns.get("label", "label"), columns.get("error_span", "error_span")
+        for s in samples:
+            try:
+                gold = gold_verdict(s.row, label)
+            except ValueError as exc:
+                raise UserError(f"{path}: sample {s.uid}: {exc}.") from None
+            if gold is None:
+                unlabelled += 1
+                continue
+            row = {**s.row, "gold": "error" if gold else "correct",
+                   "gold_spans": gold_spans(s.row, span)}
+            items.append(dataclasses.replace(user_message(s, factcheck_prompt(
+                str(s.row["question"]))), row=row))
+        if not items:
+            raise UserError(f"{path}: no row has a veracity label (column {label!r}); check "
+                            "--field label=COLUMN.")
+        return items, unlabelled
+    column = columns["record"]
+    records = []
+    for s in samples:
+        record = s.row.get(column)
+        if isinstance(record, str) and record.strip().startswith("{"):
+            import json
+
+            try:
+                record = json.loads(record)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}: sample {s.uid}: column {column!r} is not valid "
+                                "JSON; the gold record must be a mapping of field -> value "
+                                "(or list of values).") from None
+        if record is None:
+            unlabelled += 1
+            continue
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: sample {s.uid}: column {column!r} holds a "
+                            f"{type(record).__name__}; the gold record must be a mapping of "
+                            "field -> value (or list of values).")
+        records.append((s, record))
+    if not records:
+        raise UserError(f"{path}: no row has a gold record (column {column!r}); check "
+                        "--field record=COLUMN.")
+    names = list(dict.fromkeys(k for _, r in records for k in r))
+    for s, record in records:
+        if template:
+            try:
+                text = template.format_map(s.row)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise UserError(f"{path}: sample {s.uid}: the prompt template cannot be "
+                                f"filled from the row ({type(exc).__name__}: {exc}); name only "
+                                "columns the data has, and double literal braces.") from None
+        else:
+            text = (f"{s.row['question']}\n\nWrite the medical record of this consultation "
+                    f"as one JSON object with the fields {', '.join(names)} (a list for "
+                    "several values, an empty string or list when it is not mentioned). "
+                    "Return JSON only.")
+        items.append(dataclasses.replace(user_message(s, text), row={**s.row, "gold": record}))
+    return items, unlabelled

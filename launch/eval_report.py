@@ -1,5 +1,5 @@
 """The reports of ``medrl eval``: results.json, predictions, summary.md and the plots, and the
-comparison of a run's checkpoints (compare.json, compare.md, plots/compare.png)."""
+comparison of models or of a run's checkpoints (compare.json, compare.md, plots/compare.png)."""
 
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def summary_markdown(model: str, opts: EvalOptions, results: dict[str, dict[str,
 
 
 def headline(metrics: dict[str, Any]) -> str:
-    """The metric a dataset is summed up by: accuracy, or a rubric dataset's mean score."""
-    return "acc" if "acc" in metrics else "score"
+    """The metric a dataset is summed up by: accuracy, a rubric dataset's mean score, or the
+    F1 of fact checking and extraction."""
+    return next((m for m in ("acc", "score", "f1") if m in metrics), next(iter(metrics)))
 
 
 def plot_accuracy(path: Path, results: dict[str, dict[str, Any]]) -> None:
@@ -77,37 +78,56 @@ def plot_accuracy(path: Path, results: dict[str, dict[str, Any]]) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_comparison(out_dir: Path, per_step: dict[int, dict[str, dict[str, Any]]]) -> str:
-    """One table (and plots/compare.png) of every dataset's metrics across checkpoints:
-    ``per_step`` maps a step to its results. Writes compare.json and compare.md; returns the
-    Markdown."""
+def entry_label(entry: dict[str, Any], models: int) -> str:
+    """A comparison column's name: ``step N`` (one run's checkpoints), the model, or both."""
+    if entry["step"] is None:
+        return entry["model"]
+    return f"step {entry['step']}" if models == 1 else f"{entry['model']} step {entry['step']}"
+
+
+def write_comparison(out_dir: Path, entries: list[dict[str, Any]]) -> str:
+    """One table (and plots/compare.png) of every dataset's metrics across models and
+    checkpoints. ``entries``: ``{"model": name, "step": int | None, "results": results}`` in
+    column order. Writes compare.json and compare.md; returns the Markdown. The plot puts
+    checkpoints on a step axis (a line per model and dataset), models side by side."""
     from matplotlib.figure import Figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    models = sorted({e["model"] for e in entries})
+    labels = [entry_label(e, len(models)) for e in entries]
     (out_dir / "compare.json").write_text(json.dumps(
-        {str(k): v for k, v in sorted(per_step.items())}, indent=1))
-    steps = sorted(per_step)
-    names = sorted({d for r in per_step.values() for d in r})
-    lines = ["# medrl eval across checkpoints", "",
-             "| dataset | metric | " + " | ".join(f"step {s}" for s in steps) + " |",
-             "|---|---|" + "---|" * len(steps)]
+        {"entries": [{"label": label, **e} for label, e in zip(labels, entries)]}, indent=1))
+    names = sorted({d for e in entries for d in e["results"]})
+    title = "checkpoints" if len(models) == 1 and entries[0]["step"] is not None else "models"
+    lines = [f"# medrl eval across {title}", "",
+             "| dataset | metric | " + " | ".join(labels) + " |",
+             "|---|---|" + "---|" * len(entries)]
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
+    stepped = all(e["step"] is not None for e in entries)
     for name in names:
-        metrics = sorted({m for r in per_step.values() if name in r
-                          for m in r[name]["metrics"]})
+        metrics = sorted({m for e in entries if name in e["results"]
+                          for m in e["results"][name]["metrics"]})
         for metric in metrics:
-            cells = [per_step[s].get(name, {}).get("metrics", {}).get(metric) for s in steps]
+            cells = [e["results"].get(name, {}).get("metrics", {}).get(metric) for e in entries]
             lines.append(f"| {name} | {metric} | " + " | ".join(
                 "" if c is None else f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
                 for c in cells) + " |")
         main = headline({m: 0 for m in metrics})
-        points = [(s, per_step[s][name]["metrics"][main]) for s in steps if name in per_step[s]]
-        ax.errorbar([s for s, _ in points], [m["value"] for _, m in points],
-                    yerr=[[max(0.0, m["value"] - m["low"]) for _, m in points],
-                          [max(0.0, m["high"] - m["value"]) for _, m in points]],
-                    marker="o", capsize=3, label=f"{name} {main}")
-    ax.set_xlabel("step")
+        for model in (models if stepped else [None]):
+            points = [(e["step"] if stepped else i, e["results"][name]["metrics"][main])
+                      for i, e in enumerate(entries)
+                      if name in e["results"] and (model is None or e["model"] == model)]
+            ax.errorbar([x for x, _ in points], [m["value"] for _, m in points],
+                        yerr=[[max(0.0, m["value"] - m["low"]) for _, m in points],
+                              [max(0.0, m["high"] - m["value"]) for _, m in points]],
+                        marker="o", capsize=3, linestyle="-" if stepped else "none",
+                        label=f"{name} {main}" + (f" ({model})" if len(models) > 1
+                                                  and model else ""))
+    if stepped:
+        ax.set_xlabel("step")
+    else:
+        ax.set_xticks(range(len(entries)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy / score (95% CI)")
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()

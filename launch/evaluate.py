@@ -117,11 +117,15 @@ class Prediction:
     dims: dict[str, float] = field(default_factory=dict)  # rubric: axis means over samples
     verdicts: list[list[float | None]] = field(default_factory=list)  # rubric: by criterion
     rewards: dict[str, list[float | None]] = field(default_factory=dict)  # --reward, by sample
+    spans: list[str | None] = field(default_factory=list)  # fact checking: quoted passages
+    counts: list[dict[str, tuple[int, int, int]]] = field(default_factory=list)  # extraction
+    parsed: list[bool] = field(default_factory=list)  # extraction: a record was found
 
     def record(self, log_text: bool) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if v not in (None, [], {})}
-        if not log_text:
+        if not log_text:  # quoted passages are text of the item too
             out.pop("completions", None)
+            out.pop("spans", None)
         return out
 
 
@@ -152,6 +156,38 @@ def generate_prediction(item: Sample, completions: Sequence[Sample], choices: st
     return Prediction(uid=item.uid, gold=item.row["gold"], category=category,
                       answers=[extracted_letter(t, item.row, choices) for t in texts],
                       completions=texts)
+
+
+def task_prediction(item: Sample, completions: Sequence[Sample], kind: str) -> Prediction:
+    """A fact-checking or extraction item's parsed samples (:mod:`medrl.launch.eval_tasks`)."""
+    from medrl.launch.eval_tasks import extraction_counts, parse_record, parse_verdict
+
+    texts = [c.completion_text for c in completions]
+    if kind == "factcheck":
+        verdicts = [parse_verdict(t) for t in texts]
+        return Prediction(uid=item.uid, gold=item.row["gold"], completions=texts,
+                          answers=[None if v is None else ("error" if v else "correct")
+                                   for v, _ in verdicts],
+                          spans=[span for _, span in verdicts])
+    records = [parse_record(t) for t in texts]
+    return Prediction(uid=item.uid, gold="", completions=texts, parsed=[r is not None
+                                                                        for r in records],
+                      counts=[extraction_counts(r, item.row["gold"]) for r in records])
+
+
+def task_metrics(predictions: Sequence[Prediction], kind: str, spans: dict[str, list[str]],
+                 seed: int) -> dict[str, dict[str, float]]:
+    """Fact-checking or extraction figures over every sample of every item (``spans``: each
+    item's gold error spans, by uid)."""
+    from medrl.launch.eval_tasks import extraction_metrics, factcheck_metrics
+
+    if kind == "factcheck":
+        return factcheck_metrics([(p.gold == "error", spans.get(p.uid, []),
+                                   None if a is None else a == "error", span)
+                                  for p in predictions for a, span in zip(p.answers, p.spans)],
+                                 seed)
+    return extraction_metrics([(c, ok) for p in predictions for c, ok in zip(p.counts, p.parsed)],
+                              seed)
 
 
 def rubric_prediction(item: Sample, completions: Sequence[Sample], results: Sequence[Any],
@@ -194,13 +230,18 @@ def reward_metrics(predictions: Sequence[Prediction], seed: int) -> dict[str, di
     for name in sorted({k for p in predictions for k in p.rewards}):
         means = [sum(v) / len(v) for p in predictions
                  if (v := [x for x in p.rewards.get(name, []) if x is not None])]
-        out[f"reward:{name}"] = mean_with_interval(means, seed)
+        if means:  # a reward that applies to none of the items is no figure
+            out[f"reward:{name}"] = mean_with_interval(means, seed)
     return out
 
 
-def metrics_of(predictions: Sequence[Prediction], mode: Mode | Literal["rubric"], *,
-               seed: int = 0) -> dict[str, dict[str, float]]:
-    """The metrics of a list of predictions (module docstring)."""
+def metrics_of(predictions: Sequence[Prediction], mode: str, *, seed: int = 0,
+               spans: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
+    """The metrics of a list of predictions (module docstring); ``mode``: loglik, generate,
+    or the dataset's kind when it is not multiple choice."""
+    if mode in ("factcheck", "extract"):
+        return {**task_metrics(predictions, mode, spans or {}, seed),
+                **reward_metrics(predictions, seed)}
     if mode == "rubric":
         return {**rubric_metrics(predictions, seed), **reward_metrics(predictions, seed)}
     if mode == "generate":
@@ -229,15 +270,17 @@ def choice_metrics(predictions: Sequence[Prediction], mode: Mode) -> dict[str, d
 
 def dataset_results(ds: EvalDataset, predictions: Sequence[Prediction], mode: Mode,
                     too_long: int, seed: int = 0) -> dict[str, Any]:
-    kind = "rubric" if ds.kind == "rubric" else mode
+    kind = mode if ds.kind == "mcq" else ds.kind
+    spans = {s.uid: s.row.get("gold_spans", []) for s in ds.items} \
+        if ds.kind == "factcheck" else None
     out: dict[str, Any] = {"path": str(ds.path), "n": len(predictions), "kind": ds.kind,
                            "skipped": {"too_long": too_long, "unlabelled": ds.unlabelled},
-                           "metrics": metrics_of(predictions, kind, seed=seed)}
+                           "metrics": metrics_of(predictions, kind, seed=seed, spans=spans)}
     if ds.category:
         groups: dict[str, list[Prediction]] = defaultdict(list)
         for p in predictions:
             groups[str(p.category)].append(p)
-        out["by_category"] = {k: metrics_of(v, kind, seed=seed)
+        out["by_category"] = {k: metrics_of(v, kind, seed=seed, spans=spans)
                               for k, v in sorted(groups.items())}
     return out
 
@@ -257,7 +300,9 @@ class EvalOptions:
     log_text: bool = False
     judge: str | None = None  # rubric datasets: the criterion scorer's model
     judge_scorer: Literal["reward_model", "judge"] = "reward_model"
-    rewards: tuple[str, ...] = ()  # reward plugins scored on generated items, as metrics
+    # reward plugins scored on generated items, as metrics: specs as in rewards.functions
+    # ({"name": ..., "kwargs": {...}})
+    rewards: tuple[dict[str, Any], ...] = ()
 
 
 def fits(sample: Sample, max_len: int, new_tokens: int = 0) -> bool:
@@ -298,6 +343,9 @@ def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_l
         results = grader(completions) if completions else []
         out = [rubric_prediction(item, completions[i * k:(i + 1) * k],
                                  results[i * k:(i + 1) * k], category(item))
+               for i, item in enumerate(kept)]
+    elif ds.kind in ("factcheck", "extract"):
+        out = [task_prediction(item, completions[i * k:(i + 1) * k], ds.kind)
                for i, item in enumerate(kept)]
     else:
         out = [generate_prediction(item, completions[i * k:(i + 1) * k], ds.choices,
@@ -346,7 +394,7 @@ def run_eval(target: str, datasets: Sequence[EvalDataset], out_dir: Path, opts: 
     max_len = min(max_model_len, positions) if positions else max_model_len
     tokenizer = text_tokenizer(load_tokenizer(folder))
     grader = rubric_grader(opts, out_dir) if any(d.kind == "rubric" for d in datasets) else None
-    rewards = reward_metric_fn(opts.rewards, out_dir) if opts.rewards else None
+    rewards = reward_metric_fn(opts.rewards) if opts.rewards else None
     group = RolloutGroup(workers, backend, str(folder),
                          {"dtype": "float32", "max_model_len": max_len, "seed": opts.seed},
                          num_cpus_per_worker=cpus_per_worker, max_restarts=0)
@@ -407,13 +455,14 @@ def run_checkpoints(run_dir: Path, steps: str) -> list[Path]:
     return [by_step[s] for s in wanted]
 
 
-def reward_metric_fn(names: Sequence[str], out_dir: Path):
-    """``fn(completions) -> {name: [value per completion]}`` of reward plugins named as in a
-    recipe (registered name, ``module:fn`` or ``file.py:fn``), run by the reward runner (a
-    failing reward stops the evaluation, naming itself and the sample)."""
+def reward_metric_fn(specs: Sequence[dict[str, Any]]):
+    """``fn(completions) -> {name: [value per completion]}`` of reward plugins given as in a
+    recipe's ``rewards.functions`` (a registered name, ``module:fn`` or ``file.py:fn``, with
+    its ``kwargs``), run by the reward runner (a failing reward stops the evaluation, naming
+    itself and the sample)."""
     from medrl.rewards import RewardContext, RewardRunner, load_rewards
 
-    runner = RewardRunner(load_rewards([{"name": n} for n in names], base_dir=Path.cwd()),
+    runner = RewardRunner(load_rewards(list(specs), base_dir=Path.cwd()),
                           ctx=RewardContext(run_dir=None, base_dir=Path.cwd()))
     runner.start()
 

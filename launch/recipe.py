@@ -26,10 +26,10 @@ __all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_ove
 Stage = Literal["grpo", "sft", "reward_model", "vision_pretrain", "qat", "eval"]
 # The stages this version runs (launch/stages.py dispatches on these); the others of ``Stage``
 # are planned and refused at validation.
-RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat", "reward_model")
+RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat", "reward_model", "eval")
 # Which stage reads which optional section: qat trains on the sft loss and data settings.
 STAGE_SECTIONS = {"sft": ("sft", "qat"), "qat": ("qat",), "reward_model": ("reward_model",),
-                  "evaluation": ("grpo",)}
+                  "evaluation": ("grpo", "sft", "eval")}
 
 
 def stage_not_runnable(stage: str) -> str:
@@ -316,12 +316,23 @@ class RewardModelConfig(Section):
                             "last)")
 
 
-class EvaluationConfig(Section):
-    """Benchmarks on the current weights during a grpo run, scored as ``medrl eval`` scores
-    them (docs/eval.md), through the rollout engines; logged as eval/<dataset>/<metric>."""
+class EvalDatasetSpec(Section):
+    """A data file of an ``evaluation`` section with its own field mapping."""
 
-    every: int = Field(..., ge=1, description="evaluate every N steps and at the last step")
-    datasets: list[str] = Field(..., min_length=1, description="presets or data files")
+    path: str = Field(..., description="data file, relative to the recipe")
+    fields: dict[str, str] = {}  # NAME -> COLUMN, over evaluation.fields
+
+
+class EvaluationConfig(Section):
+    """Benchmarks scored as ``medrl eval`` scores them (docs/eval.md): on the current weights
+    during a grpo run (through the rollout engines) or an sft run (through the learner's own
+    model), logged as eval/<dataset>/<metric>; or, in an eval stage, on ``model.policy`` (each
+    of ``checkpoints`` when it is a run folder), written as a report into the run folder."""
+
+    every: int | None = Field(None, ge=1, description="grpo/sft: evaluate every N steps and at "
+                              "the last step")
+    datasets: list[str | EvalDatasetSpec] = Field(..., min_length=1, description="presets, "
+                                                  "data files, or {path, fields}")
     max_samples: int | None = Field(None, ge=1, description="first N items of each dataset")
     data_root: str | None = Field(None, description="folder of the preset files (default "
                                   "$MEDRL_DATA_DIR); relative to the recipe")
@@ -329,6 +340,15 @@ class EvaluationConfig(Section):
     mode: Literal["loglik", "generate"] = "loglik"
     max_new_tokens: int = Field(256, ge=1, description="generate mode and rubric datasets")
     judge: str | None = None  # rubric datasets: the criterion scorer's model
+    judge_scorer: Literal["reward_model", "judge"] = "reward_model"
+    samples: int = Field(1, ge=1, description="generate: completions per item (1 = greedy)")
+    temperature: float = Field(1.0, ge=0.0, description="generate with samples > 1")
+    log_text: bool = Field(False, description="keep completion texts in predictions.jsonl")
+    checkpoints: str | None = Field(None, description="eval stage on a run folder: all, or "
+                                    "steps like 100,200, compared in one table")
+    system_prompt: str | None = None  # every prompt's system message (sft: data.system_prompt)
+    prompt_template: str | None = Field(None, description="extraction sets: the user message, "
+                                        "str.format of the row (sft: sft.prompt_template)")
 
 
 class QATConfig(Section):
@@ -348,7 +368,7 @@ class QATConfig(Section):
 class Recipe(Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
-    data: DataConfig
+    data: DataConfig | None = None  # every stage but eval reads one
     rollout: RolloutConfig = RolloutConfig()
     rewards: RewardsConfig = RewardsConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
@@ -371,6 +391,19 @@ class Recipe(Section):
                 raise ValueError(f"the {section}: section is read only by run.stage "
                                  f"{' or '.join(stages)}, and this recipe's stage is {stage}: "
                                  f"remove the {section}: section, or set run.stage")
+        if self.data is None and stage != "eval":
+            raise ValueError(f"run.stage {stage} trains on data: add a data: section with at "
+                             "least data.path")
+        if stage == "eval" and self.evaluation is None:
+            raise ValueError("run.stage eval scores model.policy on the datasets of an "
+                             "evaluation: section; add one (evaluation.datasets: [medqa, ...])")
+        ev = self.evaluation
+        if ev is not None and stage != "eval" and ev.every is None:
+            raise ValueError(f"evaluation.every is needed in a {stage} run: evaluate every N "
+                             "steps (and at the last step)")
+        if ev is not None and ev.checkpoints is not None and stage != "eval":
+            raise ValueError("evaluation.checkpoints compares a run folder's checkpoints in an "
+                             f"eval stage; a {stage} run evaluates its own current weights")
         if stage == "grpo" and not self.rewards.functions:
             raise ValueError("a grpo recipe needs at least one reward in rewards.functions")
         if stage == "grpo" and self.rollout.group_size < 2:
@@ -455,7 +488,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def _check_files(recipe: Recipe, recipe_dir: Path) -> list[str]:
     """Files named by the recipe must exist before a run starts."""
     problems = []
-    for field, value in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path),
+    data = recipe.data
+    for field, value in (("data.path", data.path if data else None),
+                         ("data.eval_path", data.eval_path if data else None),
                          ("qat.probe_path", recipe.qat.probe_path if recipe.qat else None)):
         if value and not resolve_path(recipe_dir, value).exists():
             problems.append(f"{field}: {value!r} does not exist (relative paths are read from "

@@ -43,8 +43,9 @@ def absolute_recipe(recipe: Recipe, recipe_dir: Path) -> Recipe:
     """A copy with every local path made absolute, so the saved recipe works from anywhere."""
     r = recipe.model_copy(deep=True)
     r.run.recipe_dir = str(recipe_dir.resolve())
-    r.data.path = str(resolve_path(recipe_dir, r.data.path).resolve())
-    if r.data.eval_path:
+    if r.data is not None:
+        r.data.path = str(resolve_path(recipe_dir, r.data.path).resolve())
+    if r.data is not None and r.data.eval_path:
         r.data.eval_path = str(resolve_path(recipe_dir, r.data.eval_path).resolve())
     if not r.model.policy.startswith("tiny:") and resolve_path(recipe_dir, r.model.policy).exists():
         r.model.policy = str(resolve_path(recipe_dir, r.model.policy).resolve())

@@ -28,10 +28,12 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
         resolve_policy(recipe.model.policy, base_dir=recipe_dir)
         checked.append("policy folder")
 
-    from medrl.launch.data import load_dataset_rows
+    if recipe.data is not None:
+        from medrl.launch.data import load_dataset_rows
 
-    rows = load_dataset_rows(recipe.data, recipe_dir)
-    checked.append(f"data: {len(rows)} rows from {resolve_path(recipe_dir, recipe.data.path).name}")
+        rows = load_dataset_rows(recipe.data, recipe_dir)
+        checked.append(f"data: {len(rows)} rows from "
+                       f"{resolve_path(recipe_dir, recipe.data.path).name}")
     if recipe.evaluation is not None:
         from medrl.launch.eval_hook import load_datasets
 
@@ -89,6 +91,14 @@ def run_stage(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None)
         return train(recipe, run_dir, resume_from=resume_from)
     if stage == "reward_model":
         return run_reward_model(recipe, run_dir, resume_from=resume_from)
+    if stage == "eval":
+        from medrl.align.records import UserError
+        from medrl.launch.eval_hook import run_eval_stage
+
+        if resume_from is not None:
+            raise UserError("an eval stage has no checkpoint to resume from: start it again "
+                            "with `medrl run` (or `medrl eval RECIPE`).")
+        return run_eval_stage(recipe, run_dir)
     from medrl.align.stages.sft import run_stage as run_sft_stage
 
     return run_sft_stage(stage_io(recipe, run_dir), run_dir, resume_from=resume_from,
@@ -101,6 +111,7 @@ def stage_io(recipe: Recipe, run_dir: Path):
     from medrl.align.records import UserError
     from medrl.align.stages.sft import ExampleSpec, StageIO
     from medrl.launch.data import load_media
+    from medrl.launch.eval_hook import sft_evaluation
     from medrl.launch.stream import PromptStream
     from medrl.launch.driver import learner_kwargs
     from medrl.launch.monitor import Monitor
@@ -130,7 +141,8 @@ def stage_io(recipe: Recipe, run_dir: Path):
                          prompt_template=sft.prompt_template),
         batch_size=sft.batch_size, max_steps=recipe.run.max_steps, epochs=sft.epochs,
         eval_every=sft.eval_every, checkpoint_every=recipe.checkpoint.every,
-        keep_last=recipe.checkpoint.keep_last)
+        keep_last=recipe.checkpoint.keep_last,
+        evaluate=sft_evaluation(recipe, run_dir) if recipe.run.stage == "sft" else None)
 
 
 def qat_hooks(recipe: Recipe):

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from medrl.align.models import (is_vision_model, load_model, load_tokenizer, resolve_dtype,
+from medrl.align.models import (load_model, load_tokenizer, resolve_dtype,
                                 text_embedded_completions)
 from medrl.align.records import Sample
 from medrl.align.encode import EncodedBatch, encode_batch, end_of_turn_id, text_tokenizer
@@ -139,13 +139,35 @@ class HFEngine:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model_dir = Path(model_dir)
-        self.is_vision = is_vision_model(self.model_dir)
-        self.processor = load_tokenizer(self.model_dir)  # a processor for VLMs
-        self.tokenizer = text_tokenizer(self.processor)
         self.dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
+        model = load_model(self.model_dir, dtype=self.dtype,
+                           attn_implementation=attn_implementation).eval()
+        self._setup(model, load_tokenizer(self.model_dir), seed=seed, max_model_len=max_model_len)
+        # The model's sampling defaults would otherwise fill every field a call leaves unset
+        # (the driver notes them: medrl.launch.driver.sampling_note).
+        self.model.generation_config = self.neutral_config
+
+    @classmethod
+    def around(cls, model, processor, *, seed: int = 0,
+               max_model_len: int | None = None) -> "HFEngine":
+        """An engine on a model already in memory (an sft learner's, between its steps): no
+        second copy is loaded. The model's own ``generation_config`` (saved with its
+        checkpoints) is only swapped for the neutral one during each ``generate`` call; the
+        caller chooses the model's train/eval mode."""
+        engine = cls.__new__(cls)
+        engine.model_dir = None
+        engine.dtype = next(model.parameters()).dtype
+        engine._setup(model, processor, seed=seed, max_model_len=max_model_len)
+        return engine
+
+    def _setup(self, model, processor, *, seed: int, max_model_len: int | None) -> None:
+        from transformers import GenerationConfig
+
+        self.model = model
+        self.processor = processor  # a processor for VLMs
+        self.tokenizer = text_tokenizer(processor)
+        self.is_vision = "vision_config" in model.config.to_dict()
         self.max_model_len = max_model_len
-        self.model = load_model(self.model_dir, dtype=self.dtype,
-                                attn_implementation=attn_implementation).eval()
         self.seed = seed
         self._calls = 0
         self.policy_version = 0
@@ -157,11 +179,7 @@ class HFEngine:
         self.eos_ids = {int(e) for e in eos} | {end_of_turn_id(self.processor)}
         self.pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                        else min(self.eos_ids))
-        # The model's sampling defaults would otherwise fill every field a call leaves unset
-        # (the driver notes them: medrl.launch.driver.sampling_note).
-        from transformers import GenerationConfig
-
-        self.model.generation_config = GenerationConfig(
+        self.neutral_config = GenerationConfig(
             bos_token_id=self.model.generation_config.bos_token_id,
             eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
 
@@ -194,11 +212,19 @@ class HFEngine:
         processors = LogitsProcessorList(_warpers(sampling) + [drawn])
         seed = sampling.seed if sampling.seed is not None else self.seed + self._calls
         self._calls += 1
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            sequences = self.model.generate(**batch.inputs, generation_config=config,
-                                            logits_processor=processors,
-                                            stopping_criteria=StoppingCriteriaList([tracker]))
+        # generate fills what a call leaves unset from the model's generation_config: the
+        # neutral one, for this call (a wrapped PEFT model keeps it on its base model)
+        owner = self.model.get_base_model() if hasattr(self.model, "get_base_model") \
+            else self.model
+        saved, owner.generation_config = owner.generation_config, self.neutral_config
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                sequences = self.model.generate(**batch.inputs, generation_config=config,
+                                                logits_processor=processors,
+                                                stopping_criteria=StoppingCriteriaList([tracker]))
+        finally:
+            owner.generation_config = saved
         generated = sequences[:, prompt_len:]
         logprobs = drawn.finish(sequences)  # [rows, steps], under the sampling distribution
 

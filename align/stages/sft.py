@@ -224,7 +224,9 @@ class StageIO:
 
     ``stream``: a ``medrl.launch.stream.PromptStream`` (``take(n)`` loaded samples, ``state()``,
     ``load_state(cursor)``); ``monitor_factory(total_steps, start_step)`` a ``Monitor``;
-    ``learner_kwargs`` the learner's keyword arguments (``total_steps`` is set here).
+    ``learner_kwargs`` the learner's keyword arguments (``total_steps`` is set here);
+    ``evaluate(step, learner) -> metrics``: benchmarks on the current weights after a step
+    (the recipe's ``evaluation``), which must leave the training stream as it found it.
     """
 
     policy_dir: Path
@@ -240,6 +242,7 @@ class StageIO:
     checkpoint_every: int = 0
     keep_last: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    evaluate: Callable[[int, Any], dict[str, float]] | None = None
 
 
 def total_steps(*, max_steps: int, epochs: int | None, num_train: int, batch_size: int) -> int:
@@ -294,6 +297,8 @@ def run_stage(io: StageIO, run_dir: Path, *, resume_from: Path | None = None,
             metrics["epoch"] = float(io.stream.epoch)
             if eval_examples and io.eval_every and (step % io.eval_every == 0 or step == steps):
                 metrics["eval/loss"] = eval_loss(learner, eval_examples, io.batch_size)
+            if io.evaluate is not None:
+                metrics.update(io.evaluate(step, learner))
             if hooks:
                 hooks.after_step(step, metrics)
             if (io.checkpoint_every and step % io.checkpoint_every == 0) or step == steps:

@@ -117,14 +117,46 @@ def test_eval_scores_the_last_checkpoint_on_two_workers(full_run, workdir):
     # Every checkpoint, compared; the same 8 items the run evaluated on the same weights.
     proc = medrl("eval", str(full_run), "--datasets", str(data), "--field", "id=id",
                  "--max-samples", "8", "--checkpoints", "all", cwd=workdir)
-    compare = json.loads((full_run / "eval" / "compare.json").read_text())
-    assert sorted(compare) == ["3", "6"]
+    compare = json.loads((full_run / "eval" / "compare.json").read_text())["entries"]
+    assert [e["step"] for e in compare] == [3, 6]
     during = per_step(full_run, "metrics.jsonl")
-    for step in (3, 6):
-        acc = compare[str(step)]["quickstart_mcq"]["metrics"]["acc"]["value"]
-        assert acc == during[step]["eval/quickstart_mcq/acc"]
+    for entry in compare:
+        acc = entry["results"]["quickstart_mcq"]["metrics"]["acc"]["value"]
+        assert acc == during[entry["step"]]["eval/quickstart_mcq/acc"]
     assert "| quickstart_mcq | acc |" in proc.stdout and "step 3 | step 6" in proc.stdout
     assert (full_run / "eval" / "plots" / "compare.png").is_file()
+
+    # Several models side by side (two checkpoint folders here): one table, one column each.
+    ckpts = [str(full_run / "checkpoints" / f"step-00000{s}") for s in (3, 6)]
+    proc = medrl("eval", *ckpts, "--datasets", str(data), "--field", "id=id",
+                 "--max-samples", "8", "--out", str(workdir / "compared"), cwd=workdir)
+    entries = json.loads((workdir / "compared" / "compare.json").read_text())["entries"]
+    assert [e["label"] for e in entries] == ["step-000003", "step-000006"]
+    assert [e["results"]["quickstart_mcq"]["metrics"]["acc"]["value"] for e in entries] == \
+        [during[3]["eval/quickstart_mcq/acc"], during[6]["eval/quickstart_mcq/acc"]]
+    assert "| step-000003 | step-000006 |" in proc.stdout
+
+
+def test_eval_recipe_scores_a_runs_checkpoints_with_reward_metrics(full_run, workdir):
+    """run.stage: eval through `medrl eval RECIPE overrides`: each checkpoint of the run,
+    generated, with a reward (and its keyword arguments) as a metric, compared in one table."""
+    recipe = REPO / "recipes" / "eval_quickstart.yaml"
+    proc = medrl("eval", str(recipe), f"model.policy={full_run}", "evaluation.checkpoints=all",
+                 f"run.output_dir={workdir / 'runs'}", "evaluation.max_samples=4",
+                 "evaluation.max_new_tokens=4", "rollout.num_workers=2", cwd=workdir)
+    out = workdir / "runs" / "eval_quickstart"
+    entries = json.loads((out / "compare.json").read_text())["entries"]
+    assert [e["step"] for e in entries] == [3, 6]
+    for e in entries:
+        mcq = e["results"]["quickstart_mcq"]["metrics"]
+        assert mcq["acc"]["n"] == 4 and "reward:mcq_letter" in mcq
+        facts = e["results"]["factcheck_sample"]["metrics"]
+        assert facts["f1"]["n"] == 4 and "reward:mcq_letter" not in facts  # no letters there
+        assert (out / f"step-{e['step']:06d}" / "results.json").is_file()
+    assert "| quickstart_mcq | reward:mcq_letter |" in proc.stdout
+    bad = medrl("eval", str(recipe), "--max-samples", "3", cwd=workdir, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--max-samples do(es) not apply" in " ".join(bad.stderr.split())
 
 
 def test_resumed_run_matches_the_uninterrupted_one(full_run, workdir):

@@ -5,6 +5,7 @@ the datasets and their errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,7 +208,7 @@ def test_reward_plugins_are_metrics_of_generated_items(tmp_path):
     texts = [["B", "A"], ["heparin", "no idea"]]  # two samples per item
     completions = [Sample(uid=f"{it.uid}/{j}", group_id=it.uid, row=row, completion_text=t)
                    for it, ts in zip(items, texts) for j, t in enumerate(ts)]
-    values = reward_metric_fn(["mcq_letter"], tmp_path)(completions)
+    values = reward_metric_fn([{"name": "mcq_letter"}])(completions)
     assert values == {"mcq_letter": [1.0, 0.0, 1.0, 0.0]}
     preds = [generate_prediction(it, completions[2 * i:2 * i + 2], "letters", None)
              for i, it in enumerate(items)]
@@ -216,3 +217,94 @@ def test_reward_plugins_are_metrics_of_generated_items(tmp_path):
     m = metrics_of(preds, "generate")
     # the rule reward and the answer extractor agree: the reward's mean is pass@1
     assert m["reward:mcq_letter"]["value"] == m["acc"]["value"] == 0.5
+
+
+def test_reward_arguments_reach_the_reward():
+    from medrl.launch.cli import reward_specs
+    from medrl.launch.evaluate import reward_metric_fn
+
+    row = {"options": {"A": "aspirin", "B": "heparin"}, "answer": "B", "gold": "B"}
+    texts = ["<answer>B</answer>", "B"]
+    completions = [Sample(uid=f"q/{j}", group_id="q", row=row, completion_text=t)
+                   for j, t in enumerate(texts)]
+    specs = reward_specs(["mcq_letter"], ["mcq_letter.strict=true"])
+    assert specs == ({"name": "mcq_letter", "kwargs": {"strict": True}},)
+    # strict accepts only the tag: the bare letter no longer counts
+    assert reward_metric_fn(specs)(completions) == {"mcq_letter": [1.0, 0.0]}
+    for bad in ("strict=true", "other.strict=true", "mcq_letter.strict"):
+        with pytest.raises(UserError, match="--reward-arg"):
+            reward_specs(["mcq_letter"], [bad])
+
+
+RECIPE_DATA = Path(__file__).resolve().parents[2] / "recipes" / "data"
+
+
+def test_a_fact_checking_file_is_prompted_and_scored_as_such(tiny):
+    from medrl.launch.eval_tasks import FACTCHECK_INSTRUCTION
+    from medrl.launch.evaluate import dataset_results, task_prediction
+
+    ds = load_eval_dataset(str(RECIPE_DATA / "factcheck_sample.jsonl"), root=None,
+                           max_samples=None, fields={"id": "id", "question": "text",
+                                                     "label": "label"})
+    assert ds.kind == "factcheck" and len(ds.items) == 8
+    first = ds.items[0]
+    assert first.row["gold"] == "error" and first.row["gold_spans"] == [first.row["error_span"]]
+    assert FACTCHECK_INSTRUCTION in first.messages[-1]["content"]
+    # known completions: every error flagged, its passage quoted for fc-001 only; the
+    # correct texts of fc-002 and fc-004 also flagged (over-criticism), fc-006 unanswered
+    said = {"fc-001": f"Verdict: error\nError: {first.row['error_span']}",
+            "fc-002": "Verdict: error\nError: Aspirin", "fc-004": "Verdict: error",
+            "fc-006": "I am not sure."}
+    preds = []
+    for item in ds.items:
+        text = said.get(item.uid, "Verdict: error\nError: something else"
+                        if item.row["gold"] == "error" else "Verdict: correct")
+        preds.append(task_prediction(item, [Sample(uid=f"{item.uid}/0", group_id=item.uid,
+                                                   row=item.row, completion_text=text)],
+                                     "factcheck"))
+    m = dataset_results(ds, preds, "generate", too_long=0)["metrics"]
+    # 4 errors all flagged (tp 4), 2 of the 4 correct texts flagged (fp 2), 1 unanswered
+    assert m["precision"]["value"] == pytest.approx(4 / 6) and m["recall"]["value"] == 1.0
+    assert m["f1"]["value"] == pytest.approx(2 * (4 / 6) / (4 / 6 + 1))
+    assert m["over_criticism"]["value"] == pytest.approx(2 / 4)
+    assert m["accuracy"]["value"] == pytest.approx(5 / 8)
+    assert m["answered"]["value"] == pytest.approx(7 / 8)
+    assert m["loc_exact"]["value"] == pytest.approx(1 / 4) and m["loc_exact"]["n"] == 4
+    assert "spans" not in preds[0].record(log_text=False)  # the item's own text stays out
+
+    with pytest.raises(UserError, match=r"factcheck_sample.jsonl: no row has a veracity label"):
+        load_eval_dataset(str(RECIPE_DATA / "factcheck_sample.jsonl"), root=None,
+                          max_samples=None, fields={"question": "text", "label": "verdict"})
+
+
+def test_an_extraction_file_scores_field_level_f1(tiny):
+    from medrl.launch.evaluate import dataset_results, evaluate_dataset, task_prediction
+
+    fields = {"id": "id", "question": "dialogue", "record": "record"}
+    ds = load_eval_dataset(str(RECIPE_DATA / "sft_emr_dialogues.jsonl"), root=None,
+                           max_samples=2, fields=fields)
+    assert ds.kind == "extract" and ds.items[0].row["gold"]["allergies"] == ["penicillin (rash)"]
+    prompt = ds.items[0].messages[-1]["content"]
+    assert "chief_complaint, duration, symptoms, allergies, medications" in prompt
+    gold = ds.items[0].row["gold"]
+    wrong = dict(ds.items[1].row["gold"], medications=["aspirin"])  # one fp, one fn
+    texts = [f"```json\n{json.dumps(gold)}\n```", json.dumps(wrong)]
+    preds = [task_prediction(item, [Sample(uid=f"{item.uid}/0", group_id=item.uid,
+                                           row=item.row, completion_text=t)], "extract")
+             for item, t in zip(ds.items, texts)]
+    m = dataset_results(ds, preds, "generate", too_long=0)["metrics"]
+    facts = sum(len(v) if isinstance(v, list) else 1 for i in ds.items
+                for v in i.row["gold"].values() if v not in ("", []))
+    assert m["recall"]["value"] == pytest.approx((facts - 1) / facts)
+    assert m["precision"]["value"] == pytest.approx((facts - 1) / facts)
+    assert m["exact_record"]["value"] == 0.5 and m["parsed"]["value"] == 1.0
+    assert m["field:medications/f1"]["value"] == pytest.approx(0.0)
+
+    # the same set on the tiny engine: every item generated, counted, none parsed
+    opts = EvalOptions(mode="generate", max_new_tokens=4)
+    out, too_long = evaluate_dataset(tiny[3], tiny[1], ds, opts, max_len=4096)
+    assert len(out) == 2 and too_long == 0
+    assert dataset_results(ds, out, "generate", 0)["metrics"]["recall"]["value"] == 0.0
+    with pytest.raises(UserError, match="sample emr-001: the prompt template cannot be filled"):
+        load_eval_dataset(str(RECIPE_DATA / "sft_emr_dialogues.jsonl"), root=None,
+                          max_samples=1, fields=fields, prompt_template="{transcript}")

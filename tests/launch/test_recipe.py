@@ -133,7 +133,7 @@ def test_cli_schema_is_json_schema():
     assert result.exit_code == 0
     schema = json.loads(result.output)
     assert schema["additionalProperties"] is False
-    assert "rollout" in schema["properties"] and "data" in schema["required"]
+    assert "rollout" in schema["properties"] and "data" in schema["properties"]
 
 
 def _mutations():
@@ -279,12 +279,12 @@ def test_qat_reads_the_sft_section(tmp_path):
     assert recipe.sft.batch_size == 1 and recipe.qat.warmup_steps == 2
 
 
-@pytest.mark.parametrize("stage", ["vision_pretrain", "eval"])
+@pytest.mark.parametrize("stage", ["vision_pretrain"])
 def test_stages_that_do_not_run_yet_fail_validation(tmp_path, stage):
     result = runner.invoke(app, ["validate", str(write_recipe(tmp_path, stage_recipe(stage)))])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert (f"run.stage: '{stage}' is not available in this version; the stages that run "
-            "are: grpo, sft, qat, reward_model.") in " ".join(result.output.split())
+            "are: grpo, sft, qat, reward_model, eval.") in " ".join(result.output.split())
 
 
 def test_run_stage_dispatches_on_the_runnable_stages(tmp_path):
@@ -294,8 +294,9 @@ def test_run_stage_dispatches_on_the_runnable_stages(tmp_path):
 
     valid = load_recipe(write_recipe(tmp_path, base()))
     # a Recipe built in code without validation, as the schema would never let it through
-    recipe = valid.model_copy(update={"run": valid.run.model_copy(update={"stage": "eval"})})
-    assert "eval" not in RUNNABLE_STAGES
+    recipe = valid.model_copy(update={"run": valid.run.model_copy(
+        update={"stage": "vision_pretrain"})})
+    assert "vision_pretrain" not in RUNNABLE_STAGES
     with pytest.raises(UserError, match="the stages that run are: grpo, sft, qat"):
         run_stage(recipe, tmp_path / "run")
 
@@ -340,8 +341,10 @@ def test_every_shipped_recipe_validates_as_it_is(name):
     from medrl.launch.stages import check_recipe
 
     path = REPO / "recipes" / name
-    checked = check_recipe(load_recipe(path), path.parent)
-    assert checked[0] == "schema" and any(c.startswith("data:") for c in checked)
+    recipe = load_recipe(path)
+    checked = check_recipe(recipe, path.parent)
+    read = "evaluation:" if recipe.run.stage == "eval" else "data:"  # what the stage reads
+    assert checked[0] == "schema" and any(c.startswith(read) for c in checked)
 
 
 def test_judge_actors_count_in_the_cpus_an_embedded_cluster_reserves():
@@ -370,11 +373,36 @@ def test_validate_runs_class_rewards_own_argument_checks(tmp_path):
             in " ".join(result.output.split()))
 
 
-def test_an_evaluation_section_outside_grpo_is_refused(tmp_path):
-    data = stage_recipe("sft", evaluation={"every": 2, "datasets": ["medqa"]})
+def test_an_evaluation_section_is_read_by_grpo_sft_and_eval_only(tmp_path):
+    data = stage_recipe("reward_model", evaluation={"every": 2, "datasets": ["medqa"]})
     with pytest.raises(RecipeError, match="the evaluation: section is read only by run.stage "
-                                          "grpo"):
+                                          "grpo or sft or eval"):
         load_recipe(write_recipe(tmp_path, data))
+    sft = load_recipe(write_recipe(tmp_path, stage_recipe(
+        "sft", evaluation={"every": 2, "datasets": ["medqa"]})))
+    assert sft.evaluation.every == 2
+
+
+@pytest.mark.parametrize("stage, sections, message", [
+    ("eval", {}, "run.stage eval scores model.policy on the datasets of an evaluation: section"),
+    ("sft", {"evaluation": {"datasets": ["medqa"]}},
+     "evaluation.every is needed in a sft run"),
+    ("grpo", {"evaluation": {"every": 2, "datasets": ["medqa"], "checkpoints": "all"}},
+     "evaluation.checkpoints compares a run folder's checkpoints in an eval stage"),
+])
+def test_evaluation_settings_that_do_not_fit_the_stage_are_refused(tmp_path, stage, sections,
+                                                                    message):
+    data = stage_recipe(stage, **sections)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe(tmp_path, data))
+
+
+def test_an_eval_stage_needs_no_data_but_training_stages_do(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, {
+        "run": {"stage": "eval"}, "evaluation": {"datasets": ["items.jsonl"]}}))
+    assert recipe.data is None and recipe.evaluation.every is None
+    with pytest.raises(RecipeError, match="run.stage sft trains on data: add a data: section"):
+        load_recipe(write_recipe(tmp_path, {"run": {"stage": "sft"}}))
 
 
 def test_validate_loads_the_evaluation_datasets(tmp_path):

@@ -135,6 +135,24 @@ def test_seed_determinism(engine):
     assert [s.completion_ids for s in first] != [s.completion_ids for s in other]
 
 
+def test_an_engine_around_a_model_in_memory_samples_as_one_loaded_from_its_folder(
+        hf_engine, tiny_qwen2, tokenizer):
+    from transformers import GenerationConfig
+
+    from medrl.rollouts.hf_engine import HFEngine
+
+    model = load_model(tiny_qwen2).eval()
+    # sampling defaults of the model's own, which a checkpoint of it saves: never applied
+    model.generation_config = GenerationConfig(min_p=0.9, top_k=3, repetition_penalty=1.7,
+                                               eos_token_id=model.generation_config.eos_token_id)
+    around = HFEngine.around(model, tokenizer, seed=0)
+    sampling = SamplingParams(n=2, max_new_tokens=8, seed=5)
+    mine, loaded = (e.generate([prompt(0), prompt(1)], sampling) for e in (around, hf_engine))
+    assert [s.completion_ids for s in mine] == [s.completion_ids for s in loaded]
+    assert around.score(mine[:1]) == hf_engine.score(mine[:1])
+    assert model.generation_config.top_k == 3 and model.generation_config.repetition_penalty == 1.7
+
+
 def test_max_and_min_new_tokens(engine, tokenizer):
     out = engine.generate([prompt(0)], SamplingParams(n=3, max_new_tokens=3, seed=1))
     for s in out:
