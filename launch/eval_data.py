@@ -14,6 +14,12 @@ a row without a gold answer is counted as unlabelled and left out, never silentl
 | ``pubmedqa`` | ``pubmedqa/medagents_test.jsonl`` (context in the question) | yes/no/maybe | |
 | ``pubmedqa_pqal`` | ``pubmedqa/ori_pqal.json`` (contexts apart) | yes/no/maybe | ``YEAR`` |
 | ``healthbench`` | ``healthbench/oss_eval_sample.jsonl`` | rubric-graded free text | theme |
+| ``ct_rate_mcq`` | ``ct_rate_mcq/sample_data.json`` (chest CT VQA) | A-D, on the volume | |
+
+CT-RATE items name their volume (``VolumeName``) by the authors' own absolute paths: a volume
+is read from that path when it exists, else from ``ct_rate_mcq/volumes/<file name>`` under the
+data root; an item whose volume is in neither place is counted (``no_volume``) and left out.
+Items with images or a volume are always generated (log-likelihood scoring is text-only).
 
 A rubric dataset (``kind="rubric"``) holds conversations and physician rubrics instead of
 options: its items need ``row["rubric"]``, and the theme is read from HealthBench's
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Literal
 
 from medrl.align.records import Sample, UserError
+from medrl.launch.recipe import VolumeConfig
 
 DATA_ROOT_ENV = "MEDRL_DATA_DIR"
 # eval-only field names (NAME=COLUMN): the kind of dataset they make
@@ -49,7 +56,8 @@ class Preset:
     kind: multiple-choice items, or conversations graded by a rubric.
     choices: what a log-likelihood continuation is, the option ``letters`` or the option
     ``words`` (yes / no / maybe). options: fixed options for rows that carry none.
-    category: a row field to break the figures down by."""
+    category: a row field to break the figures down by. volumes: the folder under the data
+    root that holds the rows' volumes by file name, when their own paths do not exist."""
 
     path: str
     fields: dict[str, str] = field(default_factory=dict)
@@ -58,6 +66,7 @@ class Preset:
     choices: Literal["letters", "words"] = "letters"
     options: dict[str, str] | None = None
     category: str | None = None
+    volumes: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -74,6 +83,9 @@ PRESETS: dict[str, Preset] = {
     "healthbench": Preset("healthbench/oss_eval_sample.jsonl",
                           {"id": "prompt_id", "messages": "prompt", "rubric": "rubrics"},
                           template="chat", kind="rubric", category="theme"),
+    # the question already lists its options ("A) ... B) ..."): not rendered twice
+    "ct_rate_mcq": Preset("ct_rate_mcq/sample_data.json", {"volume": "VolumeName"},
+                          template="open", volumes="ct_rate_mcq/volumes"),
 }
 
 
@@ -89,6 +101,13 @@ class EvalDataset:
     category: str | None
     unlabelled: int = 0
     kind: str = "mcq"
+    volume: VolumeConfig = field(default_factory=VolumeConfig)  # how a volume becomes slices
+    no_volume: int = 0  # items left out: their volume file was not found
+
+    @property
+    def media(self) -> bool:
+        """Whether the items carry images or a volume (a VLM's dataset)."""
+        return any(s.images or s.volume is not None for s in self.items)
 
 
 def data_root(given: str | Path | None) -> Path | None:
@@ -146,8 +165,14 @@ def load_eval_dataset(spec: str, *, root: Path | None, max_samples: int | None,
                                          prompt_template)
         return EvalDataset(name=name, path=path, items=items, choices="", category=None,
                            unlabelled=unlabelled, kind=preset.kind)
-    items, unlabelled = [], 0
+    items, unlabelled, no_volume = [], 0, 0
     for s in load_samples(cfg):
+        if s.volume is not None and preset.volumes and not Path(s.volume).is_file():
+            local = root / preset.volumes / Path(s.volume).name  # presets have a root
+            if not local.is_file():
+                no_volume += 1
+                continue
+            s = dataclasses.replace(s, volume=str(local))
         row = dict(s.row)
         if preset.options and not row.get("options"):
             row["options"] = dict(preset.options)
@@ -160,11 +185,15 @@ def load_eval_dataset(spec: str, *, root: Path | None, max_samples: int | None,
             continue
         row["gold"] = gold
         items.append(dataclasses.replace(s, row=row))
+    if not items and no_volume:
+        raise UserError(f"dataset {name!r}: none of its {no_volume} volume files was found, at "
+                        f"the paths its rows name or in {root / preset.volumes}; put the "
+                        "volumes there, named as in the rows.")
     if not items:
         raise UserError(f"{path}: no row has both options and a gold answer (after the field "
                         f"mapping {mapping}); check --fields.")
     return EvalDataset(name=name, path=path, items=items, choices=preset.choices,
-                       category=preset.category, unlabelled=unlabelled)
+                       category=preset.category, unlabelled=unlabelled, no_volume=no_volume)
 
 
 def rubric_dataset(name: str, path: Path, samples: list[Sample], preset: Preset) -> EvalDataset:

@@ -71,9 +71,9 @@ def training_evaluation(recipe: Recipe, run_dir: Path,
                         engines_of: Callable[[Any], tuple[Any, Any]], max_len: int
                         ) -> Callable[[int, Any], dict] | None:
     """The callback ``(step, x) -> metrics`` of ``recipe.evaluation`` (None without one);
-    ``engines_of(x) -> (engine group, tokenizer)``: where the current weights are scored (the
-    grpo driver's components, the sft stage's learner); ``max_len``: the tokens an item may
-    take (prompt and continuation or completion); longer items are counted as too long."""
+    ``engines_of(x) -> (engine group, tokenizer or processor)``: where the current weights are
+    scored (the grpo driver's components, the sft stage's learner); ``max_len``: the tokens an
+    item may take (prompt and continuation or completion); longer ones count as too long."""
     if recipe.evaluation is None:
         return None
     from medrl.launch.evaluate import dataset_results, evaluate_dataset, rubric_grader
@@ -111,15 +111,14 @@ def training_evaluation(recipe: Recipe, run_dir: Path,
 
 def grpo_evaluation(recipe: Recipe, run_dir: Path) -> Callable[[int, Any], dict] | None:
     """The grpo driver's callback ``(step, components)``: scored on the rollout engines."""
-    from medrl.align.encode import text_tokenizer
     from medrl.align.models import load_tokenizer
 
-    tokenizers: dict[Path, Any] = {}
+    processors: dict[Path, Any] = {}
 
     def engines_of(c):
-        if c.policy_dir not in tokenizers:
-            tokenizers[c.policy_dir] = text_tokenizer(load_tokenizer(c.policy_dir))
-        return c.rollouts, tokenizers[c.policy_dir]
+        if c.policy_dir not in processors:
+            processors[c.policy_dir] = load_tokenizer(c.policy_dir)
+        return c.rollouts, processors[c.policy_dir]
 
     max_len = recipe.rollout.max_prompt_tokens + recipe.rollout.max_new_tokens
     return training_evaluation(recipe, run_dir, engines_of, max_len)
@@ -128,7 +127,6 @@ def grpo_evaluation(recipe: Recipe, run_dir: Path) -> Callable[[int, Any], dict]
 def sft_evaluation(recipe: Recipe, run_dir: Path) -> Callable[[int, Any], dict] | None:
     """The sft stage's callback ``(step, learner)``: scored on the learner's model itself,
     in eval mode (the next training step puts it back in training mode)."""
-    from medrl.align.encode import text_tokenizer
     from medrl.rollouts.hf_engine import HFEngine
 
     wrapped: list = []
@@ -138,7 +136,7 @@ def sft_evaluation(recipe: Recipe, run_dir: Path) -> Callable[[int, Any], dict] 
             wrapped.append(HFEngine.around(learner.model, learner.tokenizer,
                                            seed=recipe.run.seed))
         learner.model.eval()
-        return wrapped[0], text_tokenizer(learner.tokenizer)
+        return wrapped[0], learner.tokenizer
 
     from medrl.align.models import context_length, resolve_policy
     from medrl.launch.recipe import SFTConfig

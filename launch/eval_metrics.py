@@ -13,7 +13,9 @@
   continuation) and ``acc_norm`` (argmax of that sum divided by the continuation's length in
   bytes);
 - :func:`proportion` / :func:`mean_with_interval`: a figure as reports hold it,
-  ``{"value", "n", "low", "high"}``.
+  ``{"value", "n", "low", "high"}``;
+- :func:`expected_calibration_error` / :func:`calibration_bins`: how well the probability a
+  model gives its chosen option (:func:`option_confidence`) matches how often it is right.
 """
 
 from __future__ import annotations
@@ -99,3 +101,51 @@ def mean_with_interval(values: Sequence[float], seed: int) -> dict[str, float]:
     low, high = bootstrap_interval(values, seed=seed)
     return {"value": sum(values) / len(values) if values else math.nan, "n": len(values),
             "low": low, "high": high}
+
+
+def option_confidence(logprob_sums: Sequence[float]) -> float:
+    """The probability the model gives its chosen option, its options renormalised:
+    max softmax of the summed log-probs (what a reliability diagram bins)."""
+    top = max(logprob_sums)
+    return 1.0 / sum(math.exp(x - top) for x in logprob_sums)
+
+
+def calibration_bins(confidences: Sequence[float], correct: Sequence[bool], bins: int = 10
+                     ) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, count) of each of ``bins`` equal-width confidence bins
+    over [0, 1] (the last bin holds 1.0); empty bins are (NaN, NaN, 0)."""
+    groups: list[list[tuple[float, bool]]] = [[] for _ in range(bins)]
+    for c, ok in zip(confidences, correct):
+        groups[min(int(c * bins), bins - 1)].append((c, ok))
+    return [(sum(c for c, _ in g) / len(g), sum(ok for _, ok in g) / len(g), len(g)) if g
+            else (math.nan, math.nan, 0) for g in groups]
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool],
+                               bins: int = 10) -> float:
+    """ECE: sum over bins of (share of items) x |accuracy - mean confidence| (Guo et al. 2017,
+    equal-width bins); NaN with no item."""
+    n = len(confidences)
+    if n == 0:
+        return math.nan
+    return sum(count / n * abs(acc - conf)
+               for conf, acc, count in calibration_bins(confidences, correct, bins) if count)
+
+
+def bootstrap_statistics(items: Sequence, statistic, *, seed: int = 0, resamples: int = 1000,
+                         level: float = 0.95) -> list[tuple[float, float]]:
+    """(low, high) percentile bootstrap intervals of each value of ``statistic(items) ->
+    tuple of floats`` (micro F1, ECE: statistics that are no mean of per-item values), the
+    items drawn with replacement ``resamples`` times, seeded; each interval widened to hold
+    the point value (a small sample's resamples can all fall on one side of it)."""
+    point = statistic(items)
+    rng = random.Random(seed)
+    draws = [statistic(rng.choices(items, k=len(items))) for _ in range(resamples)]
+    tail = (1 - level) / 2
+    lo_at = max(0, int(math.floor(tail * resamples)))
+    hi_at = min(resamples - 1, int(math.ceil((1 - tail) * resamples)) - 1)
+    out = []
+    for k, value in enumerate(point):
+        stats = sorted(d[k] for d in draws)
+        out.append((min(stats[lo_at], value), max(stats[hi_at], value)))
+    return out

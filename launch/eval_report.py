@@ -28,6 +28,10 @@ def write_report(out_dir: Path, *, model: str, opts: EvalOptions,
     summary = summary_markdown(model, opts, results)
     (out_dir / "summary.md").write_text(summary)
     plot_accuracy(out_dir / "plots" / "accuracy.png", results)
+    calibrated = {name: preds for name, preds in predictions.items()
+                  if "ece" in results[name]["metrics"] and preds}
+    if calibrated:
+        plot_calibration(out_dir / "plots" / "calibration.png", calibrated)
     return summary
 
 
@@ -83,6 +87,32 @@ def entry_label(entry: dict[str, Any], models: int) -> str:
     if entry["step"] is None:
         return entry["model"]
     return f"step {entry['step']}" if models == 1 else f"{entry['model']} step {entry['step']}"
+
+
+def plot_calibration(path: Path, predictions: dict[str, list[Prediction]]) -> None:
+    """A reliability diagram per log-likelihood dataset: accuracy against the probability the
+    model gave its chosen option, in 10 bins (the diagonal is perfect calibration)."""
+    from matplotlib.figure import Figure
+
+    from medrl.launch.eval_metrics import calibration_bins, option_confidence
+
+    fig = Figure(figsize=(4.5, 4.0))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    for name, preds in predictions.items():
+        bins = calibration_bins([option_confidence(p.logprobs) for p in preds],
+                                [p.choice == p.gold for p in preds])
+        shown = [(conf, acc, n) for conf, acc, n in bins if n]
+        ax.plot([b[0] for b in shown], [b[1] for b in shown], marker="o",
+                label=f"{name} (n={len(preds)})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence in the chosen option")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def write_comparison(out_dir: Path, entries: list[dict[str, Any]]) -> str:

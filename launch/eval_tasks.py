@@ -20,13 +20,12 @@ from __future__ import annotations
 import ast
 import json
 import math
-import random
 import re
 import unicodedata
 from collections import Counter
 from typing import Any, Sequence
 
-from medrl.launch.eval_metrics import mean_with_interval, proportion
+from medrl.launch.eval_metrics import bootstrap_statistics, mean_with_interval, proportion
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -89,21 +88,14 @@ def prf_figures(rows: Sequence[tuple[int, int, int]], seed: int,
     if n == 0:
         return {k: {"value": math.nan, "n": 0, "low": math.nan, "high": math.nan}
                 for k in ("precision", "recall", "f1")}
-    values = prf(*(sum(col) for col in zip(*rows)))
-    rng = random.Random(seed)
-    draws = []
-    for _ in range(RESAMPLES):
-        sample = rng.choices(rows, k=n)
-        draws.append(prf(*(sum(col) for col in zip(*sample))))
-    tail = (1 - LEVEL) / 2
-    lo_at = max(0, int(math.floor(tail * RESAMPLES)))
-    hi_at = min(RESAMPLES - 1, int(math.ceil((1 - tail) * RESAMPLES)) - 1)
-    out = {}
-    for k, name in enumerate(("precision", "recall", "f1")):
-        stats = sorted(d[k] for d in draws)
-        out[name] = {"value": values[k], "n": ns[k], "low": min(stats[lo_at], values[k]),
-                     "high": max(stats[hi_at], values[k])}
-    return out
+    def counts(sample):
+        return prf(*(sum(col) for col in zip(*sample)))
+
+    values = counts(rows)
+    intervals = bootstrap_statistics(rows, counts, seed=seed, resamples=RESAMPLES, level=LEVEL)
+    return {name: {"value": values[k], "n": ns[k], "low": intervals[k][0],
+                   "high": intervals[k][1]}
+            for k, name in enumerate(("precision", "recall", "f1"))}
 
 
 # ---------------------------------------------------------------------------- fact checking

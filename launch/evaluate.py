@@ -39,6 +39,7 @@ only with ``log_text``), ``summary.md`` and ``plots/accuracy.png``.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -254,7 +255,8 @@ def choice_metrics(predictions: Sequence[Prediction], mode: Mode) -> dict[str, d
     n = len(predictions)
     if mode == "loglik":
         return {"acc": proportion(sum(p.choice == p.gold for p in predictions), n),
-                "acc_norm": proportion(sum(p.choice_norm == p.gold for p in predictions), n)}
+                "acc_norm": proportion(sum(p.choice_norm == p.gold for p in predictions), n),
+                "ece": calibration_error(predictions)}
     samples = len(predictions[0].answers) if predictions else 1
     out = {"acc": proportion(sum(sum(a == p.gold for a in p.answers) / len(p.answers)
                                  for p in predictions), n),
@@ -268,13 +270,31 @@ def choice_metrics(predictions: Sequence[Prediction], mode: Mode) -> dict[str, d
     return out
 
 
+def calibration_error(predictions: Sequence[Prediction], seed: int = 0) -> dict[str, float]:
+    """ECE of the log-likelihood choices (10 bins; the option probabilities renormalised over
+    an item's options) with a bootstrap interval over items."""
+    from medrl.launch.eval_metrics import (bootstrap_statistics, expected_calibration_error,
+                                           option_confidence)
+
+    items = [(option_confidence(p.logprobs), p.choice == p.gold) for p in predictions]
+    if not items:
+        return {"value": math.nan, "n": 0, "low": math.nan, "high": math.nan}
+
+    def ece(sample):
+        return (expected_calibration_error([c for c, _ in sample], [ok for _, ok in sample]),)
+
+    (low, high), = bootstrap_statistics(items, ece, seed=seed)
+    return {"value": ece(items)[0], "n": len(items), "low": low, "high": high}
+
+
 def dataset_results(ds: EvalDataset, predictions: Sequence[Prediction], mode: Mode,
                     too_long: int, seed: int = 0) -> dict[str, Any]:
-    kind = mode if ds.kind == "mcq" else ds.kind
+    kind = scoring_mode(ds, mode) if ds.kind == "mcq" else ds.kind
     spans = {s.uid: s.row.get("gold_spans", []) for s in ds.items} \
         if ds.kind == "factcheck" else None
     out: dict[str, Any] = {"path": str(ds.path), "n": len(predictions), "kind": ds.kind,
-                           "skipped": {"too_long": too_long, "unlabelled": ds.unlabelled},
+                           "skipped": {"too_long": too_long, "unlabelled": ds.unlabelled,
+                                       **({"no_volume": ds.no_volume} if ds.media else {})},
                            "metrics": metrics_of(predictions, kind, seed=seed, spans=spans)}
     if ds.category:
         groups: dict[str, list[Prediction]] = defaultdict(list)
@@ -309,18 +329,27 @@ def fits(sample: Sample, max_len: int, new_tokens: int = 0) -> bool:
     return len(sample.prompt_ids) + len(sample.completion_ids) + new_tokens <= max_len
 
 
-def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_len: int,
+def scoring_mode(ds: EvalDataset, mode: Mode) -> Mode:
+    """How a dataset is scored: log-likelihood is text-only multiple choice; items with images
+    or a volume, and the other kinds, are always generated."""
+    return "loglik" if mode == "loglik" and ds.kind == "mcq" and not ds.media else "generate"
+
+
+def evaluate_dataset(group, processor, ds: EvalDataset, opts: EvalOptions, max_len: int,
                      grader=None, rewards=None) -> tuple[list[Prediction], int]:
     """(predictions, items too long for the context) of one dataset on the engine group;
+    ``processor``: the model's tokenizer (or a VLM's processor);
     ``grader(completions) -> RewardResults``: the rubric reward, for rubric datasets;
     ``rewards(completions) -> {name: [value per completion]}``: the ``--reward`` plugins."""
-    from medrl.align.encode import encode_prompt
+    from medrl.align.encode import encode_prompt, text_tokenizer
+    from medrl.launch.data import load_media
     from medrl.rollouts.engine import SamplingParams
 
     def category(item):
         return None if ds.category is None else item.row.get(ds.category)
 
-    if opts.mode == "loglik" and ds.kind == "mcq":
+    if scoring_mode(ds, opts.mode) == "loglik":
+        tokenizer = text_tokenizer(processor)
         requests = [(item, loglik_requests(tokenizer, item, ds.choices)) for item in ds.items]
         kept = [(item, reqs) for item, reqs in requests if all(fits(r, max_len) for r in reqs)]
         flat = [r for _, reqs in kept for r in reqs]
@@ -331,8 +360,10 @@ def evaluate_dataset(group, tokenizer, ds: EvalDataset, opts: EvalOptions, max_l
                                          category(item)))
             at += len(reqs)
         return out, len(requests) - len(kept)
-    prompts = [replace(item, prompt_ids=encode_prompt(tokenizer, item).prompt_ids[0])
-               for item in ds.items]
+    # pixels are read here, for the items of this call (a volume becomes its slices)
+    items = [load_media(item, ds.volume) if ds.media else item for item in ds.items]
+    prompts = [replace(item, prompt_ids=encode_prompt(processor, item).prompt_ids[0])
+               for item in items]
     kept = [p for p in prompts if fits(p, max_len, opts.max_new_tokens)]
     greedy = opts.samples == 1
     sampling = SamplingParams(temperature=0.0 if greedy else opts.temperature,
@@ -385,14 +416,13 @@ def run_eval(target: str, datasets: Sequence[EvalDataset], out_dir: Path, opts: 
              max_model_len: int = 4096, progress=None) -> tuple[dict[str, Any], str]:
     """Score ``datasets`` with the model of ``target`` on ``workers`` engine actors (Ray must
     be initialised); writes the report into ``out_dir``. Returns (results, summary)."""
-    from medrl.align.encode import text_tokenizer
     from medrl.align.models import context_length, load_tokenizer
     from medrl.rollouts.worker import RolloutGroup
 
     folder, _ = resolve_target(target, seed=opts.seed)
     positions = context_length(folder)
     max_len = min(max_model_len, positions) if positions else max_model_len
-    tokenizer = text_tokenizer(load_tokenizer(folder))
+    processor = load_tokenizer(folder)  # a VLM's processor
     grader = rubric_grader(opts, out_dir) if any(d.kind == "rubric" for d in datasets) else None
     rewards = reward_metric_fn(opts.rewards) if opts.rewards else None
     group = RolloutGroup(workers, backend, str(folder),
@@ -401,7 +431,7 @@ def run_eval(target: str, datasets: Sequence[EvalDataset], out_dir: Path, opts: 
     results, predictions = {}, {}
     try:
         for ds in datasets:
-            preds, too_long = evaluate_dataset(group, tokenizer, ds, opts, max_len, grader,
+            preds, too_long = evaluate_dataset(group, processor, ds, opts, max_len, grader,
                                                rewards)
             results[ds.name] = dataset_results(ds, preds, opts.mode, too_long, opts.seed)
             predictions[ds.name] = preds

@@ -112,6 +112,8 @@ def test_eval_scores_the_last_checkpoint_on_two_workers(full_run, workdir):
     assert r["metrics"]["acc"]["low"] <= acc <= r["metrics"]["acc"]["high"]
     assert "| quickstart_mcq | acc |" in proc.stdout
     assert (report / "plots" / "accuracy.png").stat().st_size > 0
+    assert (report / "plots" / "calibration.png").stat().st_size > 0
+    assert 0.0 <= r["metrics"]["ece"]["value"] <= 1.0
     assert all("question" not in p and "completions" not in p for p in preds)
 
     # Every checkpoint, compared; the same 8 items the run evaluated on the same weights.
@@ -151,7 +153,8 @@ def test_eval_recipe_scores_a_runs_checkpoints_with_reward_metrics(full_run, wor
         mcq = e["results"]["quickstart_mcq"]["metrics"]
         assert mcq["acc"]["n"] == 4 and "reward:mcq_letter" in mcq
         facts = e["results"]["factcheck_sample"]["metrics"]
-        assert facts["f1"]["n"] == 4 and "reward:mcq_letter" not in facts  # no letters there
+        # 4 items x 2 samples: each completion is one observation; no option letters there
+        assert facts["f1"]["n"] == 8 and "reward:mcq_letter" not in facts
         assert (out / f"step-{e['step']:06d}" / "results.json").is_file()
     assert "| quickstart_mcq | reward:mcq_letter |" in proc.stdout
     bad = medrl("eval", str(recipe), "--max-samples", "3", cwd=workdir, check=False)

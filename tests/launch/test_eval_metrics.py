@@ -59,3 +59,36 @@ def test_wilson_interval_holds_the_proportion_exactly_at_the_edges():
         assert low == 0.0 <= high
         low, high = wilson_interval(n, n)
         assert low <= 1.0 == high
+
+
+def test_expected_calibration_error_by_hand():
+    from medrl.launch.eval_metrics import (calibration_bins, expected_calibration_error,
+                                           option_confidence)
+
+    # two options at log-probs (log 3, log 1): the chosen one holds 3/4 of the mass
+    assert option_confidence([math.log(3), 0.0]) == pytest.approx(0.75)
+    conf = [0.95, 0.95, 0.55, 0.55, 0.55, 0.25]
+    ok = [True, False, True, True, False, False]
+    bins = calibration_bins(conf, ok)
+    assert bins[9][2] == 2 and bins[5] == (pytest.approx(0.55), pytest.approx(2 / 3), 3)
+    assert bins[2] == (0.25, 0.0, 1) and math.isnan(bins[0][0]) and bins[0][2] == 0
+    # (2/6)|0.5 - 0.95| + (3/6)|2/3 - 0.55| + (1/6)|0 - 0.25|
+    expected = 2 / 6 * 0.45 + 3 / 6 * (2 / 3 - 0.55) + 1 / 6 * 0.25
+    assert expected_calibration_error(conf, ok) == pytest.approx(expected)
+    assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0  # 1.0 in the last bin
+
+
+def test_bootstrap_statistics_are_seeded_and_hold_the_point_value():
+    from medrl.launch.eval_metrics import bootstrap_statistics
+
+    rng = random.Random(0)
+    items = [rng.random() ** 2 for _ in range(30)]
+
+    def spread(xs):
+        return (max(xs) - min(xs), sum(xs) / len(xs))
+
+    first = bootstrap_statistics(items, spread, seed=3)
+    assert first == bootstrap_statistics(items, spread, seed=3)
+    assert first != bootstrap_statistics(items, spread, seed=4)
+    for (low, high), value in zip(first, spread(items)):
+        assert low <= value <= high

@@ -308,3 +308,38 @@ def test_an_extraction_file_scores_field_level_f1(tiny):
     with pytest.raises(UserError, match="sample emr-001: the prompt template cannot be filled"):
         load_eval_dataset(str(RECIPE_DATA / "sft_emr_dialogues.jsonl"), root=None,
                           max_samples=1, fields=fields, prompt_template="{transcript}")
+
+
+def test_ct_rate_items_are_scored_on_their_volumes_when_present(shared_data, tiny_qwen2_vl,
+                                                                 tmp_path):
+    """The CT-RATE preset on the shared items, with one real MR volume (nibabel's test data)
+    standing in for one chest CT under the data root; the others have no volume here."""
+    import gzip
+
+    import nibabel
+
+    from medrl.launch.evaluate import dataset_results
+
+    rows = json.loads((shared_data / "ct_rate_mcq" / "sample_data.json").read_text())
+    root = tmp_path / "data"
+    (root / "ct_rate_mcq" / "volumes").mkdir(parents=True)
+    (root / "ct_rate_mcq" / "sample_data.json").symlink_to(
+        shared_data / "ct_rate_mcq" / "sample_data.json")
+    with pytest.raises(UserError, match=r"none of its 10 volume files was found"):
+        load_eval_dataset("ct_rate_mcq", root=root, max_samples=None)
+    mr = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+    target = root / "ct_rate_mcq" / "volumes" / Path(rows[0]["VolumeName"]).name
+    target.write_bytes(gzip.compress(mr.read_bytes()))  # named .nii.gz as the rows name it
+
+    ds = load_eval_dataset("ct_rate_mcq", root=root, max_samples=None)
+    found = sum(Path(r["VolumeName"]).name == Path(rows[0]["VolumeName"]).name for r in rows)
+    assert len(ds.items) == found and ds.no_volume == 10 - found and ds.media
+    assert ds.items[0].volume == str(root / "ct_rate_mcq" / "volumes" /
+                                     Path(rows[0]["VolumeName"]).name)
+    engine = InProcess(tiny_qwen2_vl)
+    opts = EvalOptions(mode="loglik", max_new_tokens=4)  # volumes are always generated
+    preds, too_long = evaluate_dataset(engine, engine.engine.processor, ds, opts, max_len=8192)
+    assert len(preds) == found and too_long == 0 and len(preds[0].answers) == 1
+    result = dataset_results(ds, preds, "loglik", too_long)
+    assert result["skipped"] == {"too_long": 0, "unlabelled": 0, "no_volume": 10 - found}
+    assert "answered" in result["metrics"] and "acc_norm" not in result["metrics"]
