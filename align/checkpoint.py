@@ -31,6 +31,7 @@ Nothing here unpickles: states are JSON, tensors travel as base64 of their raw b
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -102,12 +103,26 @@ def save_checkpoint(run_dir: str | Path, step: int, *, write: Callable[[Path], N
         _fsync_dirs(tmp)
         final = root / name
         _move_into_place(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # the error itself propagates unchanged
+        cause = getattr(exc, "cause", exc)  # an actor's error arrives wrapped
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(out_of_space(run_dir, step, cause)) from None
         raise
     if keep_last is not None:
         apply_retention(run_dir, keep_last, protect=final)
     return final
+
+
+def out_of_space(run_dir: str | Path, step: int, exc: OSError) -> str:
+    """What a checkpoint that did not fit on the disk tells the user."""
+    complete = list_checkpoints(run_dir)
+    kept = (f"the last complete checkpoint, {complete[-1].name}, is untouched"
+            if complete else "no earlier checkpoint exists")
+    return (f"checkpoint step {step} did not fit on the disk of {Path(run_dir) / CHECKPOINTS_DIR} "
+            f"({exc.strerror or exc}); its partial files were removed and {kept}. Free space "
+            "there (or set checkpoint.keep_last, or run.output_dir on a larger disk), then "
+            f"`medrl resume {run_dir}` continues from the last complete checkpoint.")
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -261,6 +276,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def step_folders(run_dir: str | Path) -> list[Path]:
+    """Every ``step-N`` folder under the run's checkpoints, complete or not, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    found = [(int(m.group(1)), child) for child in (root.iterdir() if root.is_dir() else ())
+             if (m := _STEP_RE.match(child.name)) and child.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
 def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     """The newest complete checkpoint, or the one of ``step``. Raises UserError when absent."""
     complete = list_checkpoints(run_dir)
@@ -344,14 +367,21 @@ def verified_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     """:func:`latest_checkpoint` (the newest, or ``step``), refused unless it verifies.
 
     A damaged checkpoint raises a UserError naming the damaged file, the newest earlier
-    checkpoint that verifies and the command that resumes from it.
+    checkpoint that verifies and the command that resumes from it. So does a step folder newer
+    than the newest complete one that has lost its COMPLETE: a save renames a checkpoint into
+    place only once COMPLETE is in it, so such a folder was damaged afterwards, and resuming
+    from an older step is the user's choice (``step``), never made silently.
     """
     path = latest_checkpoint(run_dir, step)
+    newer = [p for p in step_folders(run_dir) if checkpoint_step(p) > checkpoint_step(path)]
     try:
+        if step is None and newer:
+            raise UserError(f"{newer[-1] / COMPLETE_FILE}: missing, so checkpoint "
+                            f"{newer[-1].name} is damaged.")
         verify_checkpoint(path)
     except UserError as exc:
-        earlier = [p for p in list_checkpoints(run_dir)
-                   if checkpoint_step(p) < checkpoint_step(path)]
+        last = checkpoint_step(path) + (1 if step is None and newer else 0)  # path may do
+        earlier = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < last]
         good = next((p for p in reversed(earlier) if verifies(p)), None)
         raise UserError(f"{exc} {resume_advice(run_dir, good)}") from None
     return path

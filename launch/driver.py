@@ -205,6 +205,7 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     monitor = Monitor(run_dir, total_steps=recipe.run.max_steps, start_step=start_step,
                       tensorboard=lg.tensorboard, plots=lg.plots, progress=lg.progress,
                       every=lg.every, checkpoint_every=recipe.checkpoint.every)
+    monitor.restore((state or {}).get("metrics_row"))
     prompt_log = PromptLog(run_dir, resume_step=start_step if state else None)
     return Components(stream, rollouts, learner, rewards, monitor, prompt_log, policy_dir,
                       start_step, pg)
@@ -348,13 +349,14 @@ def staleness(recipe: Recipe, samples: list[Sample], *, learner_version: int) ->
 
 
 def checkpoint(recipe: Recipe, c: Components, run_dir: Path, step: int, *,
-               cursor: dict | None = None) -> Path:
-    """Save step ``step``; ``cursor``: the data cursor to resume from (default: the stream's)."""
+               cursor: dict | None = None, row: dict | None = None) -> Path:
+    """Save step ``step``; ``cursor``: the data cursor to resume from (default: the stream's);
+    ``row``: the step's metrics row as it stands (the checkpoint's own timing not in it)."""
     from medrl.align.checkpoint import capture_rng, save_checkpoint
 
     state = {"step": step, "policy_version": step, "data_cursor": cursor or c.stream.state(),
              "rng": capture_rng(), "rewards": c.rewards.identity(),
-             "policy_source": str(c.policy_dir)}
+             "policy_source": str(c.policy_dir), "metrics_row": row}
     path = save_checkpoint(run_dir, step, write=c.learner.save, state=state,
                            keep_last=recipe.checkpoint.keep_last)
     c.monitor.plot()
@@ -365,9 +367,10 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
           callbacks: Sequence[Callable[[int, Components], None]] = ()) -> Path | None:
     """Run (or resume) a GRPO stage; returns the last checkpoint written.
 
-    ``callbacks`` run after each step with ``(step, components)`` and may return metrics to
-    log with the step's: the recipe's ``evaluation`` (:mod:`medrl.launch.eval_hook`), or the
-    tests that kill a worker mid-run.
+    ``callbacks`` run after each step (after its checkpoint) with ``(step, components)`` and
+    may return metrics to log with the step's: the tests that kill a worker mid-run. The
+    recipe's ``evaluation`` (:mod:`medrl.launch.eval_hook`) runs inside the step, after the
+    sync, so that its figures are part of the record a checkpoint covers.
     """
     from medrl.launch.eval_hook import grpo_evaluation
 
@@ -376,7 +379,6 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
 
     start_ray(recipe)
     evaluation = grpo_evaluation(recipe, run_dir)  # its datasets load before any actor
-    callbacks = [*callbacks, *([evaluation] if evaluation else [])]
     c = build(recipe, run_dir, resume_from=resume_from)
     last_ckpt = resume_from
     every, last_step = recipe.checkpoint.every, recipe.run.max_steps
@@ -415,15 +417,22 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
                         metrics["sync/max_abs_diff"] = c.rollouts.verify_sync(
                             lambda s: logprob_lists(c.learner, s, temperature=1.0),
                             samples[: recipe.rollout.group_size], atol=SYNC_ATOL)
+                if evaluation is not None:  # benchmarks on the weights the engines now hold
+                    metrics.update(evaluation(step, c))
+                metrics.update(step_metrics(samples))
+                # The step's record is on disk before a checkpoint covers it: its prompt-log
+                # rows here, its metrics row inside the checkpoint (resume rebuilds the row
+                # from there when a kill came between COMPLETE and the append below).
+                c.prompt_log.write(step, sorted({s.group_id for s in samples}))
+                if recipe.logging.log_completions:  # patient text: only when the recipe asks
+                    c.prompt_log.write_completions(step, samples)
                 if (every and step % every == 0) or step == last_step:
                     with timer("checkpoint"):  # async: resume re-takes the in-flight prompts
                         last_ckpt = checkpoint(recipe, c, run_dir, step,
-                                               cursor=pending[1] if pending else None)
-            metrics.update(step_metrics(samples))
+                                               cursor=pending[1] if pending else None,
+                                               row=c.monitor.preview(step, {
+                                                   **metrics, **timer.metrics()}))
             metrics.update(timer.metrics())
-            c.prompt_log.write(step, sorted({s.group_id for s in samples}))
-            if recipe.logging.log_completions:  # patient text: only when the recipe asks
-                c.prompt_log.write_completions(step, samples)
             for callback in callbacks:
                 metrics.update(callback(step, c) or {})
             c.monitor.log(step, metrics)

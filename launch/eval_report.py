@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medrl.launch.monitor import save_figure
+
 if TYPE_CHECKING:
     from medrl.launch.evaluate import EvalOptions, Prediction
 
@@ -79,7 +81,7 @@ def plot_accuracy(path: Path, results: dict[str, dict[str, Any]]) -> None:
     ax.set_ylabel("accuracy / score (95% CI)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def entry_label(entry: dict[str, Any], models: int) -> str:
@@ -112,7 +114,7 @@ def plot_calibration(path: Path, predictions: dict[str, list[Prediction]]) -> No
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def write_comparison(out_dir: Path, entries: list[dict[str, Any]]) -> str:
@@ -162,7 +164,7 @@ def write_comparison(out_dir: Path, entries: list[dict[str, Any]]) -> str:
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     (out_dir / "plots").mkdir(exist_ok=True)
-    fig.savefig(out_dir / "plots" / "compare.png", dpi=110)
+    save_figure(fig, out_dir / "plots" / "compare.png", dpi=110)
     text = "\n".join(lines) + "\n"
     (out_dir / "compare.md").write_text(text)
     return text

@@ -149,6 +149,15 @@ def truncate_jsonl(path: Path, step: int) -> int:
     return raw_lines - len(kept)
 
 
+def append_durably(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Append ``rows`` to a JSON-lines log and fsync it: on disk when this returns."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_jsonl_atomic(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     """Replace ``path`` with ``rows``: a crash leaves the old file or the new one, never half.
 
@@ -226,6 +235,17 @@ class Monitor:
                                                  reward="-", kl="-", step_time="-")
             self._progress.start()
 
+    def restore(self, row: Mapping[str, Any] | None) -> bool:
+        """Append a resumed checkpoint's own metrics row (kept in its state) when the file
+        lacks it: the run stopped after the checkpoint was complete, before the row was
+        written. Returns whether it was missing."""
+        if not row or any(r.get("step") == row.get("step") for r in read_metrics(self.run_dir)):
+            return False
+        self._file.close()
+        append_durably(self.run_dir / METRICS_FILE, [row])
+        self._file = open(self.run_dir / METRICS_FILE, "a")
+        return True
+
     def truncate_after(self, step: int) -> int:
         """Drop metrics.jsonl lines after ``step`` (already done for ``start_step`` at start)."""
         self._window = [row for row in self._window if row["step"] <= step]
@@ -264,14 +284,22 @@ class Monitor:
                   or (self.checkpoint_every and step % self.checkpoint_every == 0))
         return self._write_window() if closes else None
 
+    def preview(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The row :meth:`log` would write for ``step`` with ``metrics`` if its window closed
+        now (nothing recorded): what a checkpoint keeps of its step's metrics."""
+        row = {"step": int(step), **{k: _clean(k, v) for k, v in metrics.items()}}
+        return mean_row([*self._window, row])
+
     def _write_window(self) -> dict[str, Any] | None:
-        """Write the open window's mean row (at its last step) to every view."""
+        """Write the open window's mean row (at its last step) to every view, on disk (fsync)
+        before this returns."""
         if not self._window:
             return None
         row = mean_row(self._window)
         self._window = []
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())
         if self._writer is not None:
             for key, value in row.items():
                 if key not in ("step", "time") and value is not None:
@@ -388,6 +416,14 @@ def _figure(title: str, ylabel: str):
     return fig, ax
 
 
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """``fig`` as ``path`` (PNG), atomically: a run killed mid-plot leaves the old picture or
+    the new one, never a truncated file."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, **kwargs)
+    os.replace(tmp, path)
+
+
 def _line_plot(rows, keys: dict[str, str], title: str, ylabel: str, path: Path) -> Path | None:
     """One line per ``{metric key: legend label}``; nothing written when no key has data."""
     fig, ax = _figure(title, ylabel)
@@ -402,7 +438,7 @@ def _line_plot(rows, keys: dict[str, str], title: str, ylabel: str, path: Path) 
         return None
     if drawn > 1:
         ax.legend(loc="best", fontsize="small")
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 
@@ -424,7 +460,7 @@ def _time_plot(rows, path: Path) -> Path | None:
     if total_steps:
         ax.plot(total_steps, total, color="black", linewidth=1, label="step (total)")
     ax.legend(loc="best", fontsize="small")
-    fig.savefig(path)
+    save_figure(fig, path)
     return path
 
 

@@ -17,7 +17,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from medrl.launch import recipe_yaml
-from medrl.launch.recipe_training import AlgorithmConfig, LearnerConfig, Section
+from medrl.launch.recipe_eval import EvaluationConfig
+from medrl.launch.recipe_training import (AlgorithmConfig, LearnerConfig, PathStr, Section,
+                                          path_problem)
 from medrl.launch.recipe_yaml import RecipeError, format_errors, read_yaml
 
 __all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_override",
@@ -49,7 +51,7 @@ def qat_schedule_problem(total_steps: int, warmup_steps: int, steps_from: str) -
 
 class RunConfig(Section):
     name: str = "run"
-    output_dir: str = "runs"
+    output_dir: PathStr = "runs"
     seed: int = 0
     stage: Stage = "grpo"
     max_steps: int = Field(10, ge=1, description="optimiser steps for the whole run")
@@ -70,7 +72,8 @@ class RunConfig(Section):
 
 
 class ModelConfig(Section):
-    policy: str = Field("tiny:qwen2", description="local HF folder, run folder, or tiny:<arch>")
+    policy: PathStr = Field("tiny:qwen2", description="local HF folder, run folder, or "
+                            "tiny:<arch>")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="learner and rollout engines alike; auto: bf16 on GPU, fp32 on CPU")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
@@ -103,7 +106,8 @@ class VolumeConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = Field(..., description="JSON, JSONL, Parquet file or saved HF dataset folder")
+    path: PathStr = Field(..., description="JSON, JSONL, Parquet file or saved HF dataset "
+                          "folder")
     format: Literal["auto", "json", "jsonl", "parquet", "hf_disk"] = "auto"
     split: str | None = None
     fields: FieldMap = FieldMap()
@@ -111,7 +115,7 @@ class DataConfig(Section):
     system_prompt: str | None = None
     shuffle: bool = True
     max_samples: int | None = Field(None, ge=1)
-    eval_path: str | None = None
+    eval_path: PathStr | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     split_seed: int = Field(0, description="seeds which rows data.eval_fraction holds out; "
                             "independent of run.seed, so every stage on the same file holds "
@@ -163,6 +167,15 @@ class RewardSpec(Section):
     num_cpus: float = 1.0
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved for the reward's actor")
     timeout_s: float | None = Field(None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _plugin_file_is_a_path(cls, name: str) -> str:
+        file, sep, _ = name.rpartition(":")
+        problem = path_problem(file) if sep and file.endswith(".py") else None
+        if problem:
+            raise ValueError(f"the plugin file is not a usable path: {problem}")
+        return name
 
     @model_validator(mode="after")
     def _gpus_need_an_actor(self):
@@ -316,41 +329,6 @@ class RewardModelConfig(Section):
                             "last)")
 
 
-class EvalDatasetSpec(Section):
-    """A data file of an ``evaluation`` section with its own field mapping."""
-
-    path: str = Field(..., description="data file, relative to the recipe")
-    fields: dict[str, str] = {}  # NAME -> COLUMN, over evaluation.fields
-
-
-class EvaluationConfig(Section):
-    """Benchmarks scored as ``medrl eval`` scores them (docs/eval.md): on the current weights
-    during a grpo run (through the rollout engines) or an sft run (through the learner's own
-    model), logged as eval/<dataset>/<metric>; or, in an eval stage, on ``model.policy`` (each
-    of ``checkpoints`` when it is a run folder), written as a report into the run folder."""
-
-    every: int | None = Field(None, ge=1, description="grpo/sft: evaluate every N steps and at "
-                              "the last step")
-    datasets: list[str | EvalDatasetSpec] = Field(..., min_length=1, description="presets, "
-                                                  "data files, or {path, fields}")
-    max_samples: int | None = Field(None, ge=1, description="first N items of each dataset")
-    data_root: str | None = Field(None, description="folder of the preset files (default "
-                                  "$MEDRL_DATA_DIR); relative to the recipe")
-    fields: dict[str, str] = {}  # NAME -> COLUMN for data files, as data.fields
-    mode: Literal["loglik", "generate"] = "loglik"
-    max_new_tokens: int = Field(256, ge=1, description="generate mode and rubric datasets")
-    judge: str | None = None  # rubric datasets: the criterion scorer's model
-    judge_scorer: Literal["reward_model", "judge"] = "reward_model"
-    samples: int = Field(1, ge=1, description="generate: completions per item (1 = greedy)")
-    temperature: float = Field(1.0, ge=0.0, description="generate with samples > 1")
-    log_text: bool = Field(False, description="keep completion texts in predictions.jsonl")
-    checkpoints: str | None = Field(None, description="eval stage on a run folder: all, or "
-                                    "steps like 100,200, compared in one table")
-    system_prompt: str | None = None  # every prompt's system message (sft: data.system_prompt)
-    prompt_template: str | None = Field(None, description="extraction sets: the user message, "
-                                        "str.format of the row (sft: sft.prompt_template)")
-
-
 class QATConfig(Section):
     format: Literal["hif8", "e4m3"] = "hif8"
     warmup_steps: int = Field(500, ge=0, description="full-precision steps before fake-quant")
@@ -358,7 +336,7 @@ class QATConfig(Section):
     amax_history: int = Field(64, ge=1)
     amax_reduction: Literal["max", "most_recent"] = "max"
     clip_warn_threshold: float = Field(0.01, ge=0.0, le=1.0)
-    probe_path: str | None = None  # knowledge probe (MCQ) for the forgetting metric
+    probe_path: PathStr | None = None  # knowledge probe (MCQ) for the forgetting metric
     probe_every: int = Field(0, ge=0)
     probe_max_samples: int = Field(64, ge=1)
     export_fake_quant: bool = False

@@ -8,15 +8,47 @@ settings that become the plain arguments of :func:`medrl.align.grpo.policy_loss`
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from medrl.align.grpo import LOSSES, loss_clip_defaults
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+NAME_MAX, PATH_MAX = 255, 1024  # bytes: a file name, and a path as a recipe may write it
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` cannot name a file on this machine, or None: a name longer than a file
+    system allows, a path too long to join onto a folder, a NUL byte, or ``~user`` of no user.
+    Checked at validation, so that no file-system call meets it later."""
+    if "\0" in value:
+        return "it holds a NUL character, which no file name may"
+    if len(value.encode()) > PATH_MAX:
+        return f"it is {len(value.encode())} bytes long; a recipe's paths stay under {PATH_MAX}"
+    longest = max(value.split("/"), key=lambda part: len(part.encode()))
+    if len(longest.encode()) > NAME_MAX:
+        return (f"one of its names is {len(longest.encode())} bytes long; a file name may be "
+                f"{NAME_MAX}")
+    if value.startswith("~") and os.path.expanduser(value) == value:
+        return f"{value.split('/')[0]} names no user of this machine: write the path in full"
+    return None
+
+
+def _checked_path(value: str) -> str:
+    problem = path_problem(value)
+    if problem:
+        raise ValueError(f"not a usable path: {problem}")
+    return value
+
+
+# A recipe field that names a local file or folder.
+PathStr = Annotated[str, AfterValidator(_checked_path)]
 
 
 class KLConfig(Section):

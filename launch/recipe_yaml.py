@@ -69,12 +69,15 @@ def load_yaml(text: str) -> Any:
 def read_yaml(path: Path) -> dict:
     """The recipe file as a mapping of sections; a :class:`RecipeError` when it is not one."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found. Check the path, or start from "
                           "recipes/quickstart.yaml.") from None
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}).") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start} is not valid UTF-8); save "
+                          "the recipe as UTF-8.") from None
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:

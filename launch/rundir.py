@@ -300,14 +300,17 @@ class PromptLog:
                 truncate_jsonl(path, resume_step)
 
     def write(self, step: int, uids: list[str]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "uids": uids}) + "\n")
+        """The uids step ``step`` trained on, on disk (fsync) when this returns."""
+        from medrl.launch.monitor import append_durably
+
+        append_durably(self.path, [{"step": step, "uids": uids}])
 
     def write_completions(self, step: int, samples) -> None:
         """Prompts and completions with their rewards, for a recipe that asks to log text."""
-        with (self.path.parent / "completions.jsonl").open("a") as f:
-            for s in samples:
-                f.write(json.dumps({"step": step, **s.to_log(include_text=True)}) + "\n")
+        from medrl.launch.monitor import append_durably
+
+        append_durably(self.path.parent / "completions.jsonl",
+                       [{"step": step, **s.to_log(include_text=True)} for s in samples])
 
     def read(self) -> list[dict]:
         from medrl.launch.monitor import read_jsonl

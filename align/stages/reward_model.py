@@ -183,6 +183,7 @@ def run_stage(io: RewardModelIO, run_dir: Path, *, resume_from: Path | None = No
     held_out = encode_pairs(io.tokenizer, io.eval_pairs, io.max_length)  # once, for every eval
     tiers = [str(p.row.get("tier") or "") for p in io.eval_pairs]
     monitor = io.monitor_factory(steps, start)
+    monitor.restore((state or {}).get("metrics_row"))  # a kill after COMPLETE, before the row
     last = resume_from
     try:
         for step in range(start + 1, steps + 1):
@@ -195,7 +196,8 @@ def run_stage(io: RewardModelIO, run_dir: Path, *, resume_from: Path | None = No
             if (io.checkpoint_every and step % io.checkpoint_every == 0) or step == steps:
                 ckpt_state = {"stage": "reward_model", "policy_version": step,
                               "data_cursor": io.stream.state(), "rng": capture_rng(),
-                              "policy_source": io.policy_source}
+                              "policy_source": io.policy_source,
+                              "metrics_row": monitor.preview(step, metrics)}
                 last = save_checkpoint(run_dir, step, write=learner.save, state=ckpt_state,
                                        keep_last=io.keep_last)
                 monitor.plot()

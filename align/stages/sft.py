@@ -284,6 +284,7 @@ def run_stage(io: StageIO, run_dir: Path, *, resume_from: Path | None = None,
     tok = learner.tokenizer
     eval_examples = [build_example(tok, s, io.spec) for s in io.eval_samples]
     monitor = io.monitor_factory(steps, start)
+    monitor.restore((state or {}).get("metrics_row"))  # a kill after COMPLETE, before the row
     if extra_state.get("metrics"):  # e.g. the probe of the starting checkpoint, logged once
         monitor.log(0, extra_state["metrics"])
     last = resume_from
@@ -305,6 +306,7 @@ def run_stage(io: StageIO, run_dir: Path, *, resume_from: Path | None = None,
                 ckpt_state = {"stage": stage, "policy_version": step,
                               "data_cursor": io.stream.state(), "rng": capture_rng(),
                               "policy_source": str(io.policy_dir),
+                              "metrics_row": monitor.preview(step, metrics),
                               **(hooks.state() if hooks else {})}
 
                 def write(tmp: Path) -> None:

@@ -175,6 +175,20 @@ DAMAGES = {
 }
 
 
+def test_a_newest_checkpoint_that_lost_its_complete_is_not_skipped_silently(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (2, 4, 6):
+        save_checkpoint(run_dir, step, write=learner_writer(step), state={"v": step})
+    newest = run_dir / "checkpoints" / "step-000006"
+    (newest / "COMPLETE").unlink()  # saves rename into place with COMPLETE: damage
+    with pytest.raises(UserError) as err:
+        verified_checkpoint(run_dir)
+    assert str(err.value).startswith(f"{newest / 'COMPLETE'}: missing, so checkpoint "
+                                     "step-000006 is damaged.")
+    assert str(err.value).endswith(f"resume from it with `medrl resume {run_dir} --step 4`.")
+    assert verified_checkpoint(run_dir, step=4) == run_dir / "checkpoints" / "step-000004"
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_resume_refuses_a_damaged_checkpoint_naming_the_one_that_verifies(tmp_path, damage):
     run_dir = tmp_path / "run"
@@ -341,3 +355,25 @@ def test_checkpoints_are_readable_as_the_umask_allows(tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o750
     assert (path / "policy").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_full_disk_stops_the_save_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    import errno
+
+    good = save_checkpoint(tmp_path, 1, write=learner_writer(1), state={})
+
+    def fills_the_disk(tmp):
+        learner_writer(2)(tmp)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError) as err:
+        save_checkpoint(tmp_path, 2, write=fills_the_disk, state={})
+    message = str(err.value)
+    assert message.startswith(f"checkpoint step 2 did not fit on the disk of "
+                              f"{tmp_path / 'checkpoints'} (No space left on device)")
+    assert "step-000001, is untouched" in message and f"medrl resume {tmp_path}" in message
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+    assert verified_checkpoint(tmp_path) == good
+    with pytest.raises(OSError, match="Permission"):  # any other error is not disguised
+        save_checkpoint(tmp_path, 3, write=lambda t: (_ for _ in ()).throw(
+            PermissionError(errno.EACCES, "Permission denied")), state={})

@@ -1,0 +1,106 @@
+"""The run folder as a durable record: a grpo run SIGKILLed (its whole process group) at each
+phase boundary of a step, then `medrl resume`, ends with the same record as a run that was
+never interrupted: every step's metrics row exactly once with the same figures, the same
+prompt log, the same final weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+RUNNER = Path(__file__).resolve().parent / "fault_run.py"
+STEPS = 3
+SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
+         "learner.micro_batch_size=8", "learner.zero_stage=0", "learner.lr_schedule=constant",
+         "logging.progress=false", "logging.tensorboard=false", "logging.plots=true",
+         "checkpoint.every=1", f"run.max_steps={STEPS}"]
+# figures that are a function of the weights and the data, not of the wall clock
+SAME = ("loss", "reward/mean", "kl", "grad_norm", "completion/length_mean",
+        "advantage/abs_mean")
+
+
+def medrl(cwd: Path, *args: str, fault: tuple[str, int] | None = None):
+    env = dict(os.environ, MEDRL_CACHE=str(cwd / "cache"), RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    command = [sys.executable, "-m", "medrl.launch.cli", *args] if fault is None else \
+        [sys.executable, str(RUNNER), fault[0], str(fault[1]), "--", *args]
+    # its own process group: the fault kills the run and its Ray processes, nothing else
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600, start_new_session=True)
+    return proc
+
+
+def start(cwd: Path, name: str, fault=None):
+    return medrl(cwd, "run", str(REPO / "recipes" / "quickstart.yaml"), f"run.name={name}",
+                 f"run.output_dir={cwd / 'runs'}", *SMALL, fault=fault)
+
+
+def record(run_dir: Path) -> dict:
+    def rows(name):
+        path = run_dir / name
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \
+            if path.exists() else []
+
+    from safetensors.torch import load_file
+
+    last = run_dir / "checkpoints" / f"step-{STEPS:06d}" / "policy" / "model.safetensors"
+    return {"metrics": rows("metrics.jsonl"), "prompts": rows("prompts.jsonl"),
+            "weights": load_file(str(last)) if last.exists() else None}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir) -> dict:
+    proc = start(workdir, "whole")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return record(workdir / "runs" / "whole")
+
+
+@pytest.mark.parametrize("point", ["after_generate", "after_learn", "after_sync",
+                                   "checkpoint_write", "after_complete", "plotting"])
+def test_a_run_killed_at_a_phase_boundary_resumes_to_the_same_record(workdir, uninterrupted,
+                                                                      point):
+    import torch
+
+    name = f"killed-{point}"
+    killed = start(workdir, name, fault=(point, 2))
+    assert killed.returncode == -9, killed.stderr[-4000:]  # SIGKILL, not a clean stop
+    run_dir = workdir / "runs" / name
+    resumed = medrl(workdir, "resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+
+    got, want = record(run_dir), uninterrupted
+    assert [r["step"] for r in got["metrics"]] == list(range(1, STEPS + 1))
+    for mine, theirs in zip(got["metrics"], want["metrics"]):
+        for key in SAME:
+            assert mine.get(key) == theirs.get(key), (point, mine["step"], key)
+    assert got["prompts"] == want["prompts"]  # each step's prompts, exactly once
+    assert got["weights"].keys() == want["weights"].keys()
+    for key, value in want["weights"].items():
+        assert torch.equal(got["weights"][key], value), key
+
+
+def test_a_full_disk_stops_the_run_clearly_and_resume_finishes_it(workdir, uninterrupted):
+    run_dir = workdir / "runs" / "disk-full"
+    stopped = start(workdir, "disk-full", fault=("disk_full", 2))
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    text = " ".join(stopped.stderr.split())
+    assert f"checkpoint step 2 did not fit on the disk of {run_dir / 'checkpoints'}" in text
+    assert "the last complete checkpoint, step-000001, is untouched" in text
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001"]
+    assert medrl(workdir, "resume", str(run_dir)).returncode == 0
+    got = record(run_dir)
+    assert [r["step"] for r in got["metrics"]] == [1, 2, 3]
+    assert got["prompts"] == uninterrupted["prompts"]
+    assert [r["loss"] for r in got["metrics"]] == [r["loss"] for r in uninterrupted["metrics"]]
