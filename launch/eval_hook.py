@@ -127,6 +127,8 @@ def grpo_evaluation(recipe: Recipe, run_dir: Path) -> Callable[[int, Any], dict]
 def sft_evaluation(recipe: Recipe, run_dir: Path) -> Callable[[int, Any], dict] | None:
     """The sft stage's callback ``(step, learner)``: scored on the learner's model itself,
     in eval mode (the next training step puts it back in training mode)."""
+    if recipe.evaluation is None:
+        return None
     from medrl.rollouts.hf_engine import HFEngine
 
     wrapped: list = []

@@ -236,3 +236,10 @@ def test_vlm_step_trains_on_answer_tokens_with_the_image(tiny_qwen2_vl):
     assert batch.pixel_values is not None
     out = learner.train_step_with(batch_loss, batch, size_fn=batch_weight)
     assert out["tokens"] == len(ex.completion_ids) and out["loss"] > 0
+
+
+def test_an_sft_recipe_without_evaluation_has_no_evaluation_hook(tmp_path):
+    from medrl.launch.eval_hook import sft_evaluation
+
+    recipe = recipe_for("sft_emr_lora.yaml", tmp_path)
+    assert recipe.evaluation is None and sft_evaluation(recipe, tmp_path) is None
