@@ -117,7 +117,7 @@ def main() -> None:
          "loglik: 4 option continuations per item (lm-evaluation-harness's definition); the "
          "accuracies of the three loglik rows must match (same definition, same weights)",
          f"median of {args.repeat} interleaved rounds after {args.warmup} warm-up",
-         "not measured here: lm-evaluation-harness itself (not installed in this environment)"])]
+         "lm-evaluation-harness itself, beside medrl: bench/bench_lmeval.py (section 10b)"])]
     save_result("eval", module=MODULE, args=args, machine=machine,
                 settings={"size": args.size, "params": params, "items": args.items,
                           "new_tokens": args.new_tokens},

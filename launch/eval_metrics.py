@@ -10,8 +10,8 @@
   appearance;
 - :func:`choose_option`: the log-likelihood choice of a multiple-choice item, as
   lm-evaluation-harness defines ``acc`` (argmax of the summed log-probs of each option's
-  continuation) and ``acc_norm`` (argmax of that sum divided by the continuation's length in
-  bytes);
+  continuation) and ``acc_norm`` (argmax of that sum divided by the choice's length in
+  characters, the space that delimits it not counted);
 - :func:`proportion` / :func:`mean_with_interval`: a figure as reports hold it,
   ``{"value", "n", "low", "high"}``;
 - :func:`expected_calibration_error` / :func:`calibration_bins`: how well the probability a
@@ -77,15 +77,15 @@ def majority(answers: Sequence[Hashable | None]) -> Hashable | None:
     return next(a for a in answers if a is not None and counts[a] == best)
 
 
-def choose_option(logprob_sums: Sequence[float], byte_lengths: Sequence[int]
+def choose_option(logprob_sums: Sequence[float], lengths: Sequence[int]
                   ) -> tuple[int, int]:
-    """(choice by summed log-prob, choice by log-prob per byte) of one item's options; ties go
-    to the first option, as an argmax does."""
-    if not logprob_sums or len(logprob_sums) != len(byte_lengths):
-        raise ValueError("one log-prob sum and one byte length per option are needed")
+    """(choice by summed log-prob, choice by log-prob per character of the choice) of one
+    item's options; ties go to the first option, as an argmax does."""
+    if not logprob_sums or len(logprob_sums) != len(lengths):
+        raise ValueError("one log-prob sum and one length per option are needed")
     plain = max(range(len(logprob_sums)), key=lambda i: (logprob_sums[i], -i))
     normed = max(range(len(logprob_sums)),
-                 key=lambda i: (logprob_sums[i] / max(byte_lengths[i], 1), -i))
+                 key=lambda i: (logprob_sums[i] / max(lengths[i], 1), -i))
     return plain, normed
 
 

@@ -11,7 +11,7 @@ split between them). Modes:
   text without a chat template; each option's continuation is ``" " + choice`` (the letter, or
   the word yes/no/maybe) and is scored by the engine's log-probs given the context.
   ``acc``: the option with the highest summed log-prob; ``acc_norm``: the highest log-prob per
-  character of the continuation.
+  character of the choice (the space before it not counted).
 - ``generate``: the prompt the training loader renders (chat template, options, instruction),
   ``--samples N`` completions per item (greedy for N = 1, else ``--temperature``), the answer
   extracted by the rule rewards' extractors. ``acc``: pass@1, the mean correctness of the
@@ -61,9 +61,11 @@ def loglik_context(row: dict[str, Any], choices: str) -> str:
     parts = []
     context = row.get("context")
     if context:
-        text = " ".join(context) if isinstance(context, (list, tuple)) else str(context)
-        parts.append(f"Abstract: {text.strip()}")
-    parts.append(f"Question: {str(row['question']).strip()}")
+        # as the harness writes it: the passages one per line, nothing stripped
+        text = "\n".join(map(str, context)) if isinstance(context, (list, tuple)) \
+            else str(context)
+        parts.append(f"Abstract: {text}")
+    parts.append(f"Question: {row['question']}")
     if choices == "letters":
         parts += [f"{k}. {v}" for k, v in row["options"].items()]
     return "\n".join(parts) + "\nAnswer:"
@@ -135,7 +137,8 @@ def loglik_prediction(item: Sample, scores: Sequence[Sequence[float]], choices: 
     """The choices of one item from its options' continuation log-probs."""
     letters = list(item.row["options"])
     sums = [float(sum(s)) for s in scores]
-    plain, normed = choose_option(sums, [len(c) for c in continuations(item.row, choices)])
+    # acc_norm divides by the choice's own length, the delimiting space not counted
+    plain, normed = choose_option(sums, [len(c) - 1 for c in continuations(item.row, choices)])
     return Prediction(uid=item.uid, gold=item.row["gold"], category=category,
                       choice=letters[plain], choice_norm=letters[normed], logprobs=sums)
 

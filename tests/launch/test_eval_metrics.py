@@ -47,7 +47,7 @@ def test_bootstrap_interval_is_seeded_and_covers_the_mean():
     assert all(math.isnan(v) for v in bootstrap_interval([]))
 
 
-def test_choose_option_by_sum_and_by_bytes():
+def test_choose_option_by_sum_and_by_characters():
     # option 1 has the higher sum, option 0 the higher log-prob per byte
     assert choose_option([-4.0, -3.0], [8, 2]) == (1, 0)
     assert choose_option([-1.0, -1.0], [3, 3]) == (0, 0)  # ties: the first option
