@@ -41,9 +41,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# the recipe fuzzers with thousands of cases each (CI runs a few hundred)
+# the fuzzers (recipes, data rows, reward plugins) with thousands of cases each (CI: hundreds)
 fuzz: install
-	MEDRL_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/faults/test_fuzz_recipes.py $(PYTEST_ARGS)
+	MEDRL_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q tests/faults/test_fuzz_recipes.py \
+	    tests/faults/test_fuzz_data.py tests/faults/test_fuzz_rewards.py $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m bench.run_all

@@ -1,9 +1,10 @@
 """Prompts from data files: loading, field mapping, held-out splits, media loading.
 
-``load_samples(cfg)`` reads the file named by the recipe's ``data`` section through the
-``datasets`` library (JSON, JSON lines, Parquet, or a folder written by ``save_to_disk``),
-maps the recipe's ``data.fields`` onto canonical names and renders each row into chat
-messages (``medrl.align.prompts``). The result is one :class:`Sample` per row:
+``load_samples(cfg)`` reads the file named by the recipe's ``data`` section (JSON and JSON
+lines with Python's json module; Parquet, or a folder written by ``save_to_disk``, through
+the ``datasets`` library), maps the recipe's ``data.fields`` onto canonical names, checks
+each mapped cell's type and renders each row into chat messages (``medrl.align.prompts``).
+The result is one :class:`Sample` per row:
 
 - ``uid`` = ``group_id`` = the row's id column (``fields.id``), or the key of a JSON file
   keyed by id, or ``<file stem>-<row index>``; ids must be unique;
@@ -32,148 +33,15 @@ from typing import Any, Literal
 import numpy as np
 
 from medrl.align.records import Sample, UserError
+from medrl.launch.data_files import read_rows
 from medrl.launch.recipe import DataConfig, VolumeConfig, resolve_path
 from medrl.rollouts.multimodal import load_image, load_volume, volume_to_slices
 from medrl.align.prompts import count_image_parts, letter_options, render_messages
 
-FORMATS_BY_SUFFIX = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-                     ".parquet": "parquet", ".pq": "parquet"}
-HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 # Canonical row keys filled from data.fields (images, volume and id go to Sample fields).
 CANONICAL = ("prompt", "question", "context", "options", "answer", "rubric", "messages")
-
-
-# --- reading a table ----------------------------------------------------------------------------
-
-
-def detect_format(path: Path, fmt: str = "auto") -> str:
-    """``fmt`` unless it is ``auto``; then a folder is ``hf_disk``, a file goes by suffix."""
-    if fmt != "auto":
-        return fmt
-    if path.is_dir():
-        return "hf_disk"
-    fmt = FORMATS_BY_SUFFIX.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"{path}: cannot tell the data format from the suffix {path.suffix!r}. "
-                        f"Use one of {', '.join(sorted(FORMATS_BY_SUFFIX))}, a folder written by "
-                        "datasets' save_to_disk, or set data.format.")
-    return fmt
-
-
-def read_rows(path: Path, fmt: str = "auto",
-              split: str | None = None) -> tuple[list[dict], str | None]:
-    """All rows of a data file as plain dicts, and the name of the key column if any.
-
-    A JSON file may hold a list of records or a mapping ``{id: record}`` (PubMedQA's
-    ``ori_pqal.json``); a mapping's keys become an ``id`` column (the key column returned).
-    ``split`` picks a split of a saved ``DatasetDict``; single files have only ``train``.
-    """
-    if not path.exists():
-        raise UserError(f"{path}: data file not found. Check data.path (relative paths are read "
-                        "from the recipe's folder).")
-    fmt = detect_format(path, fmt)
-    if fmt != "hf_disk" and path.is_dir():
-        raise UserError(f"{path} is a folder, but data.format is {fmt!r}; name the file, or use "
-                        "format hf_disk for a folder written by save_to_disk.")
-    if fmt != "hf_disk" and split not in (None, "train"):
-        raise UserError(f"{path}: data.split {split!r} was set, but a single {fmt} file has only "
-                        "one split; remove data.split (or point at a saved DatasetDict folder).")
-    if fmt == "hf_disk":
-        return _read_hf_disk(path, split), None
-    head = _leading_chars(path, 2) if fmt in ("json", "jsonl") else ""
-    if fmt in ("json", "jsonl") and (head == "" or head == "[]"):
-        raise UserError(f"{path}: the dataset is empty; it needs at least one row.")
-    if fmt == "parquet" and _parquet_rows(path) == 0:
-        raise UserError(f"{path}: the dataset is empty; it needs at least one row.")
-    if fmt == "json" and head[:1] == "{":
-        keyed = _read_keyed_json(path)
-        if keyed is not None:
-            return keyed, "id"
-        fmt = "jsonl"  # several objects, one per line, in a file named .json
-    builder = "parquet" if fmt == "parquet" else "json"
-    return _read_with_datasets(path, builder), None
-
-
-def _leading_chars(path: Path, n: int) -> str:
-    """The first ``n`` characters of a text file that are not white space."""
-    out = ""
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        while len(out) < n:
-            char = f.read(1)
-            if not char:
-                break
-            if not char.isspace():
-                out += char
-    return out
-
-
-def _parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_metadata(path).num_rows
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise UserError(f"{path}: cannot read the data file as parquet ({exc}).") from None
-
-
-def _read_keyed_json(path: Path) -> list[dict] | None:
-    """``{id: record, ...}`` -> records with the key in ``id``; None if the file is JSON lines."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # a second object follows the first: JSON lines
-            return None
-        raise UserError(f"{path}: not valid JSON ({exc}).") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read the data file ({exc}).") from None
-    if not data:
-        raise UserError(f"{path}: the JSON mapping is empty; it needs at least one record.")
-    bad = [k for k, v in data.items() if not isinstance(v, dict)]
-    if bad:
-        raise UserError(f"{path}: a JSON object at the top level must map ids to records "
-                        f"(objects), but the value of {bad[0]!r} is a "
-                        f"{type(data[bad[0]]).__name__}."
-                        " Use a list of records, JSON lines, or {id: {field: value}}.")
-    return [{"id": str(key), **record} for key, record in data.items()]
-
-
-def _read_with_datasets(path: Path, builder: str) -> list[dict]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, StopIteration,
-            TypeError) as exc:
-        cause = exc.__cause__ or exc
-        raise UserError(f"{path}: cannot read the data file as {builder} "
-                        f"({type(cause).__name__}: {cause}).") from None
-    return ds.to_list()
-
-
-def _read_hf_disk(path: Path, split: str | None) -> list[dict]:
-    import datasets
-
-    if not any((path / m).exists() for m in HF_DISK_MARKERS):
-        raise UserError(f"{path}: this folder was not written by datasets' save_to_disk (none of "
-                        f"{', '.join(HF_DISK_MARKERS)} found). Point data.path at such a folder "
-                        "or at a JSON / JSON lines / Parquet file.")
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise UserError(f"{path}: cannot read the saved dataset ({exc}).") from None
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds)
-        if split is None and len(names) == 1:
-            split = names[0]
-        if split not in ds:
-            raise UserError(f"{path}: saved DatasetDict with splits {', '.join(names)}; set "
-                            "data.split to one of them." if split is None else
-                            f"{path}: no split {split!r}; the splits are {', '.join(names)}.")
-        ds = ds[split]
-    elif split not in (None, "train"):
-        raise UserError(f"{path}: data.split {split!r} was set, but this folder holds a single "
-                        "Dataset with no splits; remove data.split.")
-    return ds.to_list()
+# Ids name samples in every log and message: a longer one is a text column mapped by mistake.
+MAX_ID_CHARS = 256
 
 
 # --- field mapping ------------------------------------------------------------------------------
@@ -235,6 +103,70 @@ def _resolve_media(value: str, data_dir: Path) -> str:
     return str(p if p.is_absolute() else data_dir / p)
 
 
+def _type_name(value: Any) -> str:
+    """``a str``, ``an int``, ``a boolean``: a value's type, for messages that never show it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _is_scalar_text(value: Any) -> bool:
+    """A value an option may hold: a text, or a number or boolean written as text."""
+    return isinstance(value, (str, int, float, np.generic))
+
+
+def _cell_problem(name: str, value: Any, column: str, template: str) -> str | None:
+    """What is wrong with one mapped cell for ``template`` (None: nothing), in words that
+    name the column and the type, never the value."""
+    where = f"column {column!r} (data.fields.{name})"
+    if name in ("question", "prompt") and template != "chat" and not isinstance(value, str):
+        return f"{where} holds {_type_name(value)}; the {name} is a text"
+    if name == "context" and template != "chat":
+        parts = value if isinstance(value, (list, tuple)) else [value]
+        if not all(p is None or isinstance(p, str) for p in parts):
+            return f"{where} holds {_type_name(value)}; a context is a text or a list of texts"
+    if name == "options":
+        items = (list(value.items()) if isinstance(value, dict) else
+                 list(enumerate(value, 1)) if isinstance(value, (list, tuple)) else [])
+        for key, item in items:  # a mapping's None: a key only other rows have (Arrow)
+            if item is None and not isinstance(value, dict):
+                return f"{where}: option {key} is null; every listed option needs a text"
+            if item is not None and not _is_scalar_text(item):
+                return f"{where}: option {key} is {_type_name(item)}; each option is a text"
+    if name == "messages" and template == "chat" and isinstance(value, (list, tuple)):
+        for i, m in enumerate(value):
+            content = m.get("content") if isinstance(m, dict) else None
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                return (f"{where}: message {i} is not a {{'role': text, 'content': ...}} "
+                        "mapping")
+            if isinstance(content, list):
+                if not all(isinstance(p, dict) and isinstance(p.get("type"), str)
+                           for p in content):
+                    return (f"{where}: message {i} has a content part that is not a "
+                            "{'type': ...} mapping")
+            elif not isinstance(content, str):
+                return (f"{where}: message {i} has content of {_type_name(content)}; content "
+                        "is a text or a list of {'type': ...} parts")
+    return None
+
+
+def _media_problem(name: str, value: Any, column: str) -> str | None:
+    """An images cell holds paths, encoded images or datasets Image cells (or a list of
+    them); a volume cell a path or an array (nested lists)."""
+    where = f"column {column!r} (data.fields.{name})"
+    if name == "images":
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if item is not None and not isinstance(item, (str, dict, bytes, Path)) \
+                    and not hasattr(item, "mode"):  # a PIL image from a saved dataset
+                return (f"{where} holds {_type_name(item)}; give an image path or a list of "
+                        "paths")
+    elif value is not None and not isinstance(value, (str, Path, list, np.ndarray)):
+        return f"{where} holds {_type_name(value)}; give a volume path or a [D, H, W] array"
+    return None
+
+
 def _map_row(raw: dict, index: int, plan: dict[str, str], cfg: DataConfig, *, path: Path,
              data_dir: Path) -> Sample:
     uid = f"{path.stem}-{index}"
@@ -244,9 +176,32 @@ def _map_row(raw: dict, index: int, plan: dict[str, str], cfg: DataConfig, *, pa
             raise UserError(f"{path}: row {index} has no id in column {plan['id']!r} "
                             "(data.fields.id); every row needs one, or unset data.fields.id to "
                             "number the rows.")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float, np.generic)):
+            raise UserError(f"{path}: row {index}: the id in column {plan['id']!r} "
+                            f"(data.fields.id) is {_type_name(value)}; an id is a text or a "
+                            "number.")
         uid = str(value)
+        if len(uid) > MAX_ID_CHARS:  # every message about the sample repeats its id
+            raise UserError(f"{path}: row {index}: the id in column {plan['id']!r} "
+                            f"(data.fields.id) is {len(uid)} characters long; an id is a short "
+                            f"name (at most {MAX_ID_CHARS} characters), not a text. Check "
+                            "data.fields.id.")
     canon = {name: raw[plan[name]] for name in CANONICAL
              if name in plan and plan[name] in raw}
+    media = {name: raw.get(plan[name]) for name in ("images", "volume") if name in plan}
+    for name, value in {**canon, **media}.items():
+        if value is None or (name == "question" and canon.get("prompt") is not None):
+            continue  # nothing to check; or a prompt is shown instead of the question
+        problem = (_media_problem(name, value, plan[name]) if name in ("images", "volume")
+                   else _cell_problem(name, value, plan[name], cfg.template))
+        if problem:
+            raise UserError(f"{path}: sample {uid} (row {index}): {problem}. Fix the row, or "
+                            "map the field to another column.")
+    shown = "prompt" if canon.get("prompt") is not None else "question"
+    if cfg.template == "open" and isinstance(canon.get(shown), str) \
+            and not canon[shown].strip():
+        raise UserError(f"{path}: sample {uid} (row {index}): the {shown} is empty (template "
+                        "'open'); every row needs a text to show.")
     if canon.get("options") is not None:
         try:
             canon["options"] = letter_options(canon["options"])
@@ -424,7 +379,12 @@ def load_train_eval(cfg: DataConfig, *,
                         "hold out evaluation data.")
     train = load_samples(cfg, base_dir=base_dir)
     if not cfg.eval_path:
-        return split_eval(train, cfg.eval_fraction, cfg.split_seed)
+        try:
+            return split_eval(train, cfg.eval_fraction, cfg.split_seed)
+        except UserError as exc:  # split_eval sees samples only: name their file here
+            data_path = resolve_path(Path(base_dir) if base_dir is not None else Path.cwd(),
+                                     str(cfg.path))
+            raise UserError(f"{data_path}: {exc}") from None
     held = load_samples(cfg, base_dir=base_dir, path=cfg.eval_path)
     first_row = {}
     for i, s in enumerate(train):

@@ -48,6 +48,7 @@ DATA_ROOT_ENV = "MEDRL_DATA_DIR"
 # eval-only field names (NAME=COLUMN): the kind of dataset they make
 TASK_FIELDS = {"label": "factcheck", "error_span": "factcheck", "record": "extract"}
 YES_NO_MAYBE = {"A": "yes", "B": "no", "C": "maybe"}
+SHOWN_CHARS = 20  # a label value longer than this may be dataset text: messages do not show it
 
 
 @dataclass(frozen=True)
@@ -199,19 +200,36 @@ def load_eval_dataset(spec: str, *, root: Path | None, max_samples: int | None,
 def rubric_dataset(name: str, path: Path, samples: list[Sample], preset: Preset) -> EvalDataset:
     """A rubric-graded dataset: rows without a rubric are counted as unlabelled; the theme
     comes from ``example_tags`` (``theme:<name>``; "none" when a row has none)."""
+    from medrl.rewards.rubric import parse_rubric
+
     items, unlabelled = [], 0
     for s in samples:
         if not s.row.get("rubric"):
             unlabelled += 1
             continue
-        tags = s.row.get("example_tags") or []
-        theme = next((t.split(":", 1)[1] for t in tags if str(t).startswith("theme:")), "none")
+        try:  # refused now, not after every completion is generated
+            parse_rubric(s.row["rubric"], uid=s.uid)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        tags = s.row.get("example_tags")
+        if tags is not None and not isinstance(tags, (list, tuple)):
+            raise UserError(f"{path}: sample {s.uid}: example_tags holds a value of type "
+                            f"{type(tags).__name__}; it is a list of tags such as "
+                            "theme:emergency_referrals.")
+        theme = next((t.split(":", 1)[1] for t in tags or []
+                      if isinstance(t, str) and t.startswith("theme:")), "none")
         items.append(dataclasses.replace(s, row={**s.row, "theme": theme}))
     if not items:
         raise UserError(f"{path}: no row has a rubric (data field 'rubric'); check --field "
                         "rubric=COLUMN.")
     return EvalDataset(name=name, path=path, items=items, choices="", category=preset.category,
                        unlabelled=unlabelled, kind="rubric")
+
+
+def shown_text(row: dict) -> str:
+    """The text a row shows the model: its prompt when mapped, else its question (the loader
+    has checked that it is a non-empty text)."""
+    return str(row["prompt"] if row.get("prompt") is not None else row["question"])
 
 
 def user_message(sample: Sample, text: str) -> Sample:
@@ -234,15 +252,19 @@ def task_dataset(kind: str, path: Path, samples: list[Sample], columns: dict[str
         for s in samples:
             try:
                 gold = gold_verdict(s.row, label)
+                spans = gold_spans(s.row, span) if gold is not None else []
             except ValueError as exc:
-                raise UserError(f"{path}: sample {s.uid}: {exc}.") from None
+                cause, value = str(exc), s.row.get(label)
+                if isinstance(value, str) and len(value.strip()) > SHOWN_CHARS:  # not shown
+                    cause = (f"label {label!r} is a {len(value.strip())}-character text, not "
+                             "a veracity label; use 1 / error or 0 / correct")
+                raise UserError(f"{path}: sample {s.uid}: {cause}.") from None
             if gold is None:
                 unlabelled += 1
                 continue
-            row = {**s.row, "gold": "error" if gold else "correct",
-                   "gold_spans": gold_spans(s.row, span)}
+            row = {**s.row, "gold": "error" if gold else "correct", "gold_spans": spans}
             items.append(dataclasses.replace(user_message(s, factcheck_prompt(
-                str(s.row["question"]))), row=row))
+                shown_text(s.row))), row=row))
         if not items:
             raise UserError(f"{path}: no row has a veracity label (column {label!r}); check "
                             "--field label=COLUMN.")
@@ -276,12 +298,12 @@ def task_dataset(kind: str, path: Path, samples: list[Sample], columns: dict[str
         if template:
             try:
                 text = template.format_map(s.row)
-            except (KeyError, IndexError, ValueError) as exc:
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
                 raise UserError(f"{path}: sample {s.uid}: the prompt template cannot be "
                                 f"filled from the row ({type(exc).__name__}: {exc}); name only "
                                 "columns the data has, and double literal braces.") from None
         else:
-            text = (f"{s.row['question']}\n\nWrite the medical record of this consultation "
+            text = (f"{shown_text(s.row)}\n\nWrite the medical record of this consultation "
                     f"as one JSON object with the fields {', '.join(names)} (a list for "
                     "several values, an empty string or list when it is not mentioned). "
                     "Return JSON only.")

@@ -153,7 +153,7 @@ def row_media(path: Path, cfg: DataConfig, where: str) -> tuple[list[Path], int]
                                                    ("volume", cfg.fields.volume)) if column]
     if not columns:
         return [], 0
-    from medrl.launch.data import read_rows
+    from medrl.launch.data_files import read_rows
 
     rows, _ = read_rows(path, cfg.format, cfg.split)
     found: dict[Path, None] = {}

@@ -69,8 +69,9 @@ class RewardResult:
     dims: named sub-scores (e.g. rubric tiers, a safety score), each a finite float, or None
         where that sub-score does not apply to this sample (left out of the dim's statistics,
         counted in its ``not_applicable``; a veto reading it does not fire).
-    token_weights: one weight per completion token (``len(sample.completion_ids)``); weights
-        from several rewards multiply and scale the per-token policy objective.
+    token_weights: one weight per completion token (``len(sample.completion_ids)``), a list,
+        a tuple or a 1-D numpy array of finite numbers; weights from several rewards multiply
+        and scale the per-token policy objective.
     info: anything JSON-able for logging (kept in ``sample.reward_info[name]``).
     """
 
@@ -165,5 +166,9 @@ def is_class_reward(obj: Any) -> bool:
 
 
 def finite(x: Any) -> bool:
-    """A real number (bools and numpy scalars included) that is neither NaN nor infinite."""
-    return isinstance(x, numbers.Real) and math.isfinite(float(x))
+    """A real number (bools and numpy scalars included) that is neither NaN nor infinite
+    (nor an int too large for a float)."""
+    try:
+        return isinstance(x, numbers.Real) and math.isfinite(float(x))
+    except OverflowError:
+        return False

@@ -9,13 +9,17 @@ which the runner's failure policy then handles.
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from medrl.align.records import Sample
-from medrl.rewards.api import RewardContext, RewardResult, finite
+from medrl.rewards.api import RewardContext, RewardResult
 from medrl.rewards.loader import LoadedReward
 
 
@@ -55,10 +59,20 @@ def _call_with_timeout(fn, timeout_s: float | None):
     return box["value"]
 
 
+# What a reward's call may raise and still count as a reward failure: any error, and
+# SystemExit (a plugin calling sys.exit would otherwise end the run without a word).
+# KeyboardInterrupt still stops the run.
+CAUGHT = (Exception, SystemExit)
+
+
 def _failure(exc: BaseException, timeout_s: float | None) -> Failure:
     if isinstance(exc, _TimedOut):
         return Failure(f"exceeded its timeout of {timeout_s:g} s", timed_out=True)
-    return Failure(f"raised {type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails is still a failure
+        text = "(its message could not be read)"
+    return Failure(f"raised {type(exc).__name__}: {text}", traceback=traceback.format_exc())
 
 
 def call_function_reward(fn, kwargs: Mapping[str, Any], samples: Sequence[Sample],
@@ -68,7 +82,7 @@ def call_function_reward(fn, kwargs: Mapping[str, Any], samples: Sequence[Sample
     for sample in samples:
         try:
             out.append(_call_with_timeout(lambda: fn(sample, **kwargs), timeout_s))
-        except Exception as exc:  # recorded as a Failure; the policy decides what happens
+        except CAUGHT as exc:  # recorded as a Failure; the policy decides what happens
             out.append(_failure(exc, timeout_s))
     return out
 
@@ -87,7 +101,13 @@ class RewardWorker:
     def batch_metrics(self) -> dict[str, float]:
         """The class reward's ``batch_metrics()`` for its last call ({} when it has none)."""
         fn = getattr(self.instance, "batch_metrics", None)
-        return dict(fn()) if callable(fn) else {}
+        if not callable(fn):
+            return {}
+        values = fn()
+        if not isinstance(values, Mapping):
+            raise TypeError(f"batch_metrics() returned a {type(values).__name__}, not a "
+                            "mapping of name -> number")
+        return dict(values)
 
     def score(self, samples: list[Sample]) -> list[Any] | Failure:
         r = self.loaded
@@ -97,8 +117,78 @@ class RewardWorker:
             return call_function_reward(r.target, r.kwargs, samples, r.timeout_s)
         try:
             return _call_with_timeout(lambda: self.instance(samples), r.timeout_s)
-        except Exception as exc:  # recorded as a Failure for the whole batch
+        except CAUGHT as exc:  # recorded as a Failure for the whole batch
             return _failure(exc, r.timeout_s)
+
+
+SCORE_RULE = "a score is a finite number, or None when the reward does not apply"
+
+
+def _number_problem(value: Any) -> str | None:
+    """None for a usable number (a finite real: bools and numpy scalars included); else
+    ``"type"`` (not a real number: a str, a tensor, ...), ``"huge"`` (an int too large for a
+    float) or ``"non-finite"``. Messages built on it show a wrong value's type, never the
+    value, unless it is a non-finite number (a reward may return the completion's text)."""
+    if not isinstance(value, numbers.Real):
+        return "type"
+    try:
+        return None if math.isfinite(float(value)) else "non-finite"
+    except OverflowError:
+        return "huge"
+
+
+def _score_failure(value: Any, problem: str, top_level: bool) -> Failure:
+    if problem == "non-finite":
+        return Failure(f"returned a non-finite score ({value!r}); {SCORE_RULE}")
+    if problem == "huge":
+        return Failure(f"returned a score too large for a float; {SCORE_RULE}")
+    if top_level:
+        return Failure(f"returned a {type(value).__name__}; expected a float, None or a "
+                       "RewardResult")
+    return Failure(f"returned a RewardResult whose score is a {type(value).__name__}; "
+                   f"{SCORE_RULE}")
+
+
+def _value_failure(value: Any, problem: str, what: str) -> Failure:
+    """A dim's or a token weight's problem: ``what`` says which (``dim 'safety'``)."""
+    if problem == "non-finite":
+        return Failure(f"returned a non-finite {what} ({value!r})")
+    if problem == "huge":
+        return Failure(f"returned a {what} too large for a float")
+    kind = "None" if value is None else f"a {type(value).__name__}"
+    return Failure(f"returned {kind} as the {what}; it is a finite number")
+
+
+def _check_dims(dims: Any) -> dict[str, float | None] | Failure:
+    if not isinstance(dims, Mapping):
+        return Failure(f"returned dims of type {type(dims).__name__}; dims map a name to a "
+                       "finite number, or to None where it does not apply")
+    for key, value in dims.items():  # a dim of None: that sub-score does not apply here
+        problem = None if value is None else _number_problem(value)
+        if problem == "non-finite":  # the message tests and users know
+            return Failure(f"returned a non-finite value for dim {key!r} ({value!r})")
+        if problem:
+            return _value_failure(value, problem, f"value for dim {key!r}")
+    return {str(k): None if v is None else float(v) for k, v in dims.items()}
+
+
+def _check_token_weights(weights: Any, n: int) -> list[float] | Failure:
+    if not isinstance(weights, (list, tuple, np.ndarray)):
+        return Failure(f"returned token_weights of type {type(weights).__name__}; they are a "
+                       "list with one number per token of completion_ids")
+    if isinstance(weights, np.ndarray) and weights.ndim != 1:
+        return Failure(f"returned token_weights of shape {weights.shape}; they are a list with "
+                       "one number per token of completion_ids")
+    if len(weights) != n:
+        return Failure(f"returned {len(weights)} token weights for a completion "
+                       f"of {n} tokens (one weight per token of completion_ids)")
+    for i, w in enumerate(weights):
+        problem = _number_problem(w)
+        if problem == "non-finite":
+            return Failure(f"returned a non-finite token weight ({w!r}) at position {i}")
+        if problem:
+            return _value_failure(w, problem, f"token weight at position {i}")
+    return [float(w) for w in weights]
 
 
 def check_result(raw: Any, sample: Sample) -> RewardResult | Failure:
@@ -108,32 +198,21 @@ def check_result(raw: Any, sample: Sample) -> RewardResult | Failure:
     if raw is None:
         return RewardResult(None)
     if not isinstance(raw, RewardResult):
-        if not finite(raw):
-            if isinstance(raw, (int, float)):
-                return Failure(f"returned a non-finite score ({raw!r}); a score is a finite "
-                               "number, or None when the reward does not apply")
-            return Failure(f"returned a {type(raw).__name__}; expected a float, None or a "
-                           "RewardResult")
-        return RewardResult(float(raw))
-    if raw.score is not None and not finite(raw.score):
-        return Failure(f"returned a non-finite score ({raw.score!r}); a score is a finite "
-                       "number, or None when the reward does not apply")
+        problem = _number_problem(raw)
+        return _score_failure(raw, problem, True) if problem else RewardResult(float(raw))
+    problem = None if raw.score is None else _number_problem(raw.score)
+    if problem:
+        return _score_failure(raw.score, problem, False)
     dims = None
-    if raw.dims is not None:  # a dim of None: that sub-score does not apply to this sample
-        for key, value in raw.dims.items():
-            if value is not None and not finite(value):
-                return Failure(f"returned a non-finite value for dim {key!r} ({value!r})")
-        dims = {str(k): None if v is None else float(v) for k, v in raw.dims.items()}
+    if raw.dims is not None:
+        dims = _check_dims(raw.dims)
+        if isinstance(dims, Failure):
+            return dims
     weights = None
     if raw.token_weights is not None:
-        n = len(sample.completion_ids)
-        if len(raw.token_weights) != n:
-            return Failure(f"returned {len(raw.token_weights)} token weights for a completion "
-                           f"of {n} tokens (one weight per token of completion_ids)")
-        for i, w in enumerate(raw.token_weights):
-            if not finite(w):
-                return Failure(f"returned a non-finite token weight ({w!r}) at position {i}")
-        weights = [float(w) for w in raw.token_weights]
+        weights = _check_token_weights(raw.token_weights, len(sample.completion_ids))
+        if isinstance(weights, Failure):
+            return weights
     score = None if raw.score is None else float(raw.score)
     return RewardResult(score, dims, weights, raw.info)
 

@@ -121,8 +121,19 @@ def multiply_token_weights(weights: Sequence[Sequence[float]]) -> list[float] | 
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+    """Mean and population std of finite values; scores near a float's limit (1e154 and
+    more, whose squares overflow) are scaled down first, so neither becomes inf."""
+    n = len(values)
+    m = sum(values) / n
+    try:
+        s = math.sqrt(sum((v - m) ** 2 for v in values) / n)
+    except OverflowError:
+        s = math.inf
+    if math.isfinite(m) and math.isfinite(s):
+        return m, s
+    scale = max(abs(v) for v in values)
+    m, s = _mean_std([v / scale for v in values])
+    return m * scale, s * scale
 
 
 def score_stats(prefix: str, values: Sequence[float | None]) -> dict[str, float]:

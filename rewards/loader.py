@@ -152,7 +152,7 @@ def _load_file_module(path: Path, where: str):
     try:
         source = path.read_bytes()  # compiled from these very bytes, which are what is hashed
         exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the plugin
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a plugin must not end the run
         del sys.modules[mod_name]
         raise UserError(f"{where}: importing reward file {path} failed: "
                         f"{type(exc).__name__}: {exc}") from exc
@@ -178,6 +178,9 @@ def resolve(ref: str, *, base_dir: str | Path | None = None, where: str = "rewar
                 raise UserError(f"{where}: cannot import module {left!r} for reward {ref!r} "
                                 f"({exc}). Install the package, or use path/to/file.py:{attr} "
                                 "for a file next to the recipe.") from exc
+            except (Exception, SystemExit) as exc:  # the module itself fails as it runs
+                raise UserError(f"{where}: importing module {left!r} for reward {ref!r} "
+                                f"failed: {type(exc).__name__}: {exc}") from exc
             source = left
         if not hasattr(module, attr):
             public = sorted(n for n in vars(module) if not n.startswith("_"))[:20]
@@ -193,7 +196,7 @@ def resolve(ref: str, *, base_dir: str | Path | None = None, where: str = "rewar
         ep = eps[ref]
         try:
             target = ep.load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise UserError(f"{where}: the entry point {ref!r} = {ep.value!r} (group "
                             f"{ENTRY_POINT_GROUP}) failed to load: {type(exc).__name__}: "
                             f"{exc}") from exc
@@ -221,8 +224,10 @@ def bind_kwargs(target: Any, kwargs: Mapping[str, Any], *, where: str) -> dict[s
     is_class = is_class_reward(target)
     try:
         sig = inspect.signature(target, eval_str=True)
-    except (NameError, TypeError, AttributeError, SyntaxError):
-        sig = inspect.signature(target)  # resolved one argument at a time below
+    except (NameError, TypeError, AttributeError, SyntaxError, ValueError):
+        # annotations are then resolved one argument at a time below; a builtin without a
+        # signature at all (max) is a UserError here
+        sig = _signature(target, where)
     params = list(sig.parameters.values())
     if not is_class:
         if not params or params[0].kind not in (params[0].POSITIONAL_ONLY,
@@ -257,6 +262,15 @@ def bind_kwargs(target: Any, kwargs: Mapping[str, Any], *, where: str) -> dict[s
                              for n, p in named.items()) or "none"
         raise UserError(f"{where}: {'; '.join(problems)}. Accepted arguments: {accepted}.")
     return bound
+
+
+def _signature(target: Any, where: str) -> inspect.Signature:
+    try:
+        return inspect.signature(target)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{where}: the signature of {target!r} cannot be read ({exc}); name a "
+                        "function fn(sample, **kwargs) or a class, e.g. a small function "
+                        "that calls it.") from None
 
 
 class _Unresolvable(Exception):

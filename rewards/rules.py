@@ -57,6 +57,9 @@ def gold_letter(row: dict[str, Any]) -> str | None:
     answer = row.get("answer")
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         return None
+    if isinstance(answer, (list, tuple, dict)):  # its text would match an option by accident
+        raise ValueError(f"the row's field 'answer' is a {type(answer).__name__}; expected an "
+                         "option letter or the text of one option")
     matches = [k for k, v in options.items() if _norm(v) == _norm(str(answer))]
     if len(matches) == 1:
         return matches[0]

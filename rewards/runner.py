@@ -22,6 +22,7 @@ for ``actor: true``) and logged as ``rewards/<name>/<key>``.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -186,7 +187,7 @@ class RewardRunner:
         worker = RewardWorker(r, ctx)
         try:
             worker.setup()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # the plugin's __init__ or setup(ctx)
             raise RewardError(f"reward {r.name!r} failed in setup(ctx): "
                               f"{type(exc).__name__}: {exc}", reward=r.name,
                               cause=str(exc)) from exc
@@ -327,6 +328,14 @@ class RewardRunner:
         keep = [i for i, s in enumerate(samples) if s.uid not in dropped]
         kept = [samples[i] for i in keep]
         fired = self._fill(kept, {n: [v[i] for i in keep] for n, v in results.items()})
+        overflow = [s.uid for s in kept if not math.isfinite(s.reward)]
+        if overflow:  # finite scores whose weighted sum is not: no advantage can be made
+            names = ", ".join(repr(r.name) for r in self.rewards)
+            raise RewardError(f"the combined reward of {len(overflow)} sample(s) ("
+                              f"{', '.join(map(repr, overflow[:5]))}) overflows a float: the "
+                              f"weighted scores of {names} reach about 1e308. Keep scores and "
+                              "weights in a moderate range.", uids=overflow,
+                              cause="combined reward overflow")
         metrics = self._metrics(kept, errors, fired)
         metrics.update(batch_metrics)
         metrics["rewards/skipped_samples"] = float(len(dropped))
@@ -338,15 +347,23 @@ class RewardRunner:
         if r.kind != "class":
             return {}
         worker = self._workers[r.name]
-        if r.actor:
-            import ray
+        try:
+            if r.actor:
+                import ray
 
-            values = ray.get(worker.batch_metrics.remote(), timeout=BACKSTOP_SLACK_S)
-        else:
-            values = worker.batch_metrics()
+                values = ray.get(worker.batch_metrics.remote(), timeout=BACKSTOP_SLACK_S)
+            else:
+                values = worker.batch_metrics()
+        except Exception as exc:  # the plugin's method; in its actor a RayTaskError, whose
+            exc = getattr(exc, "cause", None) or exc  # cause is what the method raised
+            raise RewardError(f"reward {r.name!r}: batch_metrics() failed: "
+                              f"{type(exc).__name__}: {exc}. Fix the reward's batch_metrics, "
+                              "or remove it.", reward=r.name, cause=str(exc)) from None
         for key, value in values.items():
             if not finite(value):
-                raise RewardError(f"reward {r.name!r}: batch_metrics()[{key!r}] is {value!r}; "
+                shown = repr(value) if isinstance(value, (int, float)) else \
+                    f"a {type(value).__name__}"
+                raise RewardError(f"reward {r.name!r}: batch_metrics()[{key!r}] is {shown}; "
                                   "batch metrics are finite numbers.", reward=r.name)
         return {f"rewards/{r.name}/{k}": float(v) for k, v in values.items()}
 

@@ -42,7 +42,7 @@ or holds no usable pixels.
 from __future__ import annotations
 
 import io
-import zlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy")
 WIDE_PIL_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # more than 8 bits per pixel
 EMBEDDED = "embedded in the data"
+# DEFLATE shrinks data at most about 1032-fold: a .gz file of n bytes holds at most this x n
+MAX_DEFLATE_RATIO = 1100
 
 
 def _who(uid: str | None) -> str:
@@ -144,6 +146,9 @@ def load_image(source: Any, *, uid: str | None = None) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return _pil_to_rgb(img, f"image {name}", uid)
+    except Image.DecompressionBombError:  # a damaged or hostile header: billions of pixels
+        raise UserError(f"{_who(uid)}image {name} claims more than {2 * Image.MAX_IMAGE_PIXELS} "
+                        "pixels; the file is damaged, or far larger than a model takes.") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"{_who(uid)}cannot read image {name} ({exc}). Use PNG, JPEG or "
                         "DICOM.") from None
@@ -319,15 +324,38 @@ def _checked_volume(volume: np.ndarray, label: str, uid: str | None) -> np.ndarr
     return np.ascontiguousarray(volume)
 
 
+def _check_nifti_size(img: Any, path: Path, uid: str | None) -> None:
+    """Refuse a header whose voxels the file cannot hold, before they are allocated: a
+    damaged header can claim any shape, and nibabel zero-fills the whole claim first."""
+    shape = tuple(int(d) for d in img.shape)
+    dtype = img.get_data_dtype()
+    if not shape or min(shape) < 1:
+        raise UserError(f"{_who(uid)}volume {path}: its header gives the shape {shape}; the "
+                        "header is damaged.")
+    needed = int(img.dataobj.offset) + math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    compressed = path.name.lower().endswith(".gz")
+    if needed > (size * MAX_DEFLATE_RATIO if compressed else size):
+        raise UserError(f"{_who(uid)}volume {path}: its header describes {shape} voxels of "
+                        f"{dtype} ({needed} bytes), more than the file can hold ({size} bytes"
+                        f"{', compressed' if compressed else ''}); the file is cut short or "
+                        "its header is damaged.")
+
+
 def _load_nifti(path: Path, uid: str | None) -> np.ndarray:
     import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
 
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.load(str(path))  # the header only
+        _check_nifti_size(img, path, uid)
+        img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))  # [X (L->R), Y (P->A), Z (I->S)]
-    except (ImageFileError, OSError, ValueError, EOFError, zlib.error) as exc:
-        raise UserError(f"{_who(uid)}cannot read NIfTI volume {path} ({exc}).") from None
+    except UserError:
+        raise
+    except Exception as exc:  # nibabel raises many types on a damaged file (ImageFileError,
+        # HeaderDataError, OrientationError for a singular affine, zlib.error, EOFError, ...)
+        raise UserError(f"{_who(uid)}cannot read NIfTI volume {path} "
+                        f"({type(exc).__name__}: {exc}).") from None
     if data.ndim < 3:
         raise UserError(f"{_who(uid)}volume {path} has shape {data.shape}; a 3D volume is "
                         "needed.")

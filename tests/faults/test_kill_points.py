@@ -1,7 +1,7 @@
 """The run folder as a durable record: a grpo run SIGKILLed (its whole process group) at each
-phase boundary of a step, then `medrl resume`, ends with the same record as a run that was
-never interrupted: every step's metrics row exactly once with the same figures, the same
-prompt log, the same final weights."""
+phase boundary of a step (one boundary per step, each resume killed again), then `medrl
+resume`, ends with the same record as a run that was never interrupted: every step's metrics
+row exactly once with the same figures, the same prompt log, the same final weights."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).resolve().parent / "fault_run.py"
-STEPS = 3
+STEPS = 8
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
          "learner.micro_batch_size=8", "learner.zero_stage=0", "learner.lr_schedule=constant",
          "logging.progress=false", "logging.tensorboard=false", "logging.plots=true",
@@ -67,16 +67,23 @@ def uninterrupted(workdir) -> dict:
     return record(workdir / "runs" / "whole")
 
 
-@pytest.mark.parametrize("point", ["after_generate", "after_learn", "after_sync",
-                                   "checkpoint_write", "after_complete", "plotting"])
-def test_a_run_killed_at_a_phase_boundary_resumes_to_the_same_record(workdir, uninterrupted,
-                                                                      point):
+# One fault per step of one run: killed at step 2 after generate, its resume killed at step
+# 3 after learn, and so on; the last resume finishes the run. Each kill meets a run folder left
+# by the previous resume, and the whole chain must end where an uninterrupted run ends.
+CHAIN = [("after_generate", 2), ("after_learn", 3), ("after_sync", 4),
+         ("checkpoint_write", 5), ("after_complete", 6), ("plotting", 7)]
+assert STEPS == CHAIN[-1][1] + 1
+
+
+def test_a_run_killed_at_every_phase_boundary_resumes_to_the_same_record(workdir,
+                                                                          uninterrupted):
     import torch
 
-    name = f"killed-{point}"
-    killed = start(workdir, name, fault=(point, 2))
-    assert killed.returncode == -9, killed.stderr[-4000:]  # SIGKILL, not a clean stop
-    run_dir = workdir / "runs" / name
+    run_dir = workdir / "runs" / "killed"
+    for i, fault in enumerate(CHAIN):
+        proc = start(workdir, "killed", fault=fault) if i == 0 else \
+            medrl(workdir, "resume", str(run_dir), fault=fault)
+        assert proc.returncode == -9, (fault, proc.stderr[-4000:])  # SIGKILL, no clean stop
     resumed = medrl(workdir, "resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
 
@@ -84,7 +91,7 @@ def test_a_run_killed_at_a_phase_boundary_resumes_to_the_same_record(workdir, un
     assert [r["step"] for r in got["metrics"]] == list(range(1, STEPS + 1))
     for mine, theirs in zip(got["metrics"], want["metrics"]):
         for key in SAME:
-            assert mine.get(key) == theirs.get(key), (point, mine["step"], key)
+            assert mine.get(key) == theirs.get(key), (mine["step"], key)
     assert got["prompts"] == want["prompts"]  # each step's prompts, exactly once
     assert got["weights"].keys() == want["weights"].keys()
     for key, value in want["weights"].items():
@@ -101,6 +108,6 @@ def test_a_full_disk_stops_the_run_clearly_and_resume_finishes_it(workdir, unint
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001"]
     assert medrl(workdir, "resume", str(run_dir)).returncode == 0
     got = record(run_dir)
-    assert [r["step"] for r in got["metrics"]] == [1, 2, 3]
+    assert [r["step"] for r in got["metrics"]] == list(range(1, STEPS + 1))
     assert got["prompts"] == uninterrupted["prompts"]
     assert [r["loss"] for r in got["metrics"]] == [r["loss"] for r in uninterrupted["metrics"]]

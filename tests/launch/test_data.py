@@ -187,7 +187,8 @@ def test_empty_dataset(tmp_path, name, content):
 
 def test_unreadable_and_malformed_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "Q"}\n{"question": \n')
-    with pytest.raises(UserError, match=r"bad\.jsonl: cannot read the data file as json"):
+    with pytest.raises(UserError, match=r"bad\.jsonl: line 2 is not valid JSON \(Expecting "
+                                        r"value at column 14\)"):
         load_samples(DataConfig(path=str(tmp_path / "bad.jsonl")))
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(UserError, match=r"bad\.parquet: cannot read the data file as parquet"):
@@ -207,6 +208,109 @@ def test_duplicate_ids_and_bad_rows(tmp_path):
     path = write_jsonl(tmp_path / "noopt.jsonl", [{**ROWS[0], "choices": None}])
     with pytest.raises(UserError, match=r"sample q1 \(row 0\): the mcq template needs options"):
         load_samples(cfg(path))
+
+
+def test_a_jsonl_file_starting_with_null_is_refused_not_a_crash(tmp_path):
+    """pyarrow's JSON reader kills the process on such a file: run it in a child process."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "nulls.jsonl"
+    path.write_text("null\n" + json.dumps(ROWS[0]) + "\n")
+    code = ("from medrl.launch.data import load_samples\n"
+            "from medrl.launch.recipe import DataConfig\n"
+            "from medrl.align.records import UserError\n"
+            f"try:\n    load_samples(DataConfig(path={str(path)!r}))\n"
+            "except UserError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{path}: line 1 holds null, not an object" in done.stdout
+
+
+@pytest.mark.parametrize("content,says", [
+    (json.dumps(ROWS[0]).encode() + b"\n" + json.dumps(ROWS[1]).encode().replace(
+        b"drug", b"dr\xffug") + b"\n", "line 2 is not UTF-8 text"),
+    (json.dumps(ROWS[0]).encode() + b"\n[1, 2]\n", "line 2 holds a list, not an object"),
+    (b'["Which artery supplies the anterior wall?", "Which drug?"]',
+     "item 0 of the JSON list is a string, not an object"),
+    (b'[' + json.dumps(ROWS[0]).encode() + b', 5]', "item 1 of the JSON list is a number"),
+])
+def test_records_that_are_not_utf8_objects_are_refused_by_line(tmp_path, content, says):
+    path = tmp_path / ("rows.json" if content.startswith(b"[") else "rows.jsonl")
+    path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        load_samples(cfg(path))
+    assert str(err.value).startswith(f"{path}: {says}"), str(err.value)
+    assert "anterior wall" not in str(err.value)
+
+
+CASE = "A 62-year-old woman with crushing chest pain"
+
+
+@pytest.mark.parametrize("bad,template,says", [
+    ({"stem": [CASE]}, "mcq", "column 'stem' (data.fields.question) holds a list; the question "
+                              "is a text"),
+    ({"stem": {"text": CASE}}, "mcq", "column 'stem' (data.fields.question) holds a dict"),
+    ({"choices": [CASE, None]}, "mcq", "column 'choices' (data.fields.options): option 2 is "
+                                       "null"),
+    ({"choices": {"A": [CASE], "B": "Insulin"}}, "mcq",
+     "column 'choices' (data.fields.options): option A is a list"),
+    ({"context": 7}, "mcq", "column 'context' (data.fields.context) holds an int; a context is "
+                            "a text or a list of texts"),
+    ({"messages": [{"role": "user", "content": [1, 2]}]}, "chat",
+     "column 'messages' (data.fields.messages): message 0 has a content part that is not a "
+     "{'type': ...} mapping"),
+    ({"messages": [{"role": "user", "content": 5}]}, "chat",
+     "column 'messages' (data.fields.messages): message 0 has content of an int"),
+    ({"messages": [{"role": 3, "content": CASE}]}, "chat",
+     "column 'messages' (data.fields.messages): message 0 is not a {'role'"),
+    ({"images": 5}, "mcq", "column 'images' (data.fields.images) holds an int"),
+    ({"volume": {"path": CASE}}, "mcq", "column 'volume' (data.fields.volume) holds a dict"),
+])
+def test_cells_of_the_wrong_type_are_refused_naming_sample_and_column(tmp_path, bad, template,
+                                                                       says):
+    rows = [dict(r, messages=[{"role": "user", "content": r["stem"]}], context=None,
+                 images=None, volume=None) for r in ROWS]
+    rows[1].update(bad)
+    path = write_jsonl(tmp_path / "items.jsonl", rows)
+    fields = {**FIELDS, "context": "context", "images": "images", "volume": "volume"}
+    with pytest.raises(UserError) as err:
+        load_samples(cfg(path, fields=fields, template=template))
+    assert str(err.value).startswith(f"{path}: sample q2 (row 1): {says}"), str(err.value)
+    assert CASE not in str(err.value)
+
+
+def test_an_empty_prompt_is_refused_by_the_open_template(tmp_path):
+    rows = [{"qid": "q1", "ask": "Which artery?"}, {"qid": "q2", "ask": " "}]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    with pytest.raises(UserError, match=r"sample q2 \(row 1\): the prompt is empty \(template "
+                                        "'open'\)"):
+        load_samples(DataConfig(path=str(path), template="open",
+                                fields={"id": "qid", "prompt": "ask"}))
+
+
+def test_an_id_that_is_a_list_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "ids.jsonl", [{**ROWS[0], "qid": ["q", 1]}])
+    with pytest.raises(UserError, match=r"row 0: the id in column 'qid' \(data.fields.id\) is "
+                                        "a list; an id is a text or a number"):
+        load_samples(cfg(path))
+
+
+def test_an_id_that_is_a_long_text_is_refused_without_showing_it(tmp_path):
+    path = write_jsonl(tmp_path / "ids.jsonl", [{**ROWS[0], "qid": "chest pain " * 30}])
+    with pytest.raises(UserError) as err:
+        load_samples(cfg(path))
+    assert str(err.value).startswith(f"{path}: row 0: the id in column 'qid' (data.fields.id) "
+                                     "is 330 characters long; an id is a short name")
+    assert "chest pain" not in str(err.value)
+
+
+def test_a_split_that_holds_out_every_row_names_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", ROWS[:1])
+    with pytest.raises(UserError) as err:
+        load_train_eval(cfg(path, eval_fraction=0.5))
+    assert str(err.value).startswith(f"{path}: data.eval_fraction 0.5 holds out all 1 row(s)")
 
 
 # --- held-out split -----------------------------------------------------------------------------

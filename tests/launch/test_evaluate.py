@@ -64,10 +64,21 @@ def test_loglik_choice_equals_an_independent_computation(shared_data, tiny, pres
         assert p.logprobs == pytest.approx(sums, abs=2e-4)
         letters = list(item.row["options"])
         assert p.choice == letters[max(range(len(sums)), key=sums.__getitem__)]
-        per_char = [s / len(c) for s, c in zip(sums, conts)]
+        per_char = [s / len(c.lstrip(" ")) for s, c in zip(sums, conts)]  # the choice's chars
         assert p.choice_norm == letters[max(range(len(sums)), key=per_char.__getitem__)]
     m = metrics_of(preds, "loglik")
     assert m["acc"]["value"] == sum(p.choice == p.gold for p in preds) / 6
+
+
+def test_acc_norm_divides_by_the_choice_not_its_delimiting_space():
+    from medrl.launch.evaluate import loglik_prediction
+
+    row = {"options": {"A": "yes", "B": "no", "C": "maybe"}, "gold": "C"}
+    item = Sample(uid="q", group_id="q", row=row)
+    # per character of the choice: -4/3, -3.1/2, -6/5 -> maybe; counting the space, -4/4 and
+    # -6/6 would tie and pick yes
+    p = loglik_prediction(item, [[-4.0], [-3.1], [-6.0]], "words", None)
+    assert p.choice == "B" and p.choice_norm == "C"
 
 
 def test_contexts_follow_the_harness_layout(shared_data):
@@ -78,6 +89,9 @@ def test_contexts_follow_the_harness_layout(shared_data):
     pqal = load_eval_dataset("pubmedqa_pqal", root=shared_data, max_samples=1).items[0].row
     text = loglik_context(pqal, "words")
     assert text.startswith("Abstract: ") and "\nQuestion: " in text and "A. yes" not in text
+    # the harness's pubmedqa: passages one per line, nothing stripped
+    assert text == ("Abstract: " + "\n".join(pqal["context"]) + "\nQuestion: "
+                    + pqal["question"] + "\nAnswer:")
     assert pqal["gold"] in ("A", "B", "C")
 
 
@@ -198,6 +212,51 @@ def test_a_file_with_a_rubric_column_is_a_rubric_dataset(tmp_path):
                            fields={"id": "qid", "rubric": "crit"})
     assert ds.kind == "rubric" and ds.items[0].row["rubric"] == row["crit"]
     assert ds.items[0].messages[-1]["content"] == "Chest pain at rest?"
+
+
+RUBRIC = [{"criterion": "urges emergency care", "points": 5}]
+CASE = "the patient has diabetes"  # a short dataset text, mapped as a label by mistake
+
+
+@pytest.mark.parametrize("row,fields,says", [
+    ({"question": "Chest pain?", "crit": RUBRIC, "example_tags": 5}, {"rubric": "crit"},
+     "sample c-0: example_tags holds a value of type int; it is a list of tags"),
+    ({"question": "Chest pain?", "crit": RUBRIC, "example_tags": "theme:emergency"},
+     {"rubric": "crit"}, "sample c-0: example_tags holds a value of type str"),
+    ({"question": "Chest pain?", "crit": 5}, {"rubric": "crit"},
+     "sample 'c-0': the rubric must be a non-empty list of criteria, not a int"),
+    ({"question": "Is it right?", "verdict": CASE}, {"label": "verdict"},
+     "sample c-0: label 'verdict' is a 24-character text, not a veracity label"),
+    ({"question": "Is it right?", "verdict": 1, "span": 5},
+     {"label": "verdict", "error_span": "span"},
+     "sample c-0: 'span' must be a string or a list of strings, got int"),
+])
+def test_bad_task_rows_are_refused_naming_file_and_sample(tmp_path, row, fields, says):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError) as err:
+        load_eval_dataset(str(path), root=None, max_samples=None, fields=fields)
+    assert str(err.value).startswith(f"{path}: {says}"), str(err.value)
+    assert CASE not in str(err.value)
+
+
+@pytest.mark.parametrize("kind,column,value", [("label", "label", "error"),
+                                               ("record", "record", {"diagnosis": "flu"})])
+def test_task_files_may_map_a_prompt_instead_of_a_question(tmp_path, kind, column, value):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "Fever for three days.", column: value}) + "\n")
+    ds = load_eval_dataset(str(path), root=None, max_samples=None,
+                           fields={kind: column, "prompt": "text"})
+    assert ds.items[0].messages[-1]["content"].startswith("Fever for three days.\n\n")
+
+
+@pytest.mark.parametrize("template", ["{question.upper.x}", "{count[0]}"])  # no such part
+def test_a_prompt_template_that_cannot_be_filled_is_refused(tmp_path, template):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"question": "Fever?", "count": 3, "record": {"a": "b"}}) + "\n")
+    with pytest.raises(UserError, match=r"sample t-0: the prompt template cannot be filled"):
+        load_eval_dataset(str(path), root=None, max_samples=None, fields={"record": "record"},
+                          prompt_template=template)
 
 
 def test_reward_plugins_are_metrics_of_generated_items(tmp_path):

@@ -142,3 +142,37 @@ class PromptSupport:
 def row_value(sample, *, key: str = "score"):
     """The row's value under ``key`` (None when absent): lets a test choose every score."""
     return sample.row.get(key)
+
+
+def returns_row_value(sample):
+    """Returns ``row["value"]`` as it is: lets a test return anything at all."""
+    return sample.row["value"]
+
+
+def raises_row_error(sample):
+    raise sample.row["error"]
+
+
+class MetricsFromRow:
+    """Scores 1.0; ``batch_metrics`` returns the first row's ``metrics`` (raised when an
+    exception)."""
+
+    def setup(self, ctx):
+        self.metrics = None
+
+    def __call__(self, samples):
+        self.metrics = samples[0].row["metrics"]
+        return [1.0 for _ in samples]
+
+    def batch_metrics(self):
+        if isinstance(self.metrics, BaseException):
+            raise self.metrics
+        return self.metrics
+
+
+class ExitsInSetup:
+    def setup(self, ctx):
+        raise SystemExit(2)
+
+    def __call__(self, samples):
+        return [1.0 for _ in samples]

@@ -139,6 +139,28 @@ def test_registration_conflicts_and_bad_shapes(tmp_path):
     assert "'bad.py:VALUE' is a int, not a function or a class" in text
 
 
+@pytest.mark.parametrize("content,ref,says", [
+    ("import sys\nsys.exit(1)\n", "quits.py:score",
+     "importing reward file {dir}/quits.py failed: SystemExit: 1"),
+    ("score = max\n", "builtin.py:score",
+     "the signature of <built-in function max> cannot be read"),
+])
+def test_plugins_that_exit_or_hide_their_signature_are_refused(tmp_path, content, ref, says):
+    (tmp_path / ref.split(":")[0]).write_text(content)
+    with pytest.raises(UserError) as err:
+        load_rewards([{"name": ref}], base_dir=tmp_path)
+    assert f"rewards.functions[0] ({ref}): " + says.format(dir=tmp_path) in str(err.value)
+
+
+def test_a_module_failing_as_it_is_imported_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "lab_rewards_failing.py").write_text("raise KeyError('MODEL_DIR')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"importing module 'lab_rewards_failing' for reward "
+                                        r"'lab_rewards_failing:score' failed: KeyError: "
+                                        r"'MODEL_DIR'"):
+        load_rewards([{"name": "lab_rewards_failing:score"}])
+
+
 def test_identity_hashes_the_code(tmp_path):
     path = tmp_path / "p.py"
     path.write_text(PLUGIN)

@@ -127,3 +127,11 @@ def test_rule_failures_name_field_and_sample_not_the_text(name, row, tmp_path):
     skipping.score([s], step=1)
     logged = (tmp_path / "reward_failures.jsonl").read_text()
     assert "Mrs Jones" not in logged and "medqa-17/3" in logged
+
+
+@pytest.mark.parametrize("answer", [["Aspirin"], {"text": "Aspirin"}])
+def test_an_answer_that_is_a_list_or_mapping_is_refused_not_matched(answer):
+    row = {"options": {"A": "Aspirin", "B": "Heparin"}, "answer": answer}
+    with pytest.raises(ValueError, match=r"the row's field 'answer' is a (list|dict); expected "
+                                         "an option letter"):
+        gold_letter(row)

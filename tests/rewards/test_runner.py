@@ -7,10 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from medrl.align.records import Sample, UserError
-from medrl.rewards import (RewardContext, RewardError, RewardRunner, combine_scores,
-                           combined_token_weights, group_normalize, load_rewards)
+from medrl.rewards import (RewardContext, RewardError, RewardResult, RewardRunner,
+                           combine_scores, combined_token_weights, group_normalize, load_rewards)
 
 HERE = Path(__file__).parent
 FIX = ". Fix the reward, or set rewards.on_error: skip_sample to drop such samples and go on."
@@ -132,6 +133,90 @@ def test_failure_stops_the_run_naming_reward_sample_and_cause(spec, row, cause):
     assert str(err.value) == f"reward {name!r} failed on sample 'g0/1': {cause}{FIX}"
     assert err.value.reward == name and err.value.uids == ["g0/1"]
     assert isinstance(err.value, UserError)
+
+
+ONE_PER_TOKEN = " with one number per token of completion_ids"
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no message")
+
+
+@pytest.mark.parametrize("value,cause", [
+    (RewardResult(1.0, dims=[1.0, 0.0]), "returned dims of type list; dims map a name to a "
+                                         "finite number, or to None where it does not apply"),
+    (RewardResult(1.0, token_weights=4),
+     "returned token_weights of type int; they are a list" + ONE_PER_TOKEN),
+    (RewardResult(1.0, token_weights=iter([1.0] * 4)),
+     "returned token_weights of type list_iterator; they are a list" + ONE_PER_TOKEN),
+    (RewardResult(1.0, token_weights="1234"),
+     "returned token_weights of type str; they are a list" + ONE_PER_TOKEN),
+    (RewardResult(1.0, token_weights=torch.ones(4)),
+     "returned token_weights of type Tensor; they are a list" + ONE_PER_TOKEN),
+    (RewardResult(1.0, token_weights=[1.0, None, 1.0, 1.0]),
+     "returned None as the token weight at position 1; it is a finite number"),
+    (10 ** 400, "returned a score too large for a float; a score is a finite number, or None "
+                "when the reward does not apply"),
+    (RewardResult("Mrs Jones needs heparin now"), "returned a RewardResult whose score is a "
+                                                  "str; a score is a finite number, or None "
+                                                  "when the reward does not apply"),
+    (RewardResult(1.0, dims={"safety": "Mrs Jones is safe enough"}),
+     "returned a str as the value for dim 'safety'; it is a finite number"),
+], ids=["dims a list", "weights an int", "weights an iterator", "weights a str",
+        "weights a tensor", "a weight None", "a huge int", "a text score", "a text dim"])
+def test_unusable_results_fail_naming_what_is_wrong_not_the_value(value, cause):
+    r = runner("plugins.py:returns_row_value")
+    with pytest.raises(RewardError) as err:
+        r.score(make_samples([{"value": value}]))
+    assert str(err.value) == f"reward 'returns_row_value' failed on sample 'g0/0': {cause}{FIX}"
+
+
+@pytest.mark.parametrize("error,cause", [
+    (Unprintable(), "raised Unprintable: (its message could not be read)"),
+    (SystemExit(3), "raised SystemExit: 3"),
+])
+def test_odd_exceptions_in_a_reward_are_reward_failures(error, cause):
+    r = runner("plugins.py:raises_row_error", on_error="skip_sample")
+    report = r.score(make_samples([{"error": error}]))
+    assert [(f.uid, f.cause) for f in report.failures] == [("g0/0", cause)]
+    assert report.dropped == ["g0/0"]
+
+
+def test_a_reward_exiting_in_setup_names_the_reward():
+    with pytest.raises(RewardError, match=r"^reward 'ExitsInSetup' failed in setup\(ctx\): "
+                                          r"SystemExit: 2$"):
+        runner("plugins.py:ExitsInSetup").start()
+
+
+@pytest.mark.parametrize("metrics,says", [
+    (ValueError("no clock"), "batch_metrics() failed: ValueError: no clock"),
+    ([1.0], "batch_metrics() failed: TypeError: batch_metrics() returned a list, not a mapping"),
+    ({"seconds": "Mrs Jones"}, "batch_metrics()['seconds'] is a str; batch metrics are finite "
+                               "numbers."),
+])
+def test_batch_metrics_that_misbehave_name_the_reward(metrics, says):
+    r = runner("plugins.py:MetricsFromRow")
+    with pytest.raises(RewardError) as err:
+        r.score(make_samples([{"metrics": metrics}]))
+    assert str(err.value).startswith(f"reward 'MetricsFromRow': {says}"), str(err.value)
+
+
+def test_scores_near_a_floats_limit_give_finite_statistics():
+    r = runner("plugins.py:returns_row_value")
+    report = r.score(make_samples([{"value": 0.0}, {"value": 2.7e154}]))
+    assert report.metrics["rewards/returns_row_value/std"] == pytest.approx(1.35e154)
+    assert report.metrics["rewards/combined/mean"] == pytest.approx(1.35e154)
+
+
+def test_a_combined_reward_that_overflows_stops_the_run_naming_the_samples():
+    r = runner("plugins.py:returns_row_value",
+               {"name": "plugins.py:returns_row_value", "alias": "again"})
+    with pytest.raises(RewardError) as err:
+        r.score(make_samples([{"value": 1.0}, {"value": 1.5e308}]))
+    assert str(err.value).startswith("the combined reward of 1 sample(s) ('g0/1') overflows a "
+                                     "float")
+    assert err.value.uids == ["g0/1"]
 
 
 def test_wrong_count_names_every_sample_of_the_batch():

@@ -156,6 +156,50 @@ def test_volume_errors_name_sample_and_path(tmp_path):
         load_volume(tmp_path / "v.mha", uid="x")
 
 
+def nifti_with_header(path, edit) -> None:
+    """A small valid .nii written with nibabel, then its header bytes changed by ``edit``."""
+    import struct
+
+    img = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(5, 4, 3), np.eye(4))
+    raw = bytearray(img.to_bytes())
+    edit(struct, raw)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("name,edit,says", [
+    ("dtype.nii", lambda st, h: st.pack_into("<h", h, 70, 1234),
+     "cannot read NIfTI volume {path} (HeaderDataError: data code 1234 not recognized)"),
+    ("negative.nii", lambda st, h: st.pack_into("<8h", h, 40, 3, -5, 4, 3, 1, 1, 1, 1),
+     "volume {path}: its header gives the shape (-5, 4, 3); the header is damaged."),
+    ("huge.nii", lambda st, h: st.pack_into("<8h", h, 40, 3, 30000, 30000, 30000, 1, 1, 1, 1),
+     "volume {path}: its header describes (30000, 30000, 30000) voxels of int16 "
+     "(54000000000352 bytes), more than the file can hold (472 bytes)"),
+    ("flat.nii", lambda st, h: (st.pack_into("<hh", h, 252, 0, 1),
+                                st.pack_into("<12f", h, 280, *([0.0] * 12))),
+     "cannot read NIfTI volume {path} (OrientationError:"),
+])
+def test_damaged_nifti_headers_are_refused_before_reading(tmp_path, name, edit, says):
+    path = tmp_path / name
+    nifti_with_header(path, edit)
+    with pytest.raises(UserError) as err:
+        load_volume(path, uid="ct-9")
+    assert str(err.value).startswith("sample ct-9: " + says.format(path=path)), str(err.value)
+
+
+def test_a_cut_gzip_nifti_claiming_more_than_it_can_hold_is_refused(tmp_path):
+    import gzip
+    import struct
+
+    img = nib.Nifti1Image(np.zeros((5, 4, 3), dtype=np.int16), np.eye(4))
+    raw = bytearray(img.to_bytes())
+    struct.pack_into("<8h", raw, 40, 3, 30000, 30000, 30000, 1, 1, 1, 1)
+    path = tmp_path / "huge.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(UserError, match=r"more than the file can hold \(\d+ bytes, "
+                                        r"compressed\); the file is cut short"):
+        load_volume(path, uid="ct-9")
+
+
 # --- 2D images ----------------------------------------------------------------------------------
 
 
@@ -188,6 +232,23 @@ def test_image_errors_name_sample_and_path(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"\x00" * 300)
     with pytest.raises(UserError, match=r"sample q-2: cannot read image .*junk\.png"):
         load_image(tmp_path / "junk.png", uid="q-2")
+
+
+def test_an_image_claiming_billions_of_pixels_is_refused(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0)  # 10^10 gray pixels
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    with pytest.raises(UserError) as err:
+        load_image(path, uid="q-3")
+    assert str(err.value).startswith(f"sample q-3: image {path} claims more than ")
 
 
 # --- DICOM --------------------------------------------------------------------------------------
