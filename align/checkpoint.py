@@ -104,23 +104,42 @@ def save_checkpoint(run_dir: str | Path, step: int, *, write: Callable[[Path], N
         final = root / name
         _move_into_place(tmp, final)
     except BaseException as exc:
+        full = isinstance(exc, Exception) and out_of_space_error(exc, root)
         shutil.rmtree(tmp, ignore_errors=True)  # the error itself propagates unchanged
-        cause = getattr(exc, "cause", exc)  # an actor's error arrives wrapped
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(out_of_space(run_dir, step, cause)) from None
+        if full:
+            raise UserError(out_of_space(run_dir, step, exc)) from None
         raise
     if keep_last is not None:
         apply_retention(run_dir, keep_last, protect=final)
     return final
 
 
-def out_of_space(run_dir: str | Path, step: int, exc: OSError) -> str:
+def out_of_space_error(exc: Exception, root: Path) -> bool:
+    """Whether a failed checkpoint write failed for want of space: ENOSPC / EDQUOT (an actor's
+    error arrives wrapped, its ``cause`` the original), an error whose message is the OS's
+    for them, or any error while the disk is full (torch's zip writer reports a full disk as
+    a ``RuntimeError`` about its stream)."""
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(os.strerror(code) in str(cause) for code in (errno.ENOSPC, errno.EDQUOT)):
+        return True  # a library that words the OS error into its own (safetensors)
+    try:
+        return shutil.disk_usage(root).free < 2**20
+    except OSError:
+        return False
+
+
+def out_of_space(run_dir: str | Path, step: int, exc: Exception) -> str:
     """What a checkpoint that did not fit on the disk tells the user."""
     complete = list_checkpoints(run_dir)
     kept = (f"the last complete checkpoint, {complete[-1].name}, is untouched"
             if complete else "no earlier checkpoint exists")
+    cause = getattr(exc, "cause", None) or exc
+    said = cause.strerror if isinstance(cause, OSError) and cause.strerror else \
+        f"{type(cause).__name__} while the disk was full"
     return (f"checkpoint step {step} did not fit on the disk of {Path(run_dir) / CHECKPOINTS_DIR} "
-            f"({exc.strerror or exc}); its partial files were removed and {kept}. Free space "
+            f"({said}); its partial files were removed and {kept}. Free space "
             "there (or set checkpoint.keep_last, or run.output_dir on a larger disk), then "
             f"`medrl resume {run_dir}` continues from the last complete checkpoint.")
 

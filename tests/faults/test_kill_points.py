@@ -111,3 +111,39 @@ def test_a_full_disk_stops_the_run_clearly_and_resume_finishes_it(workdir, unint
     assert [r["step"] for r in got["metrics"]] == list(range(1, STEPS + 1))
     assert got["prompts"] == uninterrupted["prompts"]
     assert [r["loss"] for r in got["metrics"]] == [r["loss"] for r in uninterrupted["metrics"]]
+
+
+def test_a_real_full_disk_stops_the_run_clearly_and_resume_finishes_it(workdir, uninterrupted):
+    """The run folder on a tmpfs that holds one checkpoint and a half: the second checkpoint
+    meets ENOSPC in the learner's own writes (a real full disk, not an injected error)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the injected ENOSPC case covers it")
+    last = max((workdir / "runs" / "whole" / "checkpoints").glob("step-*"))  # keep_last prunes
+    one = sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
+    disk = workdir / "small-disk"
+    disk.mkdir()
+    size = int(one * 1.6) + 4 * 2**20  # the logs, plots and the recipe beside it
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        run_dir = disk / "full"
+        stopped = medrl(workdir, "run", str(REPO / "recipes" / "quickstart.yaml"),
+                        "run.name=full", f"run.output_dir={disk}", *SMALL)
+        assert stopped.returncode == 2 and "Traceback" not in stopped.stderr, \
+            stopped.stderr[-4000:]
+        text = " ".join(stopped.stderr.split())
+        assert f"did not fit on the disk of {run_dir / 'checkpoints'}" in text
+        complete = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert complete and all((run_dir / "checkpoints" / n / "COMPLETE").is_file()
+                                for n in complete)  # nothing half-written left behind
+        subprocess.run(["mount", "-o", f"remount,size={one * STEPS * 2 + 8 * 2**20}", str(disk)],
+                       check=True)
+        resumed = medrl(workdir, "resume", str(run_dir))
+        assert resumed.returncode == 0, resumed.stderr[-4000:]
+        got = record(run_dir)
+        assert [r["step"] for r in got["metrics"]] == list(range(1, STEPS + 1))
+        assert got["prompts"] == uninterrupted["prompts"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
