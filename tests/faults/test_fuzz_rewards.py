@@ -36,6 +36,8 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 SECRET_LEN = 20
+# the reward plugins of the reward tests, for what they already define
+REWARD_PLUGINS = Path(__file__).resolve().parents[1] / "rewards" / "plugins.py"
 FIX = "Fix the reward, or set rewards.on_error: skip_sample to drop such samples and go on."
 RUNS = itertools.count()
 
@@ -80,22 +82,6 @@ class SleepyBatch:
         return [1.0 for _ in samples]
 
 
-class Metrics:
-    """Scores 1.0; its batch_metrics are the row's ``metrics`` (raised when an exception)."""
-
-    def setup(self, ctx):
-        self.metrics = None
-
-    def __call__(self, samples):
-        self.metrics = samples[0].row["metrics"]
-        return [1.0 for _ in samples]
-
-    def batch_metrics(self):
-        if isinstance(self.metrics, BaseException):
-            raise self.metrics
-        return self.metrics
-
-
 class BrokenInit:
     def __init__(self):
         raise RuntimeError("no model here")
@@ -124,7 +110,9 @@ def plugin_dir(tmp_path_factory) -> Path:
 
 
 def make_runner(plugin_dir: Path, name: str, on_error: str = "raise", **spec) -> RewardRunner:
-    loaded = load_rewards([{"name": f"misbehaving.py:{name}", **spec}], base_dir=plugin_dir)
+    """A runner of ``misbehaving.py``'s ``name`` (or of ``name`` itself, a ``file.py:fn``)."""
+    plugin = name if ":" in name else f"misbehaving.py:{name}"
+    loaded = load_rewards([{"name": plugin, **spec}], base_dir=plugin_dir)
     run_dir = plugin_dir / f"run{next(RUNS)}"
     return RewardRunner(loaded, on_error=on_error, ctx=RewardContext(run_dir=run_dir))
 
@@ -367,24 +355,6 @@ def test_a_reward_that_hangs_fails_at_its_timeout(plugin_dir, name, row, on_erro
     assert time.monotonic() - start < 2.0, "the run does not wait for the hung call"
 
 
-@pytest.mark.parametrize("metrics,says", [
-    (ValueError("bad metric"), "batch_metrics() failed: ValueError: bad metric"),
-    ([1, 2], "batch_metrics() failed: TypeError: batch_metrics() returned a list"),
-    ({"seconds": math.nan}, "batch_metrics()['seconds'] is nan"),
-    ({"seconds": "a long text that is not a number"}, "batch_metrics()['seconds'] is a str"),
-    ({"seconds": 1.5}, None)])
-def test_batch_metrics_that_misbehave_name_the_reward(plugin_dir, metrics, says):
-    runner = make_runner(plugin_dir, "Metrics")
-    batch = samples_with([{"metrics": metrics}])
-    if says is None:
-        assert runner.score(batch).metrics["rewards/Metrics/seconds"] == 1.5
-        return
-    with pytest.raises(RewardError) as err:
-        runner.score(batch)
-    assert str(err.value).startswith(f"reward 'Metrics': {says}"), str(err.value)
-    assert "a long text" not in str(err.value)
-
-
 @pytest.mark.parametrize("name,says", [
     ("BrokenInit", "RuntimeError: no model here"), ("ExitingSetup", "SystemExit: 2")])
 def test_a_class_reward_that_fails_to_build_names_the_reward(plugin_dir, name, says):
@@ -449,8 +419,9 @@ def test_a_module_that_raises_as_it_is_imported_names_the_reward(tmp_path, monke
 @pytest.mark.parametrize("name,row,says", [
     ("from_row", {"value": math.nan}, "reward 'from_row' failed on sample 'g0/0': returned a "
                                       "non-finite score (nan)"),
-    ("Metrics", {"metrics": ValueError("bad metric")},
-     "reward 'Metrics': batch_metrics() failed: ValueError: bad metric")])
+    (f"{REWARD_PLUGINS}:MetricsFromRow", {"metrics": ValueError("bad metric")},
+     "reward 'MetricsFromRow': batch_metrics() failed: ValueError: bad metric")],
+    ids=["from_row", "MetricsFromRow"])
 def test_a_misbehaving_reward_in_its_actor_names_the_reward(ray_local, plugin_dir, name, row,
                                                            says):
     runner = make_runner(plugin_dir, name, actor=True, num_cpus=0.5)

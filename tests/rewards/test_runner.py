@@ -194,12 +194,19 @@ def test_a_reward_exiting_in_setup_names_the_reward():
     ([1.0], "batch_metrics() failed: TypeError: batch_metrics() returned a list, not a mapping"),
     ({"seconds": "Mrs Jones"}, "batch_metrics()['seconds'] is a str; batch metrics are finite "
                                "numbers."),
+    ({"seconds": math.nan}, "batch_metrics()['seconds'] is nan"),
+    ({"seconds": 1.5}, None),
 ])
 def test_batch_metrics_that_misbehave_name_the_reward(metrics, says):
     r = runner("plugins.py:MetricsFromRow")
+    if says is None:
+        assert r.score(make_samples([{"metrics": metrics}])).metrics[
+            "rewards/MetricsFromRow/seconds"] == 1.5
+        return
     with pytest.raises(RewardError) as err:
         r.score(make_samples([{"metrics": metrics}]))
     assert str(err.value).startswith(f"reward 'MetricsFromRow': {says}"), str(err.value)
+    assert "Mrs Jones" not in str(err.value)  # the value's text stays out
 
 
 def test_scores_near_a_floats_limit_give_finite_statistics():
