@@ -158,7 +158,8 @@ def sampling_note(policy_dir: Path) -> str | None:
 
 def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Components:
     """Start every component; with ``resume_from`` restore the checkpoint's exact state."""
-    from medrl.align.checkpoint import read_state, restore_rng
+    from medrl.align.checkpoint import read_state
+    from medrl.align.rng_state import restore_rng
     from medrl.align.models import resolve_policy
     from medrl.launch.cluster import placement
     from medrl.launch.learner_group import LearnerGroup
@@ -352,7 +353,8 @@ def checkpoint(recipe: Recipe, c: Components, run_dir: Path, step: int, *,
                cursor: dict | None = None, row: dict | None = None) -> Path:
     """Save step ``step``; ``cursor``: the data cursor to resume from (default: the stream's);
     ``row``: the step's metrics row as it stands (the checkpoint's own timing not in it)."""
-    from medrl.align.checkpoint import capture_rng, save_checkpoint
+    from medrl.align.checkpoint import save_checkpoint
+    from medrl.align.rng_state import capture_rng
 
     state = {"step": step, "policy_version": step, "data_cursor": cursor or c.stream.state(),
              "rng": capture_rng(), "rewards": c.rewards.identity(),

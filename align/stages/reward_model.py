@@ -168,7 +168,8 @@ def run_stage(io: RewardModelIO, run_dir: Path, *, resume_from: Path | None = No
     loss (micro-batches of whole pairs, all ranks), the held-out metrics every ``eval_every``
     steps and at the last, a checkpoint every ``checkpoint_every`` steps and at the end.
     """
-    from medrl.align.checkpoint import capture_rng, read_state, restore_rng, save_checkpoint
+    from medrl.align.checkpoint import read_state, save_checkpoint
+    from medrl.align.rng_state import capture_rng, restore_rng
     from medrl.align.stages.sft import total_steps
 
     steps = total_steps(max_steps=io.max_steps, epochs=io.epochs,

@@ -262,7 +262,8 @@ def run_stage(io: StageIO, run_dir: Path, *, resume_from: Path | None = None,
     examples every ``eval_every`` steps, a checkpoint every ``checkpoint_every`` steps and at
     the end.
     """
-    from medrl.align.checkpoint import capture_rng, read_state, restore_rng, save_checkpoint
+    from medrl.align.checkpoint import read_state, save_checkpoint
+    from medrl.align.rng_state import capture_rng, restore_rng
     from medrl.align.learner import Learner
 
     steps = total_steps(max_steps=io.max_steps, epochs=io.epochs,

@@ -12,16 +12,15 @@ from safetensors.torch import load_file, save_file
 
 from medrl.align.checkpoint import (
     apply_retention,
-    capture_rng,
     latest_checkpoint,
     list_checkpoints,
     read_state,
-    restore_rng,
     save_checkpoint,
     set_aside_newer,
     verified_checkpoint,
     verify_checkpoint,
 )
+from medrl.align.rng_state import capture_rng, restore_rng
 from medrl.align.records import UserError
 
 
