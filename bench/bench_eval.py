@@ -68,7 +68,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from medrl.launch.eval_data import load_eval_dataset
-    from medrl.launch.evaluate import EvalOptions, evaluate_dataset, metrics_of
+    from medrl.launch.eval_scoring import metrics_of
+    from medrl.launch.evaluate import EvalOptions, evaluate_dataset
     from medrl.rollouts.hf_engine import HFEngine
     from medrl.rollouts.vllm_engine import VLLMEngine
 

@@ -287,8 +287,9 @@ def main() -> None:
     from medrl.align.encode import text_tokenizer
     from medrl.align.models import load_tokenizer
     from medrl.launch.eval_data import load_eval_dataset
+    from medrl.launch.eval_scoring import metrics_of
     from medrl.launch.evaluate import (EvalOptions, continuations, evaluate_dataset,
-                                       loglik_context, metrics_of)
+                                       loglik_context)
     from medrl.rollouts.hf_engine import HFEngine
 
     if not (SHARED_DATA / "medqa" / "test.jsonl").is_file():

@@ -76,7 +76,8 @@ def training_evaluation(recipe: Recipe, run_dir: Path,
     item may take (prompt and continuation or completion); longer ones count as too long."""
     if recipe.evaluation is None:
         return None
-    from medrl.launch.evaluate import dataset_results, evaluate_dataset, rubric_grader
+    from medrl.launch.eval_scoring import dataset_results
+    from medrl.launch.evaluate import evaluate_dataset, rubric_grader
 
     ev, last = recipe.evaluation, recipe.run.max_steps
     datasets = load_datasets(recipe, Path(recipe.run.recipe_dir or "."))

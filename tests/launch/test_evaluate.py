@@ -12,8 +12,9 @@ import torch
 
 from medrl.align.records import Sample, UserError
 from medrl.launch.eval_data import EvalDataset, load_eval_dataset
+from medrl.launch.eval_scoring import dataset_results, metrics_of
 from medrl.launch.evaluate import (EvalOptions, evaluate_dataset, generate_prediction,
-                                   loglik_context, metrics_of)
+                                   loglik_context)
 
 
 class InProcess:
@@ -300,7 +301,7 @@ RECIPE_DATA = Path(__file__).resolve().parents[2] / "recipes" / "data"
 
 def test_a_fact_checking_file_is_prompted_and_scored_as_such(tiny):
     from medrl.launch.eval_tasks import FACTCHECK_INSTRUCTION
-    from medrl.launch.evaluate import dataset_results, task_prediction
+    from medrl.launch.evaluate import task_prediction
 
     ds = load_eval_dataset(str(RECIPE_DATA / "factcheck_sample.jsonl"), root=None,
                            max_samples=None, fields={"id": "id", "question": "text",
@@ -337,7 +338,7 @@ def test_a_fact_checking_file_is_prompted_and_scored_as_such(tiny):
 
 
 def test_an_extraction_file_scores_field_level_f1(tiny):
-    from medrl.launch.evaluate import dataset_results, evaluate_dataset, task_prediction
+    from medrl.launch.evaluate import task_prediction
 
     fields = {"id": "id", "question": "dialogue", "record": "record"}
     ds = load_eval_dataset(str(RECIPE_DATA / "sft_emr_dialogues.jsonl"), root=None,
@@ -376,8 +377,6 @@ def test_ct_rate_items_are_scored_on_their_volumes_when_present(shared_data, tin
     import gzip
 
     import nibabel
-
-    from medrl.launch.evaluate import dataset_results
 
     rows = json.loads((shared_data / "ct_rate_mcq" / "sample_data.json").read_text())
     root = tmp_path / "data"
