@@ -28,7 +28,6 @@ RAW_BATCH = 16
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--items", type=int, default=None, help="MedQA items (32; quick 8)")
     parser.add_argument("--new-tokens", type=int, default=16, help="generate: new tokens")
     args = parser.parse_args()

@@ -57,7 +57,6 @@ def reset_peak_rss() -> bool:
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--prompts", type=int, default=None, help="MedQA prompts (2; quick 1)")
     parser.add_argument("--group", type=int, default=None,
                         help="completions per prompt, G (8; quick 4)")

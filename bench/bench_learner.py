@@ -38,7 +38,6 @@ CONTENDERS = {
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--group", type=int, default=8, help="completions per prompt")
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=None,

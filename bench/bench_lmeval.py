@@ -74,7 +74,6 @@ PREPROCESS = ("# lm-eval's own medqa_4options functions, unchanged\n"
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--items", type=int, default=None, help="MedQA items (50; quick 8)")
     parser.add_argument("--lmeval-path", default=os.environ.get("LMEVAL_PATH"),
                         help="folder holding lm_eval and its missing dependencies "

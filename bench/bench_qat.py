@@ -49,7 +49,6 @@ LABELS = {
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--elements", type=int, default=4 * 2**20,
                         help="elements of the tensor the quantiser is timed on")

@@ -31,7 +31,6 @@ def add_grpo_args(parser) -> None:
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="forced completion length (64; quick 16)")
-    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
 
 
 def finish_grpo_args(args):

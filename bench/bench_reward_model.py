@@ -34,7 +34,6 @@ CONTENDERS = {
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per step (16; quick 4)")
     parser.add_argument("--max-length", type=int, default=384, help="tokens per text")
     args = parser.parse_args()

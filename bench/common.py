@@ -316,7 +316,8 @@ def machine_line(info: dict[str, Any]) -> str:
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-    """Options every benchmark takes: ``--quick``, ``--repeat``, ``--warmup``, ``--threads``."""
+    """Options every benchmark takes: ``--quick``, ``--repeat``, ``--warmup``, ``--threads``,
+    ``--no-save``, and ``--size`` (the model of :func:`start_run`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true",
                         help="small settings to check that the script works (figures not comparable)")
@@ -326,6 +327,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every contender (default: all cores)")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    parser.add_argument("--size", default="5m", help="model size (bench.models.MODEL_SIZES)")
     return parser
 
 
