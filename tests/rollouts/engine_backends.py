@@ -41,3 +41,21 @@ def eager_token_weights(model, token: int) -> list:
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         state[name][token, 0] = 5.0
     return list(state.items())
+
+
+def wait_until_restarted(ray, worker, *, pushed: int, timeout_s: float = 120.0) -> None:
+    """Block until a killed worker no longer answers with the pushed version: it is
+    restarting (its calls fail) or back with its start-up weights."""
+    import time
+
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(worker.ready.remote(), timeout=30) != pushed:
+                return
+        except (ActorUnavailableError, GetTimeoutError):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the killed worker still serves version {pushed}")

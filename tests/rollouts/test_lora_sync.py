@@ -11,12 +11,11 @@ down, which a DeepSpeed learner in the same process would still be using.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from engine_backends import HAS_VLLM
+from engine_backends import HAS_VLLM, wait_until_restarted
 from safetensors.torch import load_file
 
 from medrl.align.records import Sample, UserError
@@ -215,22 +214,6 @@ def test_vllm_engine_equals_the_learner_after_each_adapter_push(learners, tiny_q
     finally:
         engine.shutdown()
     assert not root.exists()
-
-
-def wait_until_restarted(ray, worker, *, pushed: int, timeout_s: float = 120.0) -> None:
-    """Block until a killed worker no longer answers with the pushed version: it is
-    restarting (its calls fail) or back with its start-up weights."""
-    from ray.exceptions import ActorUnavailableError, GetTimeoutError
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if ray.get(worker.ready.remote(), timeout=30) != pushed:
-                return
-        except (ActorUnavailableError, GetTimeoutError):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the killed worker still serves version {pushed}")
 
 
 @pytest.mark.slow

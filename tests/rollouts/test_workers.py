@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from engine_backends import wait_until_restarted
 
 from medrl.align.models import load_model
 from medrl.align.records import Sample
@@ -111,6 +112,7 @@ def test_killed_worker_is_restarted_and_repushed(group, pushed_model, ray_local)
     assert group.policy_version == 1  # after the push above
     handled = group.restarts_handled
     ray.kill(group.workers[0], no_restart=False)  # Ray restarts it with start-up weights
+    wait_until_restarted(ray, group.workers[0], pushed=1)  # the kill is asynchronous
 
     out = group.generate(prompts(4), SamplingParams(n=2, max_new_tokens=5, seed=3))
     assert group.restarts_handled == handled + 1
