@@ -5,7 +5,8 @@ floats, see :mod:`medrl.launch.recipe_yaml`), applies dotted
 command-line overrides (``algorithm.kl.coef=0.01``), validates everything with pydantic
 (unknown keys rejected) and raises one :class:`RecipeError` listing every problem with the
 file, the dotted field path and what was expected. Sections mirror DESIGN.md; stage-specific
-sections (``sft``, ``qat``) are optional and checked against ``run.stage``.
+sections (``sft``, ``qat``, ``reward_model``, ``dpo``: :mod:`medrl.launch.recipe_dpo`) are
+optional and checked against ``run.stage``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from medrl.launch import recipe_yaml
+from medrl.launch.recipe_dpo import DPOConfig
 from medrl.launch.recipe_eval import EvaluationConfig
 from medrl.launch.recipe_training import (AlgorithmConfig, LearnerConfig, PathStr, Section,
                                           path_problem)
@@ -25,13 +27,13 @@ from medrl.launch.recipe_yaml import RecipeError, format_errors, read_yaml
 __all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_override",
            "read_yaml"]
 
-Stage = Literal["grpo", "sft", "reward_model", "vision_pretrain", "qat", "eval"]
+Stage = Literal["grpo", "sft", "reward_model", "dpo", "vision_pretrain", "qat", "eval"]
 # The stages this version runs (launch/stages.py dispatches on these); the others of ``Stage``
 # are planned and refused at validation.
-RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat", "reward_model", "eval")
+RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat", "reward_model", "dpo", "eval")
 # Which stage reads which optional section: qat trains on the sft loss and data settings.
 STAGE_SECTIONS = {"sft": ("sft", "qat"), "qat": ("qat",), "reward_model": ("reward_model",),
-                  "evaluation": ("grpo", "sft", "eval")}
+                  "dpo": ("dpo",), "evaluation": ("grpo", "sft", "eval")}
 
 
 def stage_not_runnable(stage: str) -> str:
@@ -357,6 +359,7 @@ class Recipe(Section):
     sft: SFTConfig | None = None
     qat: QATConfig | None = None
     reward_model: RewardModelConfig | None = None
+    dpo: DPOConfig | None = None
     evaluation: EvaluationConfig | None = None
 
     @model_validator(mode="after")

@@ -43,6 +43,10 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
     if recipe.run.stage == "reward_model":
         train, held = reward_model_pairs(recipe, recipe_dir)
         checked.append(f"reward_model: {len(train)} training and {len(held)} held-out pairs")
+    if recipe.run.stage == "dpo":
+        from medrl.launch.dpo_stage import check_dpo
+
+        checked.append(check_dpo(recipe, recipe_dir))
     if recipe.run.stage == "qat" and recipe.sft is not None and recipe.sft.epochs is not None:
         checked.append(_check_qat_epochs(recipe, recipe_dir))
 
@@ -91,6 +95,10 @@ def run_stage(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None)
         return train(recipe, run_dir, resume_from=resume_from)
     if stage == "reward_model":
         return run_reward_model(recipe, run_dir, resume_from=resume_from)
+    if stage == "dpo":
+        from medrl.launch.dpo_stage import run_dpo
+
+        return run_dpo(recipe, run_dir, resume_from=resume_from)
     if stage == "eval":
         from medrl.align.records import UserError
         from medrl.launch.eval_hook import run_eval_stage
