@@ -28,7 +28,8 @@ class Sample:
 
     Filled by the data loader: ``uid``, ``group_id``, ``row``, ``messages``, ``images``, ``volume``.
     Filled by the rollout engine: ``prompt_ids`` .. ``policy_version``.
-    Filled by rewards: ``rewards``, ``reward_dims``, ``token_weights``, ``reward_info``.
+    Filled by rewards: ``rewards``, ``reward_dims``, ``token_weights``, ``token_marks``,
+    ``reward_info``.
     Filled by the driver: ``reward`` (combined), ``advantage`` / ``token_advantages``.
     """
 
@@ -50,6 +51,9 @@ class Sample:
     rewards: dict[str, float | None] = field(default_factory=dict)
     reward_dims: dict[str, dict[str, float | None]] = field(default_factory=dict)  # None: n/a
     token_weights: dict[str, list[float]] = field(default_factory=dict)
+    # reward -> one mark in [0, 1] per completion token: where the reasoning went wrong
+    # (medrl.align.process turns marks into per-token advantages)
+    token_marks: dict[str, list[float]] = field(default_factory=dict)
     reward_info: dict[str, Any] = field(default_factory=dict)
     reward: float | None = None
     advantage: float | None = None
@@ -69,6 +73,7 @@ class Sample:
             rewards={},
             reward_dims={},
             token_weights={},
+            token_marks={},
             reward_info={},
         )
 

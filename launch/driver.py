@@ -14,7 +14,6 @@ same completions and compute the same losses.
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +163,7 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     from medrl.launch.cluster import placement
     from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.monitor import Monitor
+    from medrl.launch.reward_hooks import GenerateHook, policy_hook
     from medrl.launch.rundir import PromptLog
     from medrl.launch.stream import PromptStream
     from medrl.rewards import RewardContext, RewardRunner
@@ -194,7 +194,9 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
                             placement_group=pg, bundle_indices=rollout_bundles,
                             resources=c.rollout_resources)
     ctx = RewardContext(run_dir=run_dir, base_dir=recipe_dir, seed=recipe.run.seed,
-                        policy_logprobs=policy_hook(learner, async_=recipe.algorithm.async_))
+                        policy_logprobs=policy_hook(learner, async_=recipe.algorithm.async_),
+                        generate=GenerateHook(rollouts, stop=tuple(recipe.rollout.stop)),
+                        policy_dir=policy_dir)
     rewards = RewardRunner.from_config(recipe.rewards, base_dir=recipe_dir, ctx=ctx,
                                        max_restarts=c.max_restarts)
     if state:
@@ -210,37 +212,6 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     prompt_log = PromptLog(run_dir, resume_step=start_step if state else None)
     return Components(stream, rollouts, learner, rewards, monitor, prompt_log, policy_dir,
                       start_step, pg)
-
-
-def logprob_lists(learner, samples: list[Sample], *, temperature: float | None = None
-                  ) -> list[list[float]]:
-    """The learner's current log-probs of each sample's completion tokens, as lists.
-
-    ``temperature`` None: the rollout temperature (what the loss sees); 1.0: raw log-probs,
-    which is what the engines' ``score`` returns for sync verification.
-    """
-    return [lp.tolist() for lp in learner.logprobs(samples, temperature=temperature)]
-
-
-def policy_hook(learner, *, async_: bool) -> Callable[[list[Sample]], list[list[float]]]:
-    """``ctx.policy_logprobs`` for the rewards: the learner's current log-probs.
-
-    In async mode the training loop uses the learner ranks while rewards score the next
-    batch. The group serialises the calls of the driver's threads, but a reward in its own
-    actor (another process) would reach the ranks unserialised, so there it is refused.
-    """
-    driver_pid = os.getpid()
-
-    def policy_logprobs(samples: list[Sample]) -> list[list[float]]:
-        if async_ and os.getpid() != driver_pid:
-            raise UserError("a reward running in its own actor (actor: true) called "
-                            "ctx.policy_logprobs with algorithm.async: true; the training loop "
-                            "uses the learner ranks at the same time. Set actor: false for "
-                            "this reward (it then runs in the driver, serialised with the "
-                            "loop), or algorithm.async: false.")
-        return logprob_lists(learner, samples)
-
-    return policy_logprobs
 
 
 def push_weights(learner, rollouts, *, version: int) -> None:
@@ -288,8 +259,10 @@ def generate_and_score(recipe: Recipe, c: Components, step: int) -> tuple[list[S
 
 
 def compute_advantages(recipe: Recipe, c: Components, samples: list[Sample]) -> dict:
-    """Rewards (minus KL when it lives in the reward) -> group-relative advantages."""
+    """Rewards (minus KL when it lives in the reward) -> group-relative advantages, and
+    per-token advantages where rewards marked the tokens an answer went wrong at."""
     from medrl.align.grpo import group_advantages
+    from medrl.align.process import apply_token_marks
 
     alg = recipe.algorithm
     metrics: dict[str, float] = {}
@@ -308,7 +281,12 @@ def compute_advantages(recipe: Recipe, c: Components, samples: list[Sample]) -> 
     adv = group_advantages([s.reward for s in samples], [s.group_id for s in samples],
                            scale=alg.advantage_scale, eps=alg.advantage_eps)
     for s, a in zip(samples, adv.advantages.tolist()):
-        s.advantage = a  # token weights from rewards (process masks) scale it per token in the loss
+        s.advantage = a  # token weights from rewards scale it per token in the loss
+    if any(s.token_marks for s in samples):  # where answers went wrong -> token advantages
+        p = alg.process
+        metrics.update(apply_token_marks(samples, adv.zero_variance.tolist(), mode=p.mode,
+                                         alpha=p.alpha,
+                                         failed_group_advantage=p.failed_group_advantage))
     metrics["groups/zero_variance"] = float(adv.num_zero_variance_groups)
     metrics["advantage/abs_mean"] = float(adv.advantages.abs().mean())
     return metrics
@@ -378,6 +356,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
 
     from medrl.launch.cluster import start_ray
     from medrl.launch.monitor import Timer
+    from medrl.launch.reward_hooks import logprob_lists
 
     start_ray(recipe)
     evaluation = grpo_evaluation(recipe, run_dir)  # its datasets load before any actor

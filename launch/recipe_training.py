@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from medrl.align.grpo import LOSSES, loss_clip_defaults
+from medrl.align.process import ProcessMode
 
 
 class Section(BaseModel):
@@ -67,6 +68,20 @@ class RolloutCorrectionConfig(Section):
                              "[1/C, C]")
 
 
+class ProcessConfig(Section):
+    """How rewards' ``token_marks`` (where an answer went wrong) become per-token advantages
+    (:mod:`medrl.align.process`); without marks nothing changes."""
+
+    mode: ProcessMode = Field(
+        "weight", description="weight: A_t = A(1 + alpha m_t) on negative-advantage samples; "
+        "marked_only: A_t = A m_t")
+    alpha: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="extra share of the "
+                         "negative signal on marked tokens (weight mode); 0: plain GRPO")
+    failed_group_advantage: float = Field(
+        1.0, ge=0.0, allow_inf_nan=False, description="zero-variance groups (every answer "
+        "failed): A_t = -value * m_t on marked tokens; 0 leaves them at 0")
+
+
 class AlgorithmConfig(Section):
     """``loss`` picks the surrogate (:func:`medrl.align.grpo.surrogate`); unset clip ranges
     take that loss's defaults (:func:`medrl.align.grpo.loss_clip_defaults`), written into
@@ -87,6 +102,7 @@ class AlgorithmConfig(Section):
     ppo_epochs: int = Field(1, ge=1)
     old_logprobs: Literal["rollout", "recompute"] = "recompute"
     rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()
+    process: ProcessConfig = ProcessConfig()
     async_: bool = Field(False, alias="async", description="one-step off-policy overlap")
     max_staleness: int = Field(1, ge=0)
 

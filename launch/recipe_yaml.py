@@ -136,17 +136,26 @@ def is_string_field(schema: type, path: list[str]) -> bool:
 
 
 def apply_overrides(data: dict, overrides: list[str], schema: type) -> dict:
-    """Set each dotted override in the raw recipe mapping (before validation)."""
+    """Set each dotted override in the raw recipe mapping (before validation). A number
+    in the path indexes a list: ``rewards.functions.0.kwargs.threshold=0.3``."""
     for text in overrides:
         path, value = parse_override(text, schema)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
+        node: Any = data
+        for i, part in enumerate(path):
+            where = ".".join(path[:i])
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise RecipeError(f"override {text!r}: {where} is a list of {len(node)} "
+                                      f"entries; {part!r} is not the index of one of them "
+                                      f"(0 to {len(node) - 1}).")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"override {text!r}: {where} is not a section")
+            if i == len(path) - 1:
+                node[part] = value
+                break
+            child = node[part] if isinstance(node, list) else node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a "
-                                  "section")
             node = child
-        node[path[-1]] = value
     return data

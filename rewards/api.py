@@ -72,13 +72,20 @@ class RewardResult:
     token_weights: one weight per completion token (``len(sample.completion_ids)``), a list,
         a tuple or a 1-D numpy array of finite numbers; weights from several rewards multiply
         and scale the per-token policy objective.
+        Weights are >= 0: a negative weight would turn the clipped objective upside down.
     info: anything JSON-able for logging (kept in ``sample.reward_info[name]``).
+    token_marks: one mark in [0, 1] per completion token, 1 where the reasoning went wrong
+        (a span a repair changed, the steps after the first wrong one). Unlike weights,
+        marks do not scale the objective directly: the advantage phase turns them into
+        per-token advantages once the sample's advantage (and its sign) is known
+        (:mod:`medrl.align.process`); marks from several rewards combine by their maximum.
     """
 
     score: float | None
     dims: dict[str, float | None] | None = None
     token_weights: list[float] | None = None
     info: dict[str, Any] | None = None
+    token_marks: list[float] | None = None
 
 
 @dataclass
@@ -98,6 +105,15 @@ class RewardContext:
         sentence of the prompt) and compare. None when the run provides no policy. For
         rewards with ``actor: true`` the hook is sent to the actor, so it must be picklable
         (e.g. a function that calls a Ray actor handle).
+    generate: ``generate(prompts, *, max_new_tokens, temperature=0.0, seed=None) ->
+        list[Sample]``: one completion per prompt sample (its ``messages``, rendered with the
+        policy's chat template, or its ``prompt_ids``) from the run's rollout engines, i.e.
+        the *current* policy; the returned samples carry ``completion_ids`` and
+        ``completion_text``. Greedy by default (temperature 0), so a resumed run gets the
+        same completions; give ``seed`` when sampling. Repairers of failed answers use it.
+        None when the run has no engines; available to rewards that run in the driver
+        (``actor: false``).
+    policy_dir: the policy's model folder (its tokenizer tokenises like the engines).
     extra: free-form values a run wants to pass on.
     """
 
@@ -106,6 +122,8 @@ class RewardContext:
     device: str = "cpu"
     seed: int = 0
     policy_logprobs: Callable[[list[Sample]], list[list[float]]] | None = None
+    generate: Callable[..., list[Sample]] | None = None
+    policy_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolve(self, path: str | Path) -> Path:

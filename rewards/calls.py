@@ -188,7 +188,33 @@ def _check_token_weights(weights: Any, n: int) -> list[float] | Failure:
             return Failure(f"returned a non-finite token weight ({w!r}) at position {i}")
         if problem:
             return _value_failure(w, problem, f"token weight at position {i}")
+        if float(w) < 0:  # it would flip the sign of the clipped objective at that token
+            return Failure(f"returned a negative token weight ({float(w)!r}) at position {i}; "
+                           "weights scale the policy objective and are >= 0 (to push a token "
+                           "down, lower the reward or return token_marks)")
     return [float(w) for w in weights]
+
+
+def _check_token_marks(marks: Any, n: int) -> list[float] | Failure:
+    if isinstance(marks, np.ndarray):
+        if marks.ndim != 1:
+            return Failure(f"returned token_marks of shape {marks.shape}; they are a list "
+                           "with one number per token of completion_ids")
+        marks = marks.tolist()
+    if not isinstance(marks, (list, tuple)):
+        return Failure(f"returned token_marks of type {type(marks).__name__}; they are a list "
+                       "with one number in [0, 1] per token of completion_ids")
+    if len(marks) != n:
+        return Failure(f"returned {len(marks)} token marks for a completion of {n} tokens "
+                       "(one mark per token of completion_ids)")
+    for i, m in enumerate(marks):
+        problem = _number_problem(m)
+        if problem:
+            return _value_failure(m, problem, f"token mark at position {i}")
+        if not 0.0 <= float(m) <= 1.0:
+            return Failure(f"returned a token mark of {float(m)!r} at position {i}; marks are "
+                           "in [0, 1] (1: this token is where the answer went wrong)")
+    return [float(m) for m in marks]
 
 
 def check_result(raw: Any, sample: Sample) -> RewardResult | Failure:
@@ -213,8 +239,13 @@ def check_result(raw: Any, sample: Sample) -> RewardResult | Failure:
         weights = _check_token_weights(raw.token_weights, len(sample.completion_ids))
         if isinstance(weights, Failure):
             return weights
+    marks = None
+    if raw.token_marks is not None:
+        marks = _check_token_marks(raw.token_marks, len(sample.completion_ids))
+        if isinstance(marks, Failure):
+            return marks
     score = None if raw.score is None else float(raw.score)
-    return RewardResult(score, dims, weights, raw.info)
+    return RewardResult(score, dims, weights, raw.info, token_marks=marks)
 
 
 def check_batch(raw: Any, samples: Sequence[Sample]) -> list[RewardResult | Failure]:

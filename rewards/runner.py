@@ -270,7 +270,8 @@ class RewardRunner:
             self._workers[r.name] = self._start_one(r)
 
     def score(self, samples: list[Sample], *, step: int | None = None) -> ScoreReport:
-        """Score a batch: fills ``sample.rewards/reward_dims/token_weights/reward_info[name]``
+        """Score a batch: fills ``sample.rewards/reward_dims/token_weights/token_marks/
+        reward_info[name]``
         and ``sample.reward`` (combined).
 
         step: the training step, written beside each skipped failure in
@@ -401,6 +402,8 @@ class RewardRunner:
                     s.reward_dims[r.name] = x.dims
                 if x.token_weights is not None:
                     s.token_weights[r.name] = x.token_weights
+                if x.token_marks is not None:
+                    s.token_marks[r.name] = x.token_marks
                 if x.info:
                     s.reward_info[r.name] = x.info
         fired = {v.score: veto_fires([v.read(s) for s in kept], threshold=v.threshold,

@@ -24,7 +24,7 @@ def write_recipe(tmp_path: Path) -> Path:
 def field(recipe, dotted: str):
     node = recipe
     for part in dotted.split("."):
-        node = getattr(node, part)
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
     return node
 
 
@@ -57,6 +57,7 @@ OVERRIDES = [
     ("logging.tensorboard=false", "logging.tensorboard", False),
     ("algorithm.async=true", "algorithm.async_", True),
     ("data.shuffle=no", "data.shuffle", False),  # YAML 1.1 booleans, as in the file
+    ("rewards.functions.0.weight=0.5", "rewards.functions.0.weight", 0.5),  # a list index
 ]
 
 
@@ -90,10 +91,21 @@ def test_parse_override_values(override, value):
     ("model.dtype=bf16", (r"model\.dtype: Input should be 'auto', 'float32', 'bfloat16' or "
                           r"'float16'")),
     ("run.name=[a]", r"run\.name: Input should be a valid string"),
+    ("rewards.functions.1.weight=2", (r"rewards\.functions is a list of 1 entries; '1' is not "
+                                      r"the index of one of them \(0 to 0\)")),
+    ("rewards.functions.x.weight=2", r"'x' is not the index of one of them"),
+    ("data.path.x=1", r"data\.path is not a section"),
 ])
 def test_bad_override_values_are_named(tmp_path, override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(write_recipe(tmp_path), [override])
+
+
+def test_an_index_in_the_path_reaches_into_a_list(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path), ["rewards.functions.0.kwargs.strict=true",
+                                                  "rewards.functions.0.name=yes_no_maybe"])
+    spec = recipe.rewards.functions[0]
+    assert (spec.name, spec.kwargs) == ("yes_no_maybe", {"strict": True})
 
 
 def test_recipe_files_read_exponent_floats(tmp_path):

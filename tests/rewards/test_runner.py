@@ -156,6 +156,17 @@ class Unprintable(Exception):
      "returned token_weights of type Tensor; they are a list" + ONE_PER_TOKEN),
     (RewardResult(1.0, token_weights=[1.0, None, 1.0, 1.0]),
      "returned None as the token weight at position 1; it is a finite number"),
+    (RewardResult(1.0, token_weights=[1.0, -0.5, 1.0, 1.0]),
+     "returned a negative token weight (-0.5) at position 1; weights scale the policy "
+     "objective and are >= 0 (to push a token down, lower the reward or return token_marks)"),
+    (RewardResult(1.0, token_marks=[0.0, 1.5, 0.0, 0.0]),
+     "returned a token mark of 1.5 at position 1; marks are in [0, 1] (1: this token is "
+     "where the answer went wrong)"),
+    (RewardResult(1.0, token_marks=[1.0, 0.0]),
+     "returned 2 token marks for a completion of 4 tokens (one mark per token of "
+     "completion_ids)"),
+    (RewardResult(1.0, token_marks=[1.0, float("nan"), 0.0, 0.0]),
+     "returned a non-finite token mark at position 1 (nan)"),
     (10 ** 400, "returned a score too large for a float; a score is a finite number, or None "
                 "when the reward does not apply"),
     (RewardResult("Mrs Jones needs heparin now"), "returned a RewardResult whose score is a "
@@ -164,7 +175,8 @@ class Unprintable(Exception):
     (RewardResult(1.0, dims={"safety": "Mrs Jones is safe enough"}),
      "returned a str as the value for dim 'safety'; it is a finite number"),
 ], ids=["dims a list", "weights an int", "weights an iterator", "weights a str",
-        "weights a tensor", "a weight None", "a huge int", "a text score", "a text dim"])
+        "weights a tensor", "a weight None", "a negative weight", "a mark above 1",
+        "too few marks", "a NaN mark", "a huge int", "a text score", "a text dim"])
 def test_unusable_results_fail_naming_what_is_wrong_not_the_value(value, cause):
     r = runner("plugins.py:returns_row_value")
     with pytest.raises(RewardError) as err:
