@@ -116,3 +116,13 @@ def restore_rng(states: Mapping[str, Any], generators: Mapping[str, Any] | None 
             gen.bit_generator.state = _from_jsonable(entry["state"])
         else:
             gen.set_state(_b64_tensor(entry["state"]))
+
+
+def stage_state(stage: str, step: int, *, cursor: Mapping[str, Any], policy_source: str,
+                metrics_row: Mapping[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    """The ``state.json`` of a non-GRPO stage's checkpoint at ``step``: what an exact resume
+    reads back (the data cursor, every RNG's state, the step's metrics row) and where the
+    policy came from. ``extra``: the stage's own entries (QAT's scaler state)."""
+    return {"stage": stage, "policy_version": step, "data_cursor": dict(cursor),
+            "rng": capture_rng(), "policy_source": policy_source,
+            "metrics_row": None if metrics_row is None else dict(metrics_row), **extra}

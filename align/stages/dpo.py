@@ -298,7 +298,7 @@ def run_stage(io: DPOIO, run_dir: Path, *, resume_from: Path | None = None) -> P
     ``checkpoint_every`` steps and at the end.
     """
     from medrl.align.checkpoint import read_state, save_checkpoint
-    from medrl.align.rng_state import capture_rng, restore_rng
+    from medrl.align.rng_state import restore_rng, stage_state
     from medrl.align.stages.sft import total_steps
 
     steps = total_steps(max_steps=io.max_steps, epochs=io.epochs,
@@ -336,10 +336,9 @@ def run_stage(io: DPOIO, run_dir: Path, *, resume_from: Path | None = None) -> P
                                             label_smoothing=io.label_smoothing,
                                             average_logprobs=io.average_logprobs))
             if (io.checkpoint_every and step % io.checkpoint_every == 0) or step == steps:
-                ckpt_state = {"stage": "dpo", "policy_version": step,
-                              "data_cursor": io.stream.state(), "rng": capture_rng(),
-                              "policy_source": io.policy_source,
-                              "metrics_row": monitor.preview(step, metrics)}
+                ckpt_state = stage_state("dpo", step, cursor=io.stream.state(),
+                                         policy_source=io.policy_source,
+                                         metrics_row=monitor.preview(step, metrics))
                 last = save_checkpoint(run_dir, step, write=learner.save, state=ckpt_state,
                                        keep_last=io.keep_last)
                 monitor.plot()

@@ -169,7 +169,7 @@ def run_stage(io: RewardModelIO, run_dir: Path, *, resume_from: Path | None = No
     steps and at the last, a checkpoint every ``checkpoint_every`` steps and at the end.
     """
     from medrl.align.checkpoint import read_state, save_checkpoint
-    from medrl.align.rng_state import capture_rng, restore_rng
+    from medrl.align.rng_state import restore_rng, stage_state
     from medrl.align.stages.sft import total_steps
 
     steps = total_steps(max_steps=io.max_steps, epochs=io.epochs,
@@ -195,10 +195,9 @@ def run_stage(io: RewardModelIO, run_dir: Path, *, resume_from: Path | None = No
             if io.eval_pairs and io.eval_every and (step % io.eval_every == 0 or step == steps):
                 metrics.update(evaluate(learner, held_out, tiers, io.batch_size))
             if (io.checkpoint_every and step % io.checkpoint_every == 0) or step == steps:
-                ckpt_state = {"stage": "reward_model", "policy_version": step,
-                              "data_cursor": io.stream.state(), "rng": capture_rng(),
-                              "policy_source": io.policy_source,
-                              "metrics_row": monitor.preview(step, metrics)}
+                ckpt_state = stage_state("reward_model", step, cursor=io.stream.state(),
+                                         policy_source=io.policy_source,
+                                         metrics_row=monitor.preview(step, metrics))
                 last = save_checkpoint(run_dir, step, write=learner.save, state=ckpt_state,
                                        keep_last=io.keep_last)
                 monitor.plot()

@@ -263,7 +263,7 @@ def run_stage(io: StageIO, run_dir: Path, *, resume_from: Path | None = None,
     the end.
     """
     from medrl.align.checkpoint import read_state, save_checkpoint
-    from medrl.align.rng_state import capture_rng, restore_rng
+    from medrl.align.rng_state import restore_rng, stage_state
     from medrl.align.learner import Learner
 
     steps = total_steps(max_steps=io.max_steps, epochs=io.epochs,
@@ -304,11 +304,10 @@ def run_stage(io: StageIO, run_dir: Path, *, resume_from: Path | None = None,
             if hooks:
                 hooks.after_step(step, metrics)
             if (io.checkpoint_every and step % io.checkpoint_every == 0) or step == steps:
-                ckpt_state = {"stage": stage, "policy_version": step,
-                              "data_cursor": io.stream.state(), "rng": capture_rng(),
-                              "policy_source": str(io.policy_dir),
-                              "metrics_row": monitor.preview(step, metrics),
-                              **(hooks.state() if hooks else {})}
+                ckpt_state = stage_state(stage, step, cursor=io.stream.state(),
+                                         policy_source=str(io.policy_dir),
+                                         metrics_row=monitor.preview(step, metrics),
+                                         **(hooks.state() if hooks else {}))
 
                 def write(tmp: Path) -> None:
                     learner.save(tmp)
