@@ -50,6 +50,22 @@ class Packed:
     recipe_name: str
     overrides: list[str]
     notes: list[str] = field(default_factory=list)
+    files: list[tuple[str, int]] = field(default_factory=list)  # (place in the folder, bytes)
+    recipe: Any = None  # the validated Recipe (overrides applied, paths as the user gave them)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the packed files (the recipe itself not counted)."""
+        return sum(size for _, size in self.files)
+
+    def summary(self, limit: int = 10) -> str:
+        """One line: how many files, their total size, and the first ``limit`` of them."""
+        if not self.files:
+            return "uploading the recipe alone (no local files to pack)"
+        shown = ", ".join(f"{dest} ({_mib(size)})" for dest, size in self.files[:limit])
+        more = f", and {len(self.files) - limit} more" if len(self.files) > limit else ""
+        return (f"uploading {len(self.files)} file(s), {_mib(self.size)} of the "
+                f"{SHIP_LIMIT_BYTES >> 20} MiB limit: {shown}{more}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,7 @@ class Upload:
 
     def __init__(self, reserved: Iterable[str] = ()):
         self.files: dict[str, Path] = {}
+        self.sizes: dict[str, int] = {}
         self.size = 0
         self.reserved = set(reserved)  # names written by the packer itself (the recipe)
 
@@ -116,6 +133,7 @@ class Upload:
                                 "file already goes; rename one of them.")
             if f.dest not in self.files:
                 self.files[f.dest] = f.source
+                self.sizes[f.dest] = f.size
                 self.size += f.size
 
     def copy_into(self, folder: Path) -> None:
@@ -323,4 +341,5 @@ def pack_recipe(recipe_path: str | Path, overrides: Sequence[str], folder: Path,
         return any(r == key or r.startswith(key + ".") for r in rewritten)
 
     kept = [o for o in overrides if not touches_rewritten(o)]
-    return Packed(folder=folder, recipe_name=recipe_name, overrides=kept, notes=notes)
+    return Packed(folder=folder, recipe_name=recipe_name, overrides=kept, notes=notes,
+                  files=sorted(upload.sizes.items()), recipe=recipe)

@@ -3,7 +3,10 @@
 ``medrl submit recipe.yaml --address http://HEAD:8265 key=value ...`` packs a working
 folder — the recipe plus the local files it names (:mod:`medrl.launch.pack`) — uploads it
 through the Ray Jobs API (``runtime_env={"working_dir": ...}``) and starts ``medrl run
-recipe.yaml key=value ...`` on the cluster.
+recipe.yaml key=value ...`` on the cluster as ``PYTHON -m medrl.launch.cli run ...``: never
+through a ``medrl`` looked up on the cluster's ``PATH`` (:mod:`medrl.launch.preflight` says which
+Python). A small preflight job first checks that Python, medrl's version there and the
+cluster's resources; ``ship`` (``--ship``) uploads this machine's medrl with the job.
 
 Authentication: Ray 2.60 clusters started with ``ray start`` check a token on every
 dashboard request (``RAY_AUTH_MODE=token``). The client sends ``Authorization: Bearer
@@ -19,8 +22,8 @@ says so, and then warns. ``https://`` and loopback addresses (an SSH tunnel) nee
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import shlex
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -166,7 +169,7 @@ def _job_errors(address: str, job_id: str):
 def submit_entrypoint(address: str, entrypoint: str, *, working_dir: str | Path | None = None,
                       token: str | None = None, env_vars: dict[str, str] | None = None,
                       metadata: dict[str, str] | None = None,
-                      allow_remote: bool = False) -> str:
+                      allow_remote: bool = False, py_modules: list[str] | None = None) -> str:
     """Start ``entrypoint`` (a shell command) as a Ray Job; return its submission id.
 
     ``allow_remote``: accept a plain ``http://`` address on another machine (see
@@ -178,42 +181,110 @@ def submit_entrypoint(address: str, entrypoint: str, *, working_dir: str | Path 
     if risk:
         warnings.warn(risk, RemoteExposureWarning, stacklevel=2)
     client = _client(address, token)
-    runtime_env: dict[str, Any] = {}
-    if working_dir is not None:
-        runtime_env["working_dir"] = str(working_dir)
-    if env_vars:
-        runtime_env["env_vars"] = dict(env_vars)
     try:
-        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None,
-                                 metadata=metadata)
+        return client.submit_job(entrypoint=entrypoint, metadata=metadata,
+                                 runtime_env=_runtime_env(working_dir, env_vars, py_modules))
     except AuthenticationError as exc:
         raise _auth_error(address, exc, token) from None
     except RuntimeError as exc:
         raise UserError(f"the Ray cluster at {address} refused the job: {exc}") from None
 
 
+def _runtime_env(working_dir, env_vars, py_modules) -> dict[str, Any] | None:
+    runtime_env: dict[str, Any] = {}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(working_dir)
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
+    if py_modules:
+        runtime_env["py_modules"] = list(py_modules)
+    return runtime_env or None
+
+
 def submit(recipe_path: str | Path, address: str, overrides: Sequence[str] = (), *,
            command: str = "run", extra_files: Iterable[str | Path] = (),
            token: str | None = None, env_vars: dict[str, str] | None = None,
-           on_note: Callable[[str], None] | None = None, allow_remote: bool = False) -> str:
-    """Pack ``recipe_path`` with its local files and start ``medrl <command> <recipe> <overrides>``
-    on the cluster at ``address``; return the job's submission id.
+           on_note: Callable[[str], None] | None = None, allow_remote: bool = False,
+           ship: bool = False, preflight: bool = True, strict: bool = False) -> str:
+    """Pack ``recipe_path`` with its local files and start ``python -m medrl.launch.cli
+    <command> <recipe> <overrides>`` on the cluster at ``address``; return the job's id.
 
-    ``on_note`` receives one line per packing decision the user should know about (a path left
-    for the cluster to resolve, a relative output folder). ``allow_remote``: see
+    ``on_note`` receives one line per packing decision the user should know about (the files
+    uploaded and their size, a path left for the cluster to resolve, a relative output folder).
+    ``preflight``: first run a check job (:mod:`medrl.launch.preflight`) with the same runtime
+    environment and refuse (:class:`UserError`, nothing submitted) when the cluster's Python
+    lacks Ray or medrl, its medrl is another major.minor version (``strict``: another
+    version), or the cluster lacks the CPUs/GPUs the recipe asks for. ``ship``: upload this
+    machine's medrl with the job (``py_modules``). ``allow_remote``: see
     :func:`submit_entrypoint`.
     """
+    from medrl.launch import preflight as pf
+
+    note = on_note or (lambda _text: None)
     check_transport(address, allow_remote)  # before anything is packed
     with tempfile.TemporaryDirectory(prefix="medrl-submit-") as tmp:
-        packed = pack_recipe(recipe_path, overrides, Path(tmp), extra_files)
-        for note in packed.notes:
-            if on_note is not None:
-                on_note(note)
-        entrypoint = shlex.join(["medrl", command, packed.recipe_name, *packed.overrides])
-        # submit_job uploads the folder before it returns, so the temporary folder may go.
-        return submit_entrypoint(address, entrypoint, working_dir=tmp, token=token,
+        work, package = Path(tmp) / "job", Path(tmp) / "package"
+        work.mkdir()
+        packed = pack_recipe(recipe_path, overrides, work, extra_files)
+        note(packed.summary())
+        for text in packed.notes:
+            note(text)
+        py_modules = None
+        if ship:
+            package.mkdir()
+            py_modules = pf.stage_package(package)
+            note(f"shipping this machine's medrl {pf.local_version()} with the job")
+        python = None
+        if preflight:
+            with _job_errors(_normalise(address), "preflight"):
+                report = pf.run_probe(_client(address, token),
+                                      _runtime_env(work, env_vars, py_modules))
+            found = pf.problems(report, pf.resources_asked(packed.recipe), pf.local_version(),
+                                strict=strict)
+            if found:
+                raise pf.refusal(found, shipped=ship)
+            for text in filter(None, [pf.same_ray_minor(report)]):
+                note(text)
+            python = report["executable"]
+        entrypoint = pf.job_entrypoint([command, packed.recipe_name, *packed.overrides], python)
+        metadata = {"medrl_recipe": Path(recipe_path).name}
+        run_dir = _run_dir(packed.recipe)
+        if run_dir:
+            metadata["medrl_run_dir"] = run_dir
+        # submit_job uploads the folders before it returns, so the temporary folder may go.
+        return submit_entrypoint(address, entrypoint, working_dir=work, token=token,
                                  env_vars=env_vars, allow_remote=allow_remote,
-                                 metadata={"medrl_recipe": Path(recipe_path).name})
+                                 metadata=metadata, py_modules=py_modules)
+
+
+def _run_dir(recipe) -> str | None:
+    """The run folder's absolute path when ``run.output_dir`` is absolute (a relative one lies
+    in the job's temporary folder on the cluster)."""
+    out = Path(str(recipe.run.output_dir)).expanduser()
+    return str(out / recipe.run.name) if out.is_absolute() else None
+
+
+def run_progress(run_dir: str | None) -> str:
+    """One line: the step a run reached and its last complete checkpoint, read from its run
+    folder; or why the folder cannot be read from this machine."""
+    from medrl.align.checkpoint import checkpoint_step, list_checkpoints
+
+    if not run_dir:
+        return ("run folder: not visible from here (run.output_dir is relative, so it lies in "
+                "the job's working folder on the cluster)")
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return f"run folder: cannot see {folder} from this machine (not on shared storage?)"
+    step = None
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        step = json.loads(lines[-1]).get("step") if lines else None
+    except (OSError, ValueError):
+        pass
+    done = list_checkpoints(folder)
+    last = f"{done[-1].name} (step {checkpoint_step(done[-1])})" if done else "none yet"
+    reached = f"step {step}" if step is not None else "no step logged yet"
+    return f"run folder {folder}: {reached}; last complete checkpoint: {last}"
 
 
 def status(job_id: str, address: str, *, token: str | None = None) -> dict[str, Any]:
@@ -224,7 +295,8 @@ def status(job_id: str, address: str, *, token: str | None = None) -> dict[str, 
     return {"job_id": job_id, "status": str(info.status.value if hasattr(info.status, "value")
                                             else info.status),
             "message": info.message, "entrypoint": info.entrypoint,
-            "start_time": info.start_time, "end_time": info.end_time}
+            "start_time": info.start_time, "end_time": info.end_time,
+            "metadata": dict(info.metadata or {})}
 
 
 def logs(job_id: str, address: str, *, follow: bool = False,
@@ -284,7 +356,14 @@ def register(app) -> None:
                    address: str = address_opt, token: Optional[str] = token_opt,
                    allow_remote: bool = typer.Option(
                        False, "--allow-remote", help="accept a plain http:// address on another "
-                       "machine (token, recipe and data travel unencrypted)")):
+                       "machine (token, recipe and data travel unencrypted)"),
+                   ship: bool = typer.Option(False, "--ship", help="upload this machine's medrl "
+                                             "with the job (its dependencies must be on the "
+                                             "cluster)"),
+                   no_preflight: bool = typer.Option(False, "--no-preflight", help="skip the "
+                                                     "check job (Python, medrl, resources)"),
+                   strict: bool = typer.Option(False, "--strict", help="the cluster's medrl "
+                                               "must be exactly this version")):
         """Run a recipe on a Ray cluster as a Ray Job (prints the job id)."""
         try:
             risk = check_transport(address, allow_remote)
@@ -294,7 +373,8 @@ def register(app) -> None:
             with warnings.catch_warnings():  # printed above
                 warnings.simplefilter("ignore", RemoteExposureWarning)
                 job_id = submit(recipe, address, overrides or [], token=token,
-                                allow_remote=allow_remote,
+                                allow_remote=allow_remote, ship=ship,
+                                preflight=not no_preflight, strict=strict,
                                 on_note=lambda note: err.print(f"[yellow]note:[/yellow] {note}",
                                                                highlight=False, soft_wrap=True))
         except UserError as exc:
@@ -325,6 +405,9 @@ def register(app) -> None:
         out.print(f"{info['job_id']}: {info['status']}", highlight=False)
         if info["message"]:
             out.print(info["message"], highlight=False, markup=False)
+        if "medrl_recipe" in info["metadata"]:
+            out.print(run_progress(info["metadata"].get("medrl_run_dir")), highlight=False,
+                      markup=False, soft_wrap=True)
 
     @app.command("stop")
     def stop_cmd(job: str = typer.Argument(..., help="job id printed by `medrl submit`"),

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from medrl.align.records import UserError
+from medrl.launch import preflight as pf
 from medrl.launch import submit as sub
 from medrl.launch.recipe import load_recipe
 
@@ -102,6 +103,13 @@ def test_pack_ships_local_files_and_rewrites_paths(tmp_path):
     assert (out / "model" / "config.json").is_file()
     assert shipped["rollout"]["group_size"] == 2  # typed by the schema when folded in
     assert any("run.output_dir" in n for n in packed.notes)
+    assert dict(packed.files)["data/images/x.png"] == len(b"\x89PNG fake")
+    assert packed.size == sum(size for _, size in packed.files) > 0
+    assert "recipe.yaml" not in dict(packed.files)
+    summary = packed.summary(limit=2)
+    assert summary.startswith(f"uploading {len(packed.files)} file(s)")
+    assert "64 MiB limit" in summary
+    assert f"and {len(packed.files) - 2} more" in summary
     # the shipped folder is a valid recipe on its own, wherever it lands
     moved = shutil.copytree(out, tmp_path / "elsewhere")
     assert load_recipe(moved / "recipe.yaml").rollout.group_size == 2
@@ -253,6 +261,96 @@ def test_pack_refuses_broken_links_and_missing_media(tmp_path):
         sub.pack_recipe(write_recipe(project, {"path": "data/items.jsonl"},
                                      model={"policy": "model"}), [], out)
     assert packed_files(out) == []
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def test_version_rule_same_major_minor_or_exact():
+    assert pf.version_ok("0.1.0", "0.1.7") and not pf.version_ok("0.1.0", "0.2.0")
+    assert not pf.version_ok("1.1.0", "0.1.0")
+    assert pf.version_ok("0.1.0", "0.1.0", strict=True)
+    assert not pf.version_ok("0.1.0", "0.1.7", strict=True)
+
+
+GOOD = {"python": "3.11.7", "executable": "/opt/venv/bin/python", "ray": "2.60.0",
+        "medrl": "0.1.3", "medrl_at": "/opt/venv/medrl/launch/cli.py",
+        "resources": {"CPU": 8.0, "GPU": 1.0}}
+
+
+def test_preflight_problems_say_what_is_missing_and_how_to_fix_it():
+    asked = {"CPU": 2.0, "GPU": 1.0}
+    assert pf.problems(GOOD, asked, "0.1.0") == []
+    assert pf.problems(GOOD, asked, "0.1.0", strict=True)  # 0.1.3 is not 0.1.0
+    missing = {k: v for k, v in GOOD.items() if k not in ("medrl", "medrl_at")}
+    missing["medrl_error"] = "ModuleNotFoundError: No module named 'medrl.launch'"
+    found = pf.problems(missing, asked, "0.1.0")
+    text = str(pf.refusal(found, shipped=False))
+    assert "was not submitted" in text and "/opt/venv/bin/python" in text
+    assert "cannot import medrl" in text and "No module named 'medrl.launch'" in text
+    assert "install medrl" in text and "--ship" in text and "--no-preflight" in text
+    older = dict(GOOD, medrl="0.0.9")
+    text = str(pf.refusal(pf.problems(older, asked, "0.1.0"), shipped=False))
+    assert "medrl 0.0.9" in text and "medrl 0.1.0" in text and "major.minor" in text
+    short = pf.problems(GOOD, {"CPU": 2.0, "GPU": 4.0}, "0.1.0")
+    assert short == [pf.problems(GOOD, {"GPU": 4.0}, "0.1.0")[0]]
+    assert "4 GPU (the cluster has 1)" in short[0] and "num_workers" in short[0]
+    assert "--ship" not in str(pf.refusal(short, shipped=False))  # not a medrl problem
+    no_ray = {k: v for k, v in GOOD.items() if k not in ("ray", "resources")}
+    assert any("cannot import Ray" in p for p in pf.problems(no_ray, asked, "0.1.0"))
+    report = pf.parse_report("setup\nMEDRL_PREFLIGHT_NO_PYTHON /usr/bin:/bin\n")
+    assert "MEDRL_PYTHON" in pf.problems(report, asked, "0.1.0")[0]
+    assert pf.parse_report("noise\n" + pf.MARKER + '{"python": "3.11"}\n') == {"python": "3.11"}
+    assert pf.parse_report("no report") is None
+
+
+def test_job_entrypoint_is_a_python_invocation():
+    assert pf.job_entrypoint(["run", "my recipe.yaml", "a.b=1"], "/opt/venv/bin/python") == \
+        "/opt/venv/bin/python -m medrl.launch.cli run 'my recipe.yaml' a.b=1"
+    # without a preflight the shell finds the interpreter itself (here: MEDRL_PYTHON)
+    command = pf.job_entrypoint(["--help"]).replace("medrl.launch.cli --help", "platform")
+    env = {"PATH": "/usr/bin:/bin", "MEDRL_PYTHON": sys.executable}
+    proc = subprocess.run(["/bin/sh", "-c", command], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "Linux" in proc.stdout, proc.stderr
+
+
+def test_resources_asked_counts_every_actor():
+    recipe = load_recipe(QUICKSTART, ["rollout.num_workers=2", "learner.num_workers=2",
+                                      "cluster.learner_gpus=1", "cluster.rollout_gpus=0.5",
+                                      "cluster.learner_resources={slot: 1}"])
+    asked = pf.resources_asked(recipe)
+    assert asked["GPU"] == 3.0 and asked["slot"] == 2.0 and asked["CPU"] >= 4.0
+
+
+def test_shipped_package_is_the_one_the_cluster_imports(tmp_path):
+    """The staged folders, put on PYTHONPATH as Ray puts py_modules, win over an installed
+    medrl, and report this machine's version."""
+    dirs = pf.stage_package(tmp_path)
+    assert [Path(d).name for d in dirs] == ["medrl", f"medrl-{pf.local_version()}.dist-info"]
+    assert (tmp_path / "medrl" / "launch" / "cli.py").is_file()
+    assert (tmp_path / "medrl" / "recipes" / "quickstart.yaml").is_file()
+    assert not list(tmp_path.rglob("__pycache__"))
+    probe = ("import importlib.util as u, importlib.metadata as m; "
+             "print(u.find_spec('medrl.launch.cli').origin); print(m.version('medrl'))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=60)
+    origin, version = proc.stdout.split()
+    assert origin == str(tmp_path / "medrl" / "launch" / "cli.py") and \
+        version == pf.local_version()
+
+
+def test_run_progress_reads_the_run_folder(tmp_path):
+    run = tmp_path / "quickstart"
+    assert "cannot see" in sub.run_progress(str(run))
+    assert "relative" in sub.run_progress(None)
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-000004").mkdir()  # being written: no COMPLETE yet
+    assert "no step logged yet; last complete checkpoint: none yet" in sub.run_progress(str(run))
+    (run / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 3}\n{"step": 4}\n')
+    assert sub.run_progress(str(run)).endswith(
+        "step 4; last complete checkpoint: step-000002 (step 2)")
 
 
 def free_port() -> int:
@@ -408,30 +506,99 @@ def test_submit_validate_job(token_cluster, tmp_path):
     info = wait_for(address, token, job_id, {"SUCCEEDED", "FAILED", "STOPPED"})
     text = "".join(sub.logs(job_id, address, token=token))
     assert info["status"] == "SUCCEEDED", text[-3000:]
-    assert info["entrypoint"] == "medrl validate quickstart.yaml rollout.group_size=3"
+    # the preflight found the interpreter the cluster's Ray runs (here this virtualenv's)
+    assert info["entrypoint"] == \
+        f"{sys.executable} -m medrl.launch.cli validate quickstart.yaml rollout.group_size=3"
     assert "group_size: 3" in text and "is valid" in text
     assert any("run.output_dir" in n for n in notes)
     # following a finished job replays its output and ends
     assert "is valid" in "".join(sub.logs(job_id, address, token=token, follow=True))
 
 
+# The job's PATH as a cluster started with a virtualenv's `ray` binary, not activated, has it.
+BARE_PATH = {"PATH": "/usr/bin:/bin"}
+
+
+def medrl_jobs(address, token) -> list[str]:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address, headers=sub.auth_headers(token))
+    return [j.submission_id for j in client.list_jobs() if "medrl.launch.cli" in j.entrypoint]
+
+
 @pytest.mark.slow
-def test_submit_a_training_run(token_cluster, tmp_path):
-    """`medrl run` as a job: the job's driver joins the job's cluster and trains there."""
+def test_submit_a_training_run(token_cluster, tmp_path, monkeypatch):
+    """`medrl run` as a job on a cluster whose PATH has no medrl and no python, shipping medrl:
+    the job's driver joins the job's cluster and trains there; status reads the run folder."""
+    import typer
+    from typer.testing import CliRunner
+
     address, token = token_cluster
     recipe = tmp_path / "recipes" / "quickstart.yaml"
     shutil.copytree(QUICKSTART.parent, recipe.parent, ignore=shutil.ignore_patterns("__*"))
     out = tmp_path / "runs"
+    notes = []
     job_id = sub.submit(recipe, address, [
         f"run.output_dir={out}", "run.max_steps=2", "rollout.prompts_per_step=2",
         "rollout.group_size=2", "rollout.max_new_tokens=4", "logging.progress=false"],
-        command="run", token=token)
+        command="run", token=token, env_vars=BARE_PATH, ship=True, on_note=notes.append)
+    assert any(n.startswith("uploading ") and "quickstart_mcq.jsonl" in n for n in notes)
+    assert any("shipping this machine's medrl" in n for n in notes)
     info = wait_for(address, token, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, timeout=300)
     text = "".join(sub.logs(job_id, address, token=token))
     assert info["status"] == "SUCCEEDED", text[-3000:]
+    assert info["entrypoint"].startswith(f"{sys.executable} -m medrl.launch.cli run ")
     assert (out / "quickstart" / "checkpoints" / "step-000002" / "COMPLETE").exists()
     rows = (out / "quickstart" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2
+    app = typer.Typer()
+    sub.register(app)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    result = CliRunner().invoke(app, ["status", job_id, "--address", address])
+    assert result.exit_code == 0, result.output
+    assert "step 2; last complete checkpoint: step-000002 (step 2)" in result.output
+
+
+@pytest.mark.slow
+def test_preflight_refuses_and_submits_nothing(token_cluster, tmp_path, monkeypatch):
+    """No medrl for the cluster's Python, another medrl version, too few GPUs: refused with
+    one clear paragraph, and no medrl job on the cluster."""
+    import typer
+    from typer.testing import CliRunner
+
+    address, token = token_cluster
+    before = medrl_jobs(address, token)
+    # A cluster Python without medrl: this one, with the editable install's import hooks
+    # removed at start-up by a sitecustomize first on the path.
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+        "getattr(f, '__module__', '')]\n"
+        "sys.path[:] = [p for p in sys.path if '__editable__' not in p]\n")
+    with pytest.raises(UserError, match="cannot import medrl") as refused:
+        sub.submit(QUICKSTART, address, ["run.output_dir=/tmp/medrl-never"], token=token,
+                   env_vars={**BARE_PATH, "PYTHONPATH": str(tmp_path / "hide")})
+    assert "--ship" in str(refused.value) and "install medrl" in str(refused.value)
+    assert sys.executable in str(refused.value)  # the interpreter it looked in
+    # Another version's metadata first on the path: medrl 9.9.0 is not 0.1's major.minor.
+    (tmp_path / "other" / "medrl-9.9.0.dist-info").mkdir(parents=True)
+    (tmp_path / "other" / "medrl-9.9.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: medrl\nVersion: 9.9.0\n")
+    with pytest.raises(UserError, match=r"has medrl 9\.9\.0 .*this machine's medrl "
+                                        + pf.local_version().replace(".", r"\.")):
+        sub.submit(QUICKSTART, address, ["run.output_dir=/tmp/medrl-never"], token=token,
+                   env_vars={**BARE_PATH, "PYTHONPATH": str(tmp_path / "other")})
+    # Through the CLI: a GPU the cluster does not have; exit 2 and no job id printed.
+    app = typer.Typer()
+    sub.register(app)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    result = CliRunner().invoke(app, ["submit", str(QUICKSTART), "cluster.learner_gpus=1",
+                                      "run.output_dir=/tmp/medrl-never", "--address", address])
+    assert result.exit_code == 2, result.output
+    assert "preflight" in result.output and "1 GPU (the cluster has 0)" in result.output
+    assert "raysubmit_" not in result.output
+    assert medrl_jobs(address, token) == before
 
 
 @pytest.mark.slow
