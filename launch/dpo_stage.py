@@ -135,6 +135,7 @@ def run_dpo(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     embedded or the given cluster), each with the frozen reference, trains on the pairs."""
     from medrl.align.models import load_tokenizer, resolve_policy
     from medrl.align.reference import Reference
+    from medrl.align.special_tokens import POLICY_INIT, prepare_policy
     from medrl.align.stages.dpo import DPOIO, run_stage
     from medrl.launch.cluster import start_ray
     from medrl.launch.driver import learner_kwargs
@@ -151,8 +152,9 @@ def run_dpo(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     stream = PromptStream(train, seed=recipe.run.seed, shuffle=recipe.data.shuffle,
                           load_media=False)
     stream.check_take(d.batch_size, field="dpo.batch_size")
-    policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed,
-                                base_dir=recipe.run.recipe_dir)
+    policy_dir = prepare_policy(resolve_policy(recipe.model.policy, seed=recipe.run.seed,
+                                               base_dir=recipe.run.recipe_dir),
+                                recipe.model.special_tokens, run_dir / POLICY_INIT)
     # The reference is the starting policy: with LoRA the policy with its adapters off (no
     # second copy), else a frozen copy beside the policy or on the CPU.
     reference = (Reference.ADAPTERS if ln.lora else

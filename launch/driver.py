@@ -160,6 +160,7 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     from medrl.align.checkpoint import read_state
     from medrl.align.rng_state import restore_rng
     from medrl.align.models import resolve_policy
+    from medrl.align.special_tokens import POLICY_INIT, prepare_policy
     from medrl.launch.cluster import placement
     from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.monitor import Monitor
@@ -171,6 +172,8 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
 
     recipe_dir = Path(recipe.run.recipe_dir or ".")  # relative paths in the recipe start here
     policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed, base_dir=recipe_dir)
+    # model.special_tokens: a copy with them added, in the run folder (reused on resume)
+    policy_dir = prepare_policy(policy_dir, recipe.model.special_tokens, run_dir / POLICY_INIT)
     if (text := sampling_note(policy_dir)) is not None:
         note(text)
     state = read_state(resume_from) if resume_from else None

@@ -81,6 +81,13 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="the learner's and the HF engine's attention kernel (vLLM picks "
         "its own)")
+    special_tokens: list[str] = Field([], description="added to the vocabulary, one id each")
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _one_id_each(cls, tokens: list[str]) -> list[str]:
+        from medrl.align.special_tokens import checked_tokens  # no torch: light
+        return checked_tokens(tokens)
 
 
 class FieldMap(Section):

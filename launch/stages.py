@@ -116,6 +116,7 @@ def run_stage(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None)
 def stage_io(recipe: Recipe, run_dir: Path):
     """The sft / qat stage's inputs from the recipe: policy, data stream, monitor, learner."""
     from medrl.align.models import resolve_policy
+    from medrl.align.special_tokens import POLICY_INIT, prepare_policy
     from medrl.align.records import UserError
     from medrl.align.stages.sft import ExampleSpec, StageIO
     from medrl.launch.data import load_media
@@ -136,7 +137,8 @@ def stage_io(recipe: Recipe, run_dir: Path):
     lg = recipe.logging
     kwargs = dict(learner_kwargs(recipe), reference="none", kl_coef=0.0)
     return StageIO(
-        policy_dir=resolve_policy(recipe.model.policy, seed=recipe.run.seed),
+        policy_dir=prepare_policy(resolve_policy(recipe.model.policy, seed=recipe.run.seed),
+                                  recipe.model.special_tokens, run_dir / POLICY_INIT),
         stream=stream,
         eval_samples=[load_media(s, recipe.data.volume) for s in stream.eval_samples],
         monitor_factory=lambda total, start: Monitor(
@@ -196,6 +198,7 @@ def run_reward_model(recipe: Recipe, run_dir: Path, *, resume_from: Path | None 
     on the embedded or the given cluster) trains a value head on preference pairs."""
     from medrl.align.models import load_tokenizer, resolve_policy
     from medrl.align.records import UserError
+    from medrl.align.special_tokens import POLICY_INIT, prepare_policy
     from medrl.align.stages.reward_model import RewardModelIO, run_stage as run_rm_stage
     from medrl.launch.cluster import start_ray
     from medrl.launch.driver import learner_kwargs
@@ -217,8 +220,9 @@ def run_reward_model(recipe: Recipe, run_dir: Path, *, resume_from: Path | None 
     stream = PromptStream(train, seed=recipe.run.seed, shuffle=recipe.data.shuffle,
                           load_media=False)
     stream.check_take(rm.batch_size, field="reward_model.batch_size")
-    policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed,
-                                base_dir=recipe.run.recipe_dir)
+    policy_dir = prepare_policy(resolve_policy(recipe.model.policy, seed=recipe.run.seed,
+                                               base_dir=recipe.run.recipe_dir),
+                                recipe.model.special_tokens, run_dir / POLICY_INIT)
     # A micro-batch of learner.micro_batch_size pairs is twice as many texts.
     kwargs = dict(learner_kwargs(recipe), reference="none", kl_coef=0.0, head="value",
                   micro_batch_size=2 * ln.micro_batch_size, temperature=1.0)
