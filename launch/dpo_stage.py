@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -133,18 +134,16 @@ def check_dpo(recipe: Recipe, recipe_dir: Path | str | None) -> str:
 def run_dpo(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     """The dpo stage: a learner group of ``learner.num_workers`` ranks (Ray actors, on the
     embedded or the given cluster), each with the frozen reference, trains on the pairs."""
-    from medrl.align.models import load_tokenizer, resolve_policy
+    from medrl.align.models import load_tokenizer
     from medrl.align.reference import Reference
-    from medrl.align.special_tokens import POLICY_INIT, prepare_policy
     from medrl.align.stages.dpo import DPOIO, run_stage
     from medrl.launch.cluster import start_ray
-    from medrl.launch.driver import learner_kwargs
+    from medrl.launch.driver import learner_kwargs, monitor_for, policy_folder
     from medrl.launch.learner_group import LearnerGroup
-    from medrl.launch.monitor import Monitor
     from medrl.launch.recipe_dpo import DPOConfig
     from medrl.launch.stream import PromptStream
 
-    d, ln, c, lg = recipe.dpo or DPOConfig(), recipe.learner, recipe.cluster, recipe.logging
+    d, ln, c = recipe.dpo or DPOConfig(), recipe.learner, recipe.cluster
     problem = learner_problem(recipe)
     if problem:
         raise UserError(problem)
@@ -152,9 +151,7 @@ def run_dpo(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     stream = PromptStream(train, seed=recipe.run.seed, shuffle=recipe.data.shuffle,
                           load_media=False)
     stream.check_take(d.batch_size, field="dpo.batch_size")
-    policy_dir = prepare_policy(resolve_policy(recipe.model.policy, seed=recipe.run.seed,
-                                               base_dir=recipe.run.recipe_dir),
-                                recipe.model.special_tokens, run_dir / POLICY_INIT)
+    policy_dir = policy_folder(recipe, run_dir)
     # The reference is the starting policy: with LoRA the policy with its adapters off (no
     # second copy), else a frozen copy beside the policy or on the CPU.
     reference = (Reference.ADAPTERS if ln.lora else
@@ -175,10 +172,7 @@ def run_dpo(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     io = DPOIO(
         stream=stream, eval_pairs=held, make_learner=make_learner,
         tokenizer=load_tokenizer(policy_dir), policy_source=str(policy_dir),
-        monitor_factory=lambda total, start: Monitor(
-            run_dir, total_steps=total, start_step=start, tensorboard=lg.tensorboard,
-            plots=lg.plots, progress=lg.progress, every=lg.every,
-            checkpoint_every=recipe.checkpoint.every),
+        monitor_factory=partial(monitor_for, recipe, run_dir),
         batch_size=d.batch_size, max_length=d.max_length, max_steps=recipe.run.max_steps,
         beta=d.beta, label_smoothing=d.label_smoothing, average_logprobs=d.average_logprobs,
         contrast=d.contrast, epochs=d.epochs, eval_every=d.eval_every,

@@ -80,6 +80,29 @@ def sampling_for(recipe: Recipe, step: int, attempt: int = 0):
                           seed=(recipe.run.seed * 1_000_003 + step) * 4 + attempt)
 
 
+def policy_folder(recipe: Recipe, run_dir: Path) -> Path:
+    """The policy every stage starts from: ``model.policy`` resolved (relative to the recipe's
+    folder), and with ``model.special_tokens`` a copy with them added in the run folder
+    (reused on resume)."""
+    from medrl.align.models import resolve_policy
+    from medrl.align.special_tokens import POLICY_INIT, prepare_policy
+
+    policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed,
+                                base_dir=Path(recipe.run.recipe_dir or "."))
+    return prepare_policy(policy_dir, recipe.model.special_tokens, run_dir / POLICY_INIT)
+
+
+def monitor_for(recipe: Recipe, run_dir: Path, total: int, start: int) -> "Monitor":
+    """The run's metrics, plots and progress bar from ``recipe.logging``: ``total`` steps,
+    resumed after step ``start`` (0: a fresh run; later rows are dropped on resume)."""
+    from medrl.launch.monitor import Monitor
+
+    lg = recipe.logging
+    return Monitor(run_dir, total_steps=total, start_step=start, tensorboard=lg.tensorboard,
+                   plots=lg.plots, progress=lg.progress, every=lg.every,
+                   checkpoint_every=recipe.checkpoint.every)
+
+
 def learner_kwargs(recipe: Recipe) -> dict:
     """The recipe's learner and loss settings as the learner's plain keyword arguments."""
     from medrl.align.reference import reference_placement
@@ -159,11 +182,8 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     """Start every component; with ``resume_from`` restore the checkpoint's exact state."""
     from medrl.align.checkpoint import read_state
     from medrl.align.rng_state import restore_rng
-    from medrl.align.models import resolve_policy
-    from medrl.align.special_tokens import POLICY_INIT, prepare_policy
     from medrl.launch.cluster import placement
     from medrl.launch.learner_group import LearnerGroup
-    from medrl.launch.monitor import Monitor
     from medrl.launch.reward_hooks import GenerateHook, policy_hook
     from medrl.launch.rundir import PromptLog
     from medrl.launch.stream import PromptStream
@@ -171,9 +191,7 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     from medrl.rollouts.worker import RolloutGroup
 
     recipe_dir = Path(recipe.run.recipe_dir or ".")  # relative paths in the recipe start here
-    policy_dir = resolve_policy(recipe.model.policy, seed=recipe.run.seed, base_dir=recipe_dir)
-    # model.special_tokens: a copy with them added, in the run folder (reused on resume)
-    policy_dir = prepare_policy(policy_dir, recipe.model.special_tokens, run_dir / POLICY_INIT)
+    policy_dir = policy_folder(recipe, run_dir)
     if (text := sampling_note(policy_dir)) is not None:
         note(text)
     state = read_state(resume_from) if resume_from else None
@@ -206,11 +224,8 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
         learner.load(resume_from)
         push_weights(learner, rollouts, version=start_step)
 
-    lg = recipe.logging
     # on resume the monitor drops metrics logged after the checkpoint (no duplicate steps)
-    monitor = Monitor(run_dir, total_steps=recipe.run.max_steps, start_step=start_step,
-                      tensorboard=lg.tensorboard, plots=lg.plots, progress=lg.progress,
-                      every=lg.every, checkpoint_every=recipe.checkpoint.every)
+    monitor = monitor_for(recipe, run_dir, recipe.run.max_steps, start_step)
     monitor.restore((state or {}).get("metrics_row"))
     prompt_log = PromptLog(run_dir, resume_step=start_step if state else None)
     return Components(stream, rollouts, learner, rewards, monitor, prompt_log, policy_dir,

@@ -7,6 +7,7 @@ arguments bind to their signatures. It returns a short list of what it checked.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from medrl.launch.recipe import (RUNNABLE_STAGES, QATConfig, Recipe, qat_schedule_problem,
@@ -115,15 +116,12 @@ def run_stage(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None)
 
 def stage_io(recipe: Recipe, run_dir: Path):
     """The sft / qat stage's inputs from the recipe: policy, data stream, monitor, learner."""
-    from medrl.align.models import resolve_policy
-    from medrl.align.special_tokens import POLICY_INIT, prepare_policy
     from medrl.align.records import UserError
     from medrl.align.stages.sft import ExampleSpec, StageIO
     from medrl.launch.data import load_media
     from medrl.launch.eval_hook import sft_evaluation
     from medrl.launch.stream import PromptStream
-    from medrl.launch.driver import learner_kwargs
-    from medrl.launch.monitor import Monitor
+    from medrl.launch.driver import learner_kwargs, monitor_for, policy_folder
     from medrl.launch.recipe import SFTConfig
 
     if recipe.learner.num_workers != 1:
@@ -134,17 +132,12 @@ def stage_io(recipe: Recipe, run_dir: Path):
     stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed,
                                       recipe_dir=Path(recipe.run.recipe_dir or "."))
     stream.check_take(sft.batch_size, field="sft.batch_size")
-    lg = recipe.logging
     kwargs = dict(learner_kwargs(recipe), reference="none", kl_coef=0.0)
     return StageIO(
-        policy_dir=prepare_policy(resolve_policy(recipe.model.policy, seed=recipe.run.seed),
-                                  recipe.model.special_tokens, run_dir / POLICY_INIT),
+        policy_dir=policy_folder(recipe, run_dir),
         stream=stream,
         eval_samples=[load_media(s, recipe.data.volume) for s in stream.eval_samples],
-        monitor_factory=lambda total, start: Monitor(
-            run_dir, total_steps=total, start_step=start, tensorboard=lg.tensorboard,
-            plots=lg.plots, progress=lg.progress, every=lg.every,
-            checkpoint_every=recipe.checkpoint.every),
+        monitor_factory=partial(monitor_for, recipe, run_dir),
         learner_kwargs=kwargs,
         spec=ExampleSpec(response_field=sft.response_field, weight_field=sft.weight_field,
                          abnormal_weight=sft.abnormal_weight, max_length=sft.max_length,
@@ -196,19 +189,16 @@ def reward_model_pairs(recipe: Recipe, recipe_dir: Path | str | None):
 def run_reward_model(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     """The reward_model stage: a learner group of ``learner.num_workers`` ranks (Ray actors,
     on the embedded or the given cluster) trains a value head on preference pairs."""
-    from medrl.align.models import load_tokenizer, resolve_policy
+    from medrl.align.models import load_tokenizer
     from medrl.align.records import UserError
-    from medrl.align.special_tokens import POLICY_INIT, prepare_policy
     from medrl.align.stages.reward_model import RewardModelIO, run_stage as run_rm_stage
     from medrl.launch.cluster import start_ray
-    from medrl.launch.driver import learner_kwargs
+    from medrl.launch.driver import learner_kwargs, monitor_for, policy_folder
     from medrl.launch.learner_group import LearnerGroup
-    from medrl.launch.monitor import Monitor
     from medrl.launch.recipe import RewardModelConfig
     from medrl.launch.stream import PromptStream
 
-    rm, ln, c, lg = (recipe.reward_model or RewardModelConfig(), recipe.learner, recipe.cluster,
-                     recipe.logging)
+    rm, ln, c = recipe.reward_model or RewardModelConfig(), recipe.learner, recipe.cluster
     if ln.max_tokens_per_micro_batch is not None:
         raise UserError("learner.max_tokens_per_micro_batch is not used by the reward_model "
                         "stage (a micro-batch holds whole preference pairs); set "
@@ -220,9 +210,7 @@ def run_reward_model(recipe: Recipe, run_dir: Path, *, resume_from: Path | None 
     stream = PromptStream(train, seed=recipe.run.seed, shuffle=recipe.data.shuffle,
                           load_media=False)
     stream.check_take(rm.batch_size, field="reward_model.batch_size")
-    policy_dir = prepare_policy(resolve_policy(recipe.model.policy, seed=recipe.run.seed,
-                                               base_dir=recipe.run.recipe_dir),
-                                recipe.model.special_tokens, run_dir / POLICY_INIT)
+    policy_dir = policy_folder(recipe, run_dir)
     # A micro-batch of learner.micro_batch_size pairs is twice as many texts.
     kwargs = dict(learner_kwargs(recipe), reference="none", kl_coef=0.0, head="value",
                   micro_batch_size=2 * ln.micro_batch_size, temperature=1.0)
@@ -239,10 +227,7 @@ def run_reward_model(recipe: Recipe, run_dir: Path, *, resume_from: Path | None 
     io = RewardModelIO(
         stream=stream, eval_pairs=held, make_learner=make_learner,
         tokenizer=load_tokenizer(policy_dir), policy_source=str(policy_dir),
-        monitor_factory=lambda total, start: Monitor(
-            run_dir, total_steps=total, start_step=start, tensorboard=lg.tensorboard,
-            plots=lg.plots, progress=lg.progress, every=lg.every,
-            checkpoint_every=recipe.checkpoint.every),
+        monitor_factory=partial(monitor_for, recipe, run_dir),
         batch_size=rm.batch_size, max_length=rm.max_length, max_steps=recipe.run.max_steps,
         epochs=rm.epochs, eval_every=rm.eval_every, checkpoint_every=recipe.checkpoint.every,
         keep_last=recipe.checkpoint.keep_last)
