@@ -40,6 +40,8 @@ FIND_PYTHON = (
 
 # Run by the cluster's interpreter; prints one MARKER line of JSON. Cheap: medrl is located,
 # not imported (its import pulls in torch); Ray is joined only to read the cluster's resources.
+# Its excepts report, they do not hide: each error goes into the JSON, and :func:`problems`
+# turns it into a refusal naming it.
 PROBE = """
 import importlib.util, json, platform, sys
 r = {"python": platform.python_version(), "executable": sys.executable}
@@ -125,6 +127,9 @@ def problems(report: dict[str, Any], asked: dict[str, float], mine: str, *,
     found: list[str] = []
     if "ray" not in report:
         found.append(f"{where} cannot import Ray ({report.get('ray_error')})")
+    elif "resources" not in report:  # Ray imports but the check job could not join it
+        found.append(f"{where} imports Ray {report['ray']} but could not read the cluster's "
+                     f"resources ({report.get('ray_error')})")
     if "medrl" not in report:
         found.append(f"{where} cannot import medrl ({report.get('medrl_error')})")
     elif not version_ok(mine, report["medrl"], strict):

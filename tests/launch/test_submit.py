@@ -298,6 +298,12 @@ def test_preflight_problems_say_what_is_missing_and_how_to_fix_it():
     assert "--ship" not in str(pf.refusal(short, shipped=False))  # not a medrl problem
     no_ray = {k: v for k, v in GOOD.items() if k not in ("ray", "resources")}
     assert any("cannot import Ray" in p for p in pf.problems(no_ray, asked, "0.1.0"))
+    # Ray imports but the check job cannot join the cluster: refused, not a skipped check
+    unjoined = {k: v for k, v in GOOD.items() if k != "resources"}
+    unjoined["ray_error"] = "ConnectionError: could not reach the GCS"
+    found = pf.problems(unjoined, asked, "0.1.0")
+    assert len(found) == 1 and "could not read the cluster's resources" in found[0]
+    assert "could not reach the GCS" in found[0]
     report = pf.parse_report("setup\nMEDRL_PREFLIGHT_NO_PYTHON /usr/bin:/bin\n")
     assert "MEDRL_PYTHON" in pf.problems(report, asked, "0.1.0")[0]
     assert pf.parse_report("noise\n" + pf.MARKER + '{"python": "3.11"}\n') == {"python": "3.11"}
