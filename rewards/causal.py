@@ -385,7 +385,7 @@ class CausalConsistency:
             judge_num_cpus, judge_num_gpus, judge_timeout_s
         self.max_new_tokens, self.max_retries, self.on_malformed = judge_options(
             "reward_model" if scorer == "rule" else scorer, max_new_tokens, max_retries,
-            on_malformed)
+            on_malformed, reward_name="causal_consistency")
         self.judge = None
 
     @staticmethod
@@ -402,16 +402,9 @@ class CausalConsistency:
     def setup(self, ctx: RewardContext) -> None:
         if self.scorer_kind == "rule":
             return
-        from medrl.rewards.judge import JudgeSpec, connect_judge
-        from medrl.rewards.rubric_scorers import scorer_model
+        from medrl.rewards.rubric import connect_criterion_judge
 
-        folder, tiny = scorer_model(self.model_path, ctx.base_dir)
-        spec = JudgeSpec(self.scorer_kind, str(folder.resolve()), tiny, self.dtype,
-                         self.batch_size, self.max_length, ctx.device, self.max_new_tokens,
-                         self.max_retries, ctx.seed if self.scorer_kind == "judge" else 0)
-        self.judge = connect_judge(spec, run_dir=ctx.run_dir, replicas=self.replicas,
-                                   num_cpus=self.judge_num_cpus, num_gpus=self.judge_num_gpus,
-                                   timeout_s=self.judge_timeout_s, on_malformed=self.on_malformed)
+        self.judge = connect_criterion_judge(self, ctx)
 
     def __call__(self, samples: list[Sample]) -> list[RewardResult]:
         from medrl.rewards.rubric_scorers import CriterionPair

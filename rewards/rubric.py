@@ -344,34 +344,53 @@ def resolve_params(aggregation: Aggregation, alpha: float | None, beta: float | 
 
 
 def judge_options(kind: ScorerKind, max_new_tokens: int | None, max_retries: int | None,
-                  on_malformed: OnMalformed | None) -> tuple[int, int, OnMalformed]:
+                  on_malformed: OnMalformed | None, *, reward_name: str = "rubric"
+                  ) -> tuple[int, int, OnMalformed]:
     """The judge-only kwargs with their defaults (32, 2, "error"); a reward model has none
-    and refuses them (they would do nothing)."""
+    and refuses them (they would do nothing). reward_name: who asks, for the message."""
     given = [k for k, v in (("max_new_tokens", max_new_tokens), ("max_retries", max_retries),
                             ("on_malformed", on_malformed)) if v is not None]
     if kind != "judge":
         if given:
-            raise UserError(f"rubric reward: kwargs {', '.join(given)} apply to scorer: judge "
-                            "only; remove them, or set scorer: judge.")
+            raise UserError(f"{reward_name} reward: kwargs {', '.join(given)} apply to scorer: "
+                            "judge only; remove them, or set scorer: judge.")
         return 0, 0, "error"
     return (32 if max_new_tokens is None else max_new_tokens,
             2 if max_retries is None else max_retries, on_malformed or "error")
 
 
+# Built-in rewards that score through shared judge actors (:func:`connect_criterion_judge`).
+JUDGE_REWARDS = ("rubric", "causal_consistency")
+
+
 def judge_cpus(functions: Sequence[dict[str, Any]]) -> float:
-    """Logical CPUs the judge actors of a recipe's ``rubric`` rewards reserve (``replicas`` x
-    ``judge_num_cpus`` per distinct scorer model and kind; rewards sharing one judge count it
-    once), so an embedded cluster is started with room for them. functions: the recipe's
-    ``rewards.functions`` as dicts."""
+    """Logical CPUs the judge actors of a recipe's judge rewards (:data:`JUDGE_REWARDS`)
+    reserve (``replicas`` x ``judge_num_cpus`` per distinct scorer model and kind; rewards
+    sharing one judge count it once), so an embedded cluster is started with room for them.
+    functions: the recipe's ``rewards.functions`` as dicts."""
     judges: dict[tuple[Any, Any], float] = {}
     for f in functions:
-        if f.get("name") != "rubric":
-            continue
         k = f.get("kwargs") or {}
+        if f.get("name") not in JUDGE_REWARDS or k.get("scorer") == "rule":
+            continue
         key = (str(k.get("model")), k.get("scorer", "reward_model"))
         need = float(k.get("replicas", 1)) * float(k.get("judge_num_cpus", 1.0))
         judges[key] = max(judges.get(key, 0.0), need)
     return sum(judges.values())
+
+
+def connect_criterion_judge(r: Any, ctx: RewardContext) -> JudgeClient:
+    """The shared judge of a judge reward ``r`` (its ``model_path``, ``scorer_kind``,
+    ``dtype``, ``batch_size``, ``max_length``, ``max_new_tokens``, ``max_retries``,
+    ``on_malformed``, ``replicas``, ``judge_num_cpus``, ``judge_num_gpus``,
+    ``judge_timeout_s``), on ``ctx.device``; sampled retries are seeded by the run seed."""
+    folder, tiny = scorer_model(r.model_path, ctx.base_dir)
+    spec = JudgeSpec(r.scorer_kind, str(folder.resolve()), tiny, r.dtype, r.batch_size,
+                     r.max_length, ctx.device, r.max_new_tokens, r.max_retries,
+                     ctx.seed if r.scorer_kind == "judge" else 0)
+    return connect_judge(spec, run_dir=ctx.run_dir, replicas=r.replicas,
+                         num_cpus=r.judge_num_cpus, num_gpus=r.judge_num_gpus,
+                         timeout_s=r.judge_timeout_s, on_malformed=r.on_malformed)
 
 
 # --- the reward ---------------------------------------------------------------------------------
@@ -422,13 +441,7 @@ class RubricReward:
         return {"model_dir": str(folder), "model_sha256": hash_folder(folder)}
 
     def setup(self, ctx: RewardContext) -> None:
-        folder, tiny = scorer_model(self.model_path, ctx.base_dir)
-        spec = JudgeSpec(self.scorer_kind, str(folder.resolve()), tiny, self.dtype,
-                         self.batch_size, self.max_length, ctx.device, self.max_new_tokens,
-                         self.max_retries, ctx.seed if self.scorer_kind == "judge" else 0)
-        self.judge = connect_judge(spec, run_dir=ctx.run_dir, replicas=self.replicas,
-                                   num_cpus=self.judge_num_cpus, num_gpus=self.judge_num_gpus,
-                                   timeout_s=self.judge_timeout_s, on_malformed=self.on_malformed)
+        self.judge = connect_criterion_judge(self, ctx)
 
     @property
     def scorer(self) -> CriterionScorer | None:

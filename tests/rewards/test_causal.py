@@ -249,3 +249,21 @@ def test_rows_without_a_box_do_not_apply_and_bad_ones_name_the_field():
     runner = RewardRunner(load_rewards([{"name": "box_iou"}]), ctx=RewardContext())
     with pytest.raises(RewardError, match="'box'"):
         runner.score([box_sample("<box>0,0,1,1</box>", box=(0, 0, 0, 5))])
+
+
+def test_an_embedded_cluster_counts_the_consistency_judge_cpus():
+    from medrl.rewards.rubric import judge_cpus
+
+    fns = [{"name": "rubric", "kwargs": {"model": "a", "replicas": 2}},
+           {"name": "causal_consistency", "kwargs": {"scorer": "judge", "model": "b",
+                                                     "judge_num_cpus": 0.5}},
+           {"name": "causal_consistency", "kwargs": {"scorer": "rule"}},
+           {"name": "mcq_letter"}]
+    assert judge_cpus(fns) == 2.5  # the rule scorer and plain rewards start no judge
+
+
+def test_judge_only_kwargs_are_refused_naming_the_reward():
+    from medrl.rewards.causal import CausalConsistency
+
+    with pytest.raises(UserError, match=r"^causal_consistency reward: kwargs max_retries"):
+        CausalConsistency(scorer="reward_model", model="tiny:qwen2", max_retries=1)
