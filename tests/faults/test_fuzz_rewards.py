@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from medrl.align.records import Sample, UserError
@@ -165,6 +165,8 @@ def expected_score(value: Any, n_tokens: int) -> tuple[bool, float | None]:
             return False, None
         if not isinstance(w, (list, tuple, np.ndarray)) or len(w) != n_tokens \
                 or not all(usable_number(x) for x in w):
+            return False, None
+        if any(float(x) < 0 for x in w):  # a negative weight would flip the objective's sign
             return False, None
     return True, None if value.score is None else float(value.score)
 
@@ -321,6 +323,8 @@ def test_a_batch_reward_with_the_wrong_count_fails_the_whole_batch(plugin_dir, n
 
 @FUZZ
 @given(n_tokens=st.integers(0, 6), weights=WEIGHTS)
+@example(n_tokens=2, weights=[0.5, -1.0])  # negative weights are refused, every run
+@example(n_tokens=2, weights=[0.0, 2.0])
 def test_token_weights_of_the_wrong_length_or_type_are_reward_failures(plugin_dir, n_tokens,
                                                                        weights):
     runner = make_runner(plugin_dir, "from_row", "skip_sample")
