@@ -22,12 +22,11 @@ SMALL = [
 ]
 
 
-# One case per (where, estimator, reference) that matters: each estimator, each place the KL
-# is applied and each reference placement appear at least once. beta = 0.04 as published
-# GRPO recipes use.
+# Each place the KL is applied and each reference placement once, with the signed estimator
+# (k1) and a positive one (k3); every estimator's values and gradients are checked against
+# hand computations in tests/align/test_grpo.py. beta = 0.04 as published GRPO recipes use.
 @pytest.mark.parametrize("where, estimator, ref_model", [
-    ("loss", "k3", "auto"), ("loss", "k1", "cpu"), ("reward", "k2", "auto"),
-    ("reward", "k3", "cpu")])
+    ("loss", "k1", "cpu"), ("reward", "k3", "auto")])
 def test_kl_run(tmp_path, where, estimator, ref_model):
     env = dict(os.environ, MEDRL_CACHE=str(tmp_path / "cache"), RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     recipe = REPO / "recipes" / "quickstart.yaml"

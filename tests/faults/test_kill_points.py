@@ -1,7 +1,8 @@
 """The run folder as a durable record: a grpo run SIGKILLed (its whole process group) at each
-phase boundary of a step (one boundary per step, each resume killed again), then `medrl
-resume`, ends with the same record as a run that was never interrupted: every step's metrics
-row exactly once with the same figures, the same prompt log, the same final weights."""
+phase boundary of a step, or stopped by a full disk (one fault per step, each resume faulted
+again), then `medrl resume`, ends with the same record as a run that was never interrupted:
+every step's metrics row exactly once with the same figures, the same prompt log, the same
+final weights."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).resolve().parent / "fault_run.py"
-STEPS = 8
+STEPS = 9
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
          "learner.micro_batch_size=8", "learner.zero_stage=0", "learner.lr_schedule=constant",
          "logging.progress=false", "logging.tensorboard=false", "logging.plots=true",
@@ -68,14 +69,26 @@ def uninterrupted(workdir) -> dict:
 
 
 # One fault per step of one run: killed at step 2 after generate, its resume killed at step
-# 3 after learn, and so on; the last resume finishes the run. Each kill meets a run folder left
-# by the previous resume, and the whole chain must end where an uninterrupted run ends.
+# 3 after learn, and so on; the checkpoint writer of step 6 meets a full disk (a clean stop,
+# exit 2); the last resume finishes the run. Each fault meets a run folder left by the
+# previous resume, and the whole chain must end where an uninterrupted run ends.
 CHAIN = [("after_generate", 2), ("after_learn", 3), ("after_sync", 4),
-         ("checkpoint_write", 5), ("after_complete", 6), ("plotting", 7)]
+         ("checkpoint_write", 5), ("disk_full", 6), ("after_complete", 7), ("plotting", 8)]
 assert STEPS == CHAIN[-1][1] + 1
 
 
-def test_a_run_killed_at_every_phase_boundary_resumes_to_the_same_record(workdir,
+def check_full_disk_stop(proc, run_dir: Path, step: int) -> None:
+    """A full disk at checkpoint ``step``: exit 2, a message naming the folder and the last
+    complete checkpoint, and no folder of the checkpoint that did not fit."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    text = " ".join(proc.stderr.split())
+    assert f"checkpoint step {step} did not fit on the disk of {run_dir / 'checkpoints'}" in text
+    assert f"the last complete checkpoint, step-{step - 1:06d}, is untouched" in text
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names[-1] == f"step-{step - 1:06d}", names
+
+
+def test_a_run_faulted_at_every_phase_boundary_resumes_to_the_same_record(workdir,
                                                                           uninterrupted):
     import torch
 
@@ -83,7 +96,10 @@ def test_a_run_killed_at_every_phase_boundary_resumes_to_the_same_record(workdir
     for i, fault in enumerate(CHAIN):
         proc = start(workdir, "killed", fault=fault) if i == 0 else \
             medrl(workdir, "resume", str(run_dir), fault=fault)
-        assert proc.returncode == -9, (fault, proc.stderr[-4000:])  # SIGKILL, no clean stop
+        if fault[0] == "disk_full":
+            check_full_disk_stop(proc, run_dir, fault[1])
+        else:
+            assert proc.returncode == -9, (fault, proc.stderr[-4000:])  # SIGKILL, no clean stop
     resumed = medrl(workdir, "resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
 
@@ -96,21 +112,6 @@ def test_a_run_killed_at_every_phase_boundary_resumes_to_the_same_record(workdir
     assert got["weights"].keys() == want["weights"].keys()
     for key, value in want["weights"].items():
         assert torch.equal(got["weights"][key], value), key
-
-
-def test_a_full_disk_stops_the_run_clearly_and_resume_finishes_it(workdir, uninterrupted):
-    run_dir = workdir / "runs" / "disk-full"
-    stopped = start(workdir, "disk-full", fault=("disk_full", 2))
-    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
-    text = " ".join(stopped.stderr.split())
-    assert f"checkpoint step 2 did not fit on the disk of {run_dir / 'checkpoints'}" in text
-    assert "the last complete checkpoint, step-000001, is untouched" in text
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001"]
-    assert medrl(workdir, "resume", str(run_dir)).returncode == 0
-    got = record(run_dir)
-    assert [r["step"] for r in got["metrics"]] == list(range(1, STEPS + 1))
-    assert got["prompts"] == uninterrupted["prompts"]
-    assert [r["loss"] for r in got["metrics"]] == [r["loss"] for r in uninterrupted["metrics"]]
 
 
 def test_a_real_full_disk_stops_the_run_clearly_and_resume_finishes_it(workdir, uninterrupted):
