@@ -80,12 +80,12 @@ def materialize_tiny(arch: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     The folder is written to a temporary sibling and renamed into place, so a crash never
     leaves a half-written model that a later call would take for complete.
     """
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():  # before the imports: they cost seconds
+        return out_dir
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists():
-        return out_dir
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
     special.update({t: tokenizer.convert_tokens_to_ids(t)

@@ -135,6 +135,8 @@ def run_medrl(work_dir: Path, name: str, base: dict, overrides: list[str], *, wa
     # start-up: from train() to the start of step 1 (its duration is the timer's)
     startup = stamps[1] - t0 - rows[1]["time/step"]
     return {"timing": Timing(step_s), "phases": phases, "startup_s": startup,
+            "startup_phases": {k.removeprefix("time/startup/"): v for k, v in rows[1].items()
+                               if k.startswith("time/startup/")},
             "first_step_s": rows[1]["time/step"], "wall_s": wall, "memory": memory}
 
 
@@ -310,7 +312,10 @@ def e2e_table(results: dict, trl_m: dict | None, args, params: int, source: str,
          "calls in order; the new weights go in between two batches)",
          f"start-up: medrl from train() to its first step (actors, engines, data; Ray was "
          f"started once before, {ray_init_s:.1f} s); TRL: building the trainer + train() to "
-         "its first step"])
+         "its first step",
+         *[f"medrl, {label}, start-up by phase (time/startup/* of its first step): " + ", ".join(
+             f"{k} {v:.2f} s" for k, v in r["startup_phases"].items())
+           for label, r in results.items()]])
 
 
 def scaling_table(scaling: dict, backend: str, eager: bool, args, P: int, G: int, T: int

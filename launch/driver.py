@@ -14,7 +14,7 @@ same completions and compute the same losses.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # heavy imports (Ray, torch), needed only for the annotations
     from ray.util.placement_group import PlacementGroup
 
     from medrl.launch.learner_group import LearnerGroup
-    from medrl.launch.monitor import Monitor
+    from medrl.launch.monitor import Monitor, Timer
     from medrl.launch.rundir import PromptLog
     from medrl.launch.stream import PromptStream
     from medrl.rewards import RewardRunner
@@ -178,8 +178,27 @@ def sampling_note(policy_dir: Path) -> str | None:
             "distribution.")
 
 
-def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Components:
-    """Start every component; with ``resume_from`` restore the checkpoint's exact state."""
+def started(*starts: Future) -> list:
+    """The groups of actors that ``starts`` (futures of their constructors) made, in order;
+    when one failed, the groups that did start are shut down and the first failure raised."""
+    groups, failures = [], []
+    for start in starts:
+        try:
+            groups.append(start.result())
+        except BaseException as exc:  # noqa: BLE001 (raised below, after the clean-up)
+            failures.append(exc)
+    if failures:
+        for group in groups:
+            group.shutdown()
+        raise failures[0]
+    return groups
+
+
+def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None,
+          timer: Timer) -> Components:
+    """Start every component; with ``resume_from`` restore the checkpoint's exact state.
+    ``timer`` takes the start-up phases (``startup/policy``, ``/data``, ``/actors``,
+    ``/rewards``, ``/restore``)."""
     from medrl.align.checkpoint import read_state
     from medrl.align.rng_state import restore_rng
     from medrl.launch.cluster import placement
@@ -191,38 +210,46 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None) -> Compone
     from medrl.rollouts.worker import RolloutGroup
 
     recipe_dir = Path(recipe.run.recipe_dir or ".")  # relative paths in the recipe start here
-    policy_dir = policy_folder(recipe, run_dir)
+    with timer("startup/policy"):
+        policy_dir = policy_folder(recipe, run_dir)
     if (text := sampling_note(policy_dir)) is not None:
         note(text)
     state = read_state(resume_from) if resume_from else None
     start_step = state["step"] if state else 0
 
-    stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed, recipe_dir=recipe_dir)
-    stream.check_take(recipe.rollout.prompts_per_step)  # before any actor starts
+    with timer("startup/data"):
+        stream = PromptStream.from_recipe(recipe.data, seed=recipe.run.seed,
+                                          recipe_dir=recipe_dir)
+        stream.check_take(recipe.rollout.prompts_per_step)  # before any actor starts
     if state:
         stream.load_state(state["data_cursor"])
         restore_rng(state["rng"])
 
     c = recipe.cluster
     pg, rollout_bundles, learner_bundles = placement(recipe)
-    learner = LearnerGroup(recipe.learner.num_workers, policy_dir, learner_kwargs(recipe),
-                           num_cpus_per_worker=c.learner_cpus, num_gpus_per_worker=c.learner_gpus,
-                           placement_group=pg, bundle_indices=learner_bundles,
-                           resources=c.learner_resources)
-    rollouts = RolloutGroup(recipe.rollout.num_workers, recipe.rollout.backend, str(policy_dir),
-                            engine_kwargs(recipe, policy_dir), num_cpus_per_worker=c.rollout_cpus,
-                            num_gpus_per_worker=c.rollout_gpus, max_restarts=c.max_restarts,
-                            placement_group=pg, bundle_indices=rollout_bundles,
-                            resources=c.rollout_resources)
+    # Side by side: each start is imports and a model load in the actors' own processes.
+    with timer("startup/actors"), ThreadPoolExecutor(2, thread_name_prefix="medrl-start") as pool:
+        learner, rollouts = started(
+            pool.submit(LearnerGroup, recipe.learner.num_workers, policy_dir,
+                        learner_kwargs(recipe), num_cpus_per_worker=c.learner_cpus,
+                        num_gpus_per_worker=c.learner_gpus, placement_group=pg,
+                        bundle_indices=learner_bundles, resources=c.learner_resources),
+            pool.submit(RolloutGroup, recipe.rollout.num_workers, recipe.rollout.backend,
+                        str(policy_dir), engine_kwargs(recipe, policy_dir),
+                        num_cpus_per_worker=c.rollout_cpus, num_gpus_per_worker=c.rollout_gpus,
+                        max_restarts=c.max_restarts, placement_group=pg,
+                        bundle_indices=rollout_bundles, resources=c.rollout_resources))
     ctx = RewardContext(run_dir=run_dir, base_dir=recipe_dir, seed=recipe.run.seed,
                         policy_logprobs=policy_hook(learner, async_=recipe.algorithm.async_),
                         generate=GenerateHook(rollouts, stop=tuple(recipe.rollout.stop)),
                         policy_dir=policy_dir)
-    rewards = RewardRunner.from_config(recipe.rewards, base_dir=recipe_dir, ctx=ctx,
-                                       max_restarts=c.max_restarts)
+    with timer("startup/rewards"):
+        rewards = RewardRunner.from_config(recipe.rewards, base_dir=recipe_dir, ctx=ctx,
+                                           max_restarts=c.max_restarts)
     if state:
-        learner.load(resume_from)
-        push_weights(learner, rollouts, version=start_step)
+        with timer("startup/restore"):
+            learner.load(resume_from)
+            push_weights(learner, rollouts, version=start_step)
 
     # on resume the monitor drops metrics logged after the checkpoint (no duplicate steps)
     monitor = monitor_for(recipe, run_dir, recipe.run.max_steps, start_step)
@@ -376,9 +403,12 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
     from medrl.launch.monitor import Timer
     from medrl.launch.reward_hooks import logprob_lists
 
-    start_ray(recipe)
-    evaluation = grpo_evaluation(recipe, run_dir)  # its datasets load before any actor
-    c = build(recipe, run_dir, resume_from=resume_from)
+    startup = Timer()  # logged with the first step: time/startup/<phase>
+    with startup("startup/ray"):
+        start_ray(recipe)
+    with startup("startup/evaluation_data"):
+        evaluation = grpo_evaluation(recipe, run_dir)  # its datasets load before any actor
+    c = build(recipe, run_dir, resume_from=resume_from, timer=startup)
     last_ckpt = resume_from
     every, last_step = recipe.checkpoint.every, recipe.run.max_steps
     # One-step off-policy mode: a background thread generates and scores step k+1 while the
@@ -431,7 +461,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None,
                                                cursor=pending[1] if pending else None,
                                                row=c.monitor.preview(step, {
                                                    **metrics, **timer.metrics()}))
-            metrics.update(timer.metrics())
+            metrics.update(timer.metrics(), **startup.pop())  # start-up: first step only
             for callback in callbacks:
                 metrics.update(callback(step, c) or {})
             c.monitor.log(step, metrics)

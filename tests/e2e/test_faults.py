@@ -147,3 +147,35 @@ def test_one_step_off_policy_mode_overlaps_and_bounds_staleness(ray_local, tmp_p
     # step k trains on samples from policy k-2 (k-1 updates done; one step behind)
     assert versions == {1: {0}, 2: {0}, 3: {1}, 4: {2}}
     assert logged_prompts(run_dir) == expected_prompts(recipe, 4)
+
+
+def test_when_one_group_fails_to_start_the_one_that_started_is_shut_down(ray_local, tmp_path):
+    """The learner ranks and the rollout workers start side by side: a learner that cannot be
+    built stops the start with its own error, and the rollout worker already up is killed, not
+    left holding its CPUs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    from medrl.launch.driver import engine_kwargs, policy_folder, started
+    from medrl.launch.learner_group import LearnerGroup
+    from medrl.rollouts.worker import RolloutGroup
+
+    recipe, run_dir = make_run(tmp_path, "start-fails", [])
+    policy = policy_folder(recipe, run_dir)
+    handles = []
+
+    def rollout_group():
+        group = RolloutGroup(1, "hf", str(policy), engine_kwargs(recipe, policy))
+        handles.extend(group.workers)
+        return group
+
+    with ThreadPoolExecutor(2) as pool:
+        rollouts = pool.submit(rollout_group)
+        rollouts.result()  # up before the learner's start fails
+        learner = pool.submit(LearnerGroup, 1, policy, {"no_such_setting": 1})
+        with pytest.raises(Exception, match="no_such_setting"):
+            started(learner, rollouts)
+    assert len(handles) == 1
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(handles[0].ready.remote(), timeout=60)
