@@ -398,7 +398,10 @@ class Learner:
         the global size, so the update equals one pass over the whole batch on all ranks, with
         the same accumulation, clipping and schedule as :meth:`train_step`. Returns the global
         ``loss``, ``loss_fn``'s metrics (weighted like the loss), ``grad_norm`` and ``lr``.
+        A ``loss_fn`` with a ``model_forward(policy, input_ids, attention_mask, T, **images)``
+        gets its output instead, run inside the engine's forward (the distill stage).
         """
+        forward = getattr(loss_fn, "model_forward", None)
         batch = batch.to(self.device)
         micro = self._micro_batches(batch)
         sizes = [float(size_fn(mb)) if real else 0.0 for mb, real in micro]
@@ -407,7 +410,10 @@ class Learner:
         summed: dict[str, float] = {}
         extremes: dict[str, float] = {}
         self._optimizer_step(
-            micro, shares, lambda i, mb: loss_fn(self._token_logprobs(self.engine, mb).float(), mb),
+            micro, shares, lambda i, mb: loss_fn(
+                self._token_logprobs(self.engine, mb).float() if forward is None else
+                self.engine(mb.input_ids, mb.attention_mask, mb.num_completion_tokens,
+                            model_inputs=mb.model_inputs(), fn=forward), mb),
             summed, extremes, dropout=True)
         return self._reduce_metrics(summed, extremes, 1)
 

@@ -182,7 +182,10 @@ class Scorer(torch.nn.Module):
         self.share_prompt = share_prompt
 
     def forward(self, input_ids, attention_mask, num_completion_tokens: int, *,
-                with_entropy: bool = False, model_inputs: dict | None = None):
+                with_entropy: bool = False, model_inputs: dict | None = None, fn=None):
+        if fn is not None:  # a stage's own per-token quantity (e.g. a full-vocabulary loss)
+            return fn(self.policy, input_ids, attention_mask, num_completion_tokens,
+                      **(model_inputs or {}))
         return token_logprobs(self.policy, input_ids, attention_mask,
                               num_completion_tokens=num_completion_tokens,
                               temperature=self.temperature, chunk_size=self.chunk_size,

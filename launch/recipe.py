@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from medrl.launch import recipe_yaml
+from medrl.launch.recipe_distill import DistillConfig
 from medrl.launch.recipe_dpo import DPOConfig
 from medrl.launch.recipe_eval import EvaluationConfig
 from medrl.launch.recipe_training import (AlgorithmConfig, LearnerConfig, PathStr, Section,
@@ -27,13 +28,15 @@ from medrl.launch.recipe_yaml import RecipeError, format_errors, read_yaml
 __all__ = ["Recipe", "RecipeError", "apply_overrides", "load_recipe", "parse_override",
            "read_yaml"]
 
-Stage = Literal["grpo", "sft", "reward_model", "dpo", "vision_pretrain", "qat", "eval"]
+Stage = Literal["grpo", "sft", "reward_model", "dpo", "distill", "vision_pretrain", "qat",
+                "eval"]
 # The stages this version runs (launch/stages.py dispatches on these); the others of ``Stage``
 # are planned and refused at validation.
-RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat", "reward_model", "dpo", "eval")
+RUNNABLE_STAGES: tuple[Stage, ...] = ("grpo", "sft", "qat", "reward_model", "dpo", "distill",
+                                      "eval")
 # Which stage reads which optional section: qat trains on the sft loss and data settings.
 STAGE_SECTIONS = {"sft": ("sft", "qat"), "qat": ("qat",), "reward_model": ("reward_model",),
-                  "dpo": ("dpo",), "evaluation": ("grpo", "sft", "eval")}
+                  "dpo": ("dpo",), "distill": ("distill",), "evaluation": ("grpo", "sft", "eval")}
 
 
 def stage_not_runnable(stage: str) -> str:
@@ -367,6 +370,7 @@ class Recipe(Section):
     qat: QATConfig | None = None
     reward_model: RewardModelConfig | None = None
     dpo: DPOConfig | None = None
+    distill: DistillConfig | None = None  # medrl.launch.recipe_distill
     evaluation: EvaluationConfig | None = None
 
     @model_validator(mode="after")

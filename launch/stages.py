@@ -48,6 +48,10 @@ def check_recipe(recipe: Recipe, recipe_dir: Path) -> list[str]:
         from medrl.launch.dpo_stage import check_dpo
 
         checked.append(check_dpo(recipe, recipe_dir))
+    if recipe.run.stage == "distill":
+        from medrl.launch.distill_stage import check_distill
+
+        checked.append(check_distill(recipe, recipe_dir))
     if recipe.run.stage == "qat" and recipe.sft is not None and recipe.sft.epochs is not None:
         checked.append(_check_qat_epochs(recipe, recipe_dir))
 
@@ -100,6 +104,10 @@ def run_stage(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None)
         from medrl.launch.dpo_stage import run_dpo
 
         return run_dpo(recipe, run_dir, resume_from=resume_from)
+    if stage == "distill":
+        from medrl.launch.distill_stage import run_distill
+
+        return run_distill(recipe, run_dir, resume_from=resume_from)
     if stage == "eval":
         from medrl.align.records import UserError
         from medrl.launch.eval_hook import run_eval_stage

@@ -284,7 +284,8 @@ def test_stages_that_do_not_run_yet_fail_validation(tmp_path, stage):
     result = runner.invoke(app, ["validate", str(write_recipe(tmp_path, stage_recipe(stage)))])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert (f"run.stage: '{stage}' is not available in this version; the stages that run "
-            "are: grpo, sft, qat, reward_model, dpo, eval.") in " ".join(result.output.split())
+            "are: grpo, sft, qat, reward_model, dpo, distill, eval.") \
+        in " ".join(result.output.split())
 
 
 def test_run_stage_dispatches_on_the_runnable_stages(tmp_path):
