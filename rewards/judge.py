@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from medrl.align.records import Sample, UserError
-from medrl.rewards.rubric_scorers import (CriterionPair, CriterionScorer, Dtype, ScorerKind,
-                                          build_scorer, check_model_folder, instruction_text,
-                                          rm_input)
+from medrl.rewards.rubric_scorers import (CriterionPair, CriterionScorer, Dtype, RmOutput,
+                                          RmRendering, ScorerKind, build_scorer,
+                                          check_model_folder, instruction_text, rm_input)
 
 OnMalformed = Literal["error", "not_applicable"]
 VERDICTS: dict[str, float | None] = {"met": 1.0, "not_met": 0.0, "not_applicable": None}
@@ -227,7 +227,8 @@ class JudgeSpec:
 
     kind, model (an absolute folder), tiny, dtype, batch_size, max_length, device: as
     :func:`build_scorer` takes them; max_new_tokens, max_retries, seed: the judge's (0 for a
-    reward model, which has none).
+    reward model, which has none); output, rendering: the reward model's (a raw-logit user
+    and a probability user of one folder get different specs, so different actors).
     """
 
     kind: ScorerKind
@@ -240,6 +241,8 @@ class JudgeSpec:
     max_new_tokens: int = 0
     max_retries: int = 0
     seed: int = 0
+    output: RmOutput = "probability"
+    rendering: RmRendering = "criterion"
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]

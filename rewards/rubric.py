@@ -359,8 +359,9 @@ def judge_options(kind: ScorerKind, max_new_tokens: int | None, max_retries: int
             2 if max_retries is None else max_retries, on_malformed or "error")
 
 
-# Built-in rewards that score through shared judge actors (:func:`connect_criterion_judge`).
-JUDGE_REWARDS = ("rubric", "causal_consistency")
+# Built-in rewards that score through shared judge actors (:func:`connect_criterion_judge`,
+# or their own JudgeSpec: med3d_consistency reads raw logits of a chat-rendered input).
+JUDGE_REWARDS = ("rubric", "causal_consistency", "med3d_consistency")
 
 
 def judge_cpus(functions: Sequence[dict[str, Any]]) -> float:
@@ -373,7 +374,11 @@ def judge_cpus(functions: Sequence[dict[str, Any]]) -> float:
         k = f.get("kwargs") or {}
         if f.get("name") not in JUDGE_REWARDS or k.get("scorer") == "rule":
             continue
-        key = (str(k.get("model")), k.get("scorer", "reward_model"))
+        # the judge's outputs as JudgeSpec keys them: rewards differing here get actors each
+        raw = f.get("name") == "med3d_consistency"
+        key = (str(k.get("model")), k.get("scorer", "reward_model"),
+               "logit" if raw else "probability",
+               k.get("rendering", "chat") if raw else "criterion")
         need = float(k.get("replicas", 1)) * float(k.get("judge_num_cpus", 1.0))
         judges[key] = max(judges.get(key, 0.0), need)
     return sum(judges.values())

@@ -10,6 +10,9 @@ Built in: ``reward_model``, a criterion-conditioned reward model, i.e. any local
 ``AutoModelForSequenceClassification`` folder with a single label, read on the text of
 :func:`rm_input`; the verdict is the sigmoid of its logit. That text is also the input
 format the reward-model stage trains on, so keep the two in step through :func:`rm_input`.
+A reward that bins the raw logit itself (``med3d_consistency``) asks for ``output="logit"``,
+and may have a chat-template reward model read :func:`chat_conversation` instead
+(``rendering="chat"``); the rubric reward keeps the defaults.
 And ``judge``, a generative judge (any local causal LM answering in JSON), in
 :mod:`medrl.rewards.judge`, which also serves any scorer from shared, replicated Ray actors.
 """
@@ -25,6 +28,11 @@ from medrl.align.records import Sample, UserError
 ScorerKind = Literal["reward_model", "judge"]
 # The weights' dtype (``kwargs.dtype``); "auto": bf16 on a GPU, fp32 on the CPU.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# What a reward model's score is: sigmoid(logit) in [0, 1] (a verdict), or the logit itself.
+RmOutput = Literal["probability", "logit"]
+# What a reward model reads: :func:`rm_input`, or :func:`chat_conversation` through its
+# tokenizer's chat template.
+RmRendering = Literal["criterion", "chat"]
 # ``model: tiny:<arch>`` builds random weights with this seed (fixed, so that every replica,
 # process and checkpoint identity sees the same folder).
 TINY_SEED = 0
@@ -95,22 +103,46 @@ def rm_input(instruction: str, criterion: str, response: str) -> str:
     return f"Instruction:\n{instruction}\n\nCriterion:\n{criterion}\n\nResponse:\n{response}"
 
 
+def chat_conversation(messages: Sequence[dict[str, Any]], response: str,
+                      follow_up: str) -> list[dict[str, str]]:
+    """The conversation a chat-template reward model reads (``rendering="chat"``): the
+    prompt's messages with their text parts only (images are not its input), the response
+    as the assistant's turn, then ``follow_up`` (the criterion) as a last user turn."""
+    turns = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(part.get("text", "") for part in content
+                               if isinstance(part, dict) and part.get("type") == "text")
+        turns.append({"role": str(message.get("role", "user")), "content": content or ""})
+    return turns + [{"role": "assistant", "content": response},
+                    {"role": "user", "content": follow_up}]
+
+
 class RewardModelScorer:
     """A single-label sequence classifier: verdict = sigmoid(logit) of :func:`rm_input`.
 
     model, tokenizer: loaded (see :meth:`load`). batch_size: pairs per forward pass.
     max_length: longest input in tokens; longer inputs lose their left end.
+    output: ``probability`` (the sigmoid, in [0, 1]) or ``logit`` (the raw logit, any real:
+    for rewards that map it themselves, not for rubric verdicts). rendering: ``criterion``
+    (:func:`rm_input`) or ``chat`` (:func:`chat_conversation` through the tokenizer's chat
+    template, the criterion as the last user turn).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int, max_length: int):
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int, max_length: int,
+                 output: RmOutput = "probability", rendering: RmRendering = "criterion"):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
+        self.output, self.rendering = output, rendering
 
     @classmethod
     def load(cls, folder: Path, *, device: str, batch_size: int, max_length: int,
-             dtype: Dtype = "float32", new_head: bool = False) -> "RewardModelScorer":
+             dtype: Dtype = "float32", new_head: bool = False, output: RmOutput = "probability",
+             rendering: RmRendering = "criterion") -> "RewardModelScorer":
         """new_head: give a causal LM folder (``tiny:<arch>``) a fresh one-label head,
-        initialised from a fixed seed (so every replica gets the same one)."""
+        initialised from a fixed seed (so every replica gets the same one). output,
+        rendering: see the class docstring."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -119,6 +151,11 @@ class RewardModelScorer:
         check_model_folder(folder, "AutoModelForSequenceClassification")
         tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder), folder)
         tokenizer.truncation_side = "left"  # see rm_input: keep the criterion and response
+        if rendering == "chat" and not tokenizer.chat_template:
+            raise UserError(f"reward model in {folder}: its tokenizer has no chat template, "
+                            "which the chat rendering needs; use a chat reward model folder "
+                            "(its tokenizer_config.json or chat_template.jinja holds one), or "
+                            "set kwargs.rendering: criterion.")
         torch_dtype = resolve_dtype(dtype, on_gpu=device.startswith("cuda"))
         with torch.random.fork_rng(devices=[]):  # the new head's init leaves no RNG trace
             torch.manual_seed(TINY_SEED)
@@ -132,7 +169,17 @@ class RewardModelScorer:
                             "num_labels=1.")
         if model.config.pad_token_id is None:  # needed to find each row's last token
             model.config.pad_token_id = tokenizer.pad_token_id
-        return cls(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        return cls(model, tokenizer, batch_size=batch_size, max_length=max_length,
+                   output=output, rendering=rendering)
+
+    def text(self, instruction: str, pair: CriterionPair) -> str:
+        """The text the model reads for ``pair``; instruction: :func:`instruction_text` of
+        its messages (the criterion rendering's)."""
+        if self.rendering == "chat":
+            return self.tokenizer.apply_chat_template(
+                chat_conversation(pair.sample.messages, pair.sample.completion_text,
+                                  pair.criterion), tokenize=False)
+        return rm_input(instruction, pair.criterion, pair.sample.completion_text)
 
     def score(self, pairs: Sequence[CriterionPair]) -> list[float | None]:
         import torch
@@ -143,18 +190,20 @@ class RewardModelScorer:
             key = id(pair.sample)
             if key not in instructions:
                 instructions[key] = instruction_text(pair.sample.messages)
-            texts.append(rm_input(instructions[key], pair.criterion,
-                                  pair.sample.completion_text))
+            texts.append(self.text(instructions[key], pair))
         # Similar lengths share a forward pass (less padding); results go back in order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[float | None] = [None] * len(texts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
+            # a chat template writes its own special tokens (a second BOS would shift them)
             enc = self.tokenizer([texts[i] for i in chunk], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length)
+                                 truncation=True, max_length=self.max_length,
+                                 add_special_tokens=self.rendering != "chat")
             with torch.no_grad():
                 logits = self.model(**enc.to(self.model.device)).logits.float()  # [b, 1]
-            for i, v in zip(chunk, torch.sigmoid(logits[:, 0]).tolist()):
+            values = logits[:, 0] if self.output == "logit" else torch.sigmoid(logits[:, 0])
+            for i, v in zip(chunk, values.tolist()):
                 out[i] = v
         return out
 
@@ -169,17 +218,23 @@ def check_model_folder(folder: Path, what: str) -> None:
 
 def build_scorer(kind: ScorerKind, *, model: Path, device: str, batch_size: int,
                  max_length: int, dtype: Dtype = "float32", tiny: bool = False,
-                 max_new_tokens: int = 32, max_retries: int = 2,
-                 seed: int = 0) -> CriterionScorer:
+                 max_new_tokens: int = 32, max_retries: int = 2, seed: int = 0,
+                 output: RmOutput = "probability",
+                 rendering: RmRendering = "criterion") -> CriterionScorer:
     """The scorer a recipe names, loaded on ``device`` (the one place kinds are resolved).
 
     tiny: ``model`` is a ``tiny:<arch>`` build (a causal LM: the reward model gets a new
     head). max_new_tokens, max_retries, seed: the judge's (see
-    :class:`medrl.rewards.judge.GenerativeJudge`).
+    :class:`medrl.rewards.judge.GenerativeJudge`). output, rendering: the reward model's
+    (see :class:`RewardModelScorer`; a judge has only the defaults).
     """
     if kind == "reward_model":
         return RewardModelScorer.load(model, device=device, batch_size=batch_size,
-                                      max_length=max_length, dtype=dtype, new_head=tiny)
+                                      max_length=max_length, dtype=dtype, new_head=tiny,
+                                      output=output, rendering=rendering)
+    if (output, rendering) != ("probability", "criterion"):
+        raise ValueError(f"output {output!r} and rendering {rendering!r} are reward-model "
+                         f"settings; the {kind!r} scorer has only the defaults")
     if kind == "judge":
         from medrl.rewards.judge import GenerativeJudge
 
