@@ -154,7 +154,7 @@ class TrainBatch:
         return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
 
 
-def _load_image(image: Any, sample: Sample):
+def sample_image(image: Any, sample: Sample):
     """A PIL RGB image from a PIL image, an array, or a path (relative to the data folder)."""
     from PIL import Image
 
@@ -282,7 +282,7 @@ def _add_images(batch: TrainBatch, samples: Sequence[Sample], processor: Any) ->
     if processor is None or getattr(processor, "image_processor", None) is None:
         raise UserError("Samples carry images but the policy has no image processor; use a "
                         "vision-language model (its folder needs preprocessor_config.json).")
-    images = [_load_image(im, s) for s in samples for im in s.images]
+    images = [sample_image(im, s) for s in samples for im in s.images]
     out = processor.image_processor(images=images, return_tensors="pt")
     batch.pixel_values = out["pixel_values"]
     batch.image_grid_thw = out["image_grid_thw"].long()

@@ -10,6 +10,8 @@ parallel lists. Only the learner's ``collate`` turns samples into padded tensors
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,9 @@ class Sample:
     rollout_logprobs: list[float] = field(default_factory=list)  # one per completion token
     finish_reason: str | None = None  # "stop" | "length"
     policy_version: int = -1
+    # digests of what prompt_ids were made from ({} when not made by an engine): see
+    # source_digests; the policy log-prob hook re-encodes or refuses edited copies with them
+    prompt_source: dict[str, str] = field(default_factory=dict)
 
     rewards: dict[str, float | None] = field(default_factory=dict)
     reward_dims: dict[str, dict[str, float | None]] = field(default_factory=dict)  # None: n/a
@@ -94,3 +99,38 @@ class Sample:
             out["messages"] = self.messages
             out["completion_text"] = self.completion_text
         return out
+
+
+# The fields a prompt is made from. The learner reads prompt_ids and images; messages and
+# images are what prompt_ids were encoded from; row and volume only reach the model through
+# the data loader (the template, the slices), before the engine ever saw the sample.
+PROMPT_SOURCES = ("messages", "images", "row", "volume")
+
+
+def _digest(value: Any) -> str:
+    h = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if hasattr(v, "tobytes") and hasattr(v, "size"):  # numpy arrays, PIL images
+            h.update(repr((type(v).__name__, getattr(v, "shape", None), getattr(v, "mode", None),
+                           getattr(v, "dtype", None), v.size)).encode())
+            h.update(v.tobytes())
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                h.update(json.dumps(str(k)).encode())
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(b"[%d" % len(v))
+            for x in v:
+                feed(x)
+        else:
+            h.update(repr(v).encode())
+
+    feed(value)
+    return h.hexdigest()
+
+
+def source_digests(sample: Sample) -> dict[str, str]:
+    """{field: sha256} of each of :data:`PROMPT_SOURCES` of ``sample`` (images and arrays by
+    their bytes)."""
+    return {name: _digest(getattr(sample, name)) for name in PROMPT_SOURCES}

@@ -240,7 +240,8 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None,
                         max_restarts=c.max_restarts, placement_group=pg,
                         bundle_indices=rollout_bundles, resources=c.rollout_resources))
     ctx = RewardContext(run_dir=run_dir, base_dir=recipe_dir, seed=recipe.run.seed,
-                        policy_logprobs=policy_hook(learner, async_=recipe.algorithm.async_),
+                        policy_logprobs=policy_hook(learner, async_=recipe.algorithm.async_,
+                                                    policy_dir=policy_dir),
                         generate=GenerateHook(rollouts, stop=tuple(recipe.rollout.stop)),
                         policy_dir=policy_dir)
     with timer("startup/rewards"):

@@ -1,17 +1,20 @@
 """What a run lends its rewards through ``RewardContext``: the policy's log-probs and its
 engines' generation.
 
-``policy_logprobs`` asks the learner ranks (the current weights, what the loss sees);
+``policy_logprobs`` asks the learner ranks (the current weights, what the loss sees), for the
+samples as given: a counterfactual reward passes edited copies (:func:`current_prompts`);
 ``generate`` asks the rollout engines, which hold the weights of the last push: during the
 score phase of step k these are the weights that sampled step k's batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Callable
 
-from medrl.align.records import Sample, UserError
+from medrl.align.records import Sample, UserError, source_digests
 
 
 def logprob_lists(learner, samples: list[Sample], *, temperature: float | None = None
@@ -24,14 +27,67 @@ def logprob_lists(learner, samples: list[Sample], *, temperature: float | None =
     return [lp.tolist() for lp in learner.logprobs(samples, temperature=temperature)]
 
 
-def policy_hook(learner, *, async_: bool) -> Callable[[list[Sample]], list[list[float]]]:
-    """``ctx.policy_logprobs`` for the rewards: the learner's current log-probs.
+class PromptEncoder:
+    """The policy's tokenizer or processor, loaded on first use (in the process that calls:
+    the driver, or a reward's actor)."""
+
+    def __init__(self, policy_dir: str | Path):
+        self.policy_dir, self._encoder = str(policy_dir), None
+
+    def __getstate__(self) -> dict:
+        return {"policy_dir": self.policy_dir, "_encoder": None}
+
+    def prompt_ids(self, sample: Sample) -> list[int]:
+        from medrl.align.batch import sample_image
+        from medrl.align.encode import encode_prompt
+        from medrl.align.models import load_tokenizer
+
+        if self._encoder is None:
+            self._encoder = load_tokenizer(self.policy_dir)
+        images = [sample_image(im, sample) for im in sample.images]  # as the learner reads them
+        return encode_prompt(self._encoder, dataclasses.replace(sample, images=images)
+                             ).prompt_ids[0]
+
+
+def current_prompts(samples: list[Sample], encoder: PromptEncoder) -> list[Sample]:
+    """``samples`` as the learner must see them. The learner reads ``prompt_ids`` and
+    ``images``; a copy whose ``messages`` or ``images`` differ from what the engine encoded
+    (``Sample.prompt_source``) is encoded again, so the edit takes effect; a copy whose
+    ``row`` or ``volume`` differ is refused, as the learner never reads them (the data loader
+    turned them into messages and slice images before the rollout). Samples not made by an
+    engine (empty ``prompt_source``) and edits of ``prompt_ids`` itself pass as they are."""
+    out = []
+    for s in samples:
+        if not s.prompt_source:
+            out.append(s)
+            continue
+        now = source_digests(s)
+        changed = [k for k, v in now.items() if s.prompt_source.get(k) != v]
+        ignored = [k for k in changed if k in ("row", "volume")]
+        if ignored:
+            raise UserError(
+                f"a reward passed ctx.policy_logprobs a copy of sample {s.uid} with its "
+                f"{' and '.join(ignored)} edited; the learner never reads them (the prompt "
+                "was made from them before the rollout), so the edit would change nothing. "
+                "Edit the copy's messages or images instead (they are encoded again), or its "
+                "prompt_ids.")
+        out.append(dataclasses.replace(s, prompt_ids=encoder.prompt_ids(s),
+                                       prompt_source={**s.prompt_source, **now})
+                   if changed else s)
+    return out
+
+
+def policy_hook(learner, *, async_: bool, policy_dir: str | Path
+                ) -> Callable[[list[Sample]], list[list[float]]]:
+    """``ctx.policy_logprobs`` for the rewards: the learner's current log-probs of the
+    samples given, edited copies included (:func:`current_prompts`).
 
     In async mode the training loop uses the learner ranks while rewards score the next
     batch. The group serialises the calls of the driver's threads, but a reward in its own
     actor (another process) would reach the ranks unserialised, so there it is refused.
     """
     driver_pid = os.getpid()
+    encoder = PromptEncoder(policy_dir)
 
     def policy_logprobs(samples: list[Sample]) -> list[list[float]]:
         if async_ and os.getpid() != driver_pid:
@@ -40,7 +96,7 @@ def policy_hook(learner, *, async_: bool) -> Callable[[list[Sample]], list[list[
                             "uses the learner ranks at the same time. Set actor: false for "
                             "this reward (it then runs in the driver, serialised with the "
                             "loop), or algorithm.async: false.")
-        return logprob_lists(learner, samples)
+        return logprob_lists(learner, current_prompts(samples, encoder))
 
     return policy_logprobs
 

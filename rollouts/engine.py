@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from medrl.align.records import Sample, UserError
+from medrl.align.records import Sample, UserError, source_digests
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,7 @@ def finished_sample(prompt: Sample, index: int, *, prompt_ids: Sequence[int],
                               f"for {len(completion_ids)} completion tokens")
     out = prompt.with_completion(index)
     out.prompt_ids = [int(t) for t in prompt_ids]
+    out.prompt_source = source_digests(prompt)
     out.completion_ids = [int(t) for t in completion_ids]
     out.completion_text = tokenizer.decode(out.completion_ids, skip_special_tokens=True)
     out.rollout_logprobs = [float(x) for x in logprobs]
