@@ -53,6 +53,7 @@ from medrl.rewards import rubric as _rubric  # noqa: E402,F401
 from medrl.rewards import repair as _repair  # noqa: E402,F401
 from medrl.rewards import causal as _causal  # noqa: E402,F401
 from medrl.rewards import consistency as _consistency  # noqa: E402,F401
+from medrl.rewards import counterfactual as _counterfactual  # noqa: E402,F401
 
 __all__ = [
     "BatchReward", "ENTRY_POINT_GROUP", "FAILURES_FILE", "LoadedReward", "RewardContext",
