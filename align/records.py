@@ -130,7 +130,16 @@ def _digest(value: Any) -> str:
     return h.hexdigest()
 
 
+def _size(image: Any) -> str:
+    if hasattr(image, "mode") and hasattr(image, "size"):  # PIL: (width, height)
+        return "%dx%d" % tuple(image.size)
+    shape = getattr(image, "shape", None)
+    return "x".join(map(str, shape)) if shape is not None else "?"  # "?": a path, not read
+
+
 def source_digests(sample: Sample) -> dict[str, str]:
     """{field: sha256} of each of :data:`PROMPT_SOURCES` of ``sample`` (images and arrays by
-    their bytes)."""
-    return {name: _digest(getattr(sample, name)) for name in PROMPT_SOURCES}
+    their bytes), and ``image_sizes``: the images' sizes, ``?`` for one not loaded yet."""
+    out = {name: _digest(getattr(sample, name)) for name in PROMPT_SOURCES}
+    out["image_sizes"] = ",".join(_size(im) for im in sample.images)
+    return out

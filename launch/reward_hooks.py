@@ -55,7 +55,9 @@ def current_prompts(samples: list[Sample], encoder: PromptEncoder) -> list[Sampl
     (``Sample.prompt_source``) is encoded again, so the edit takes effect; a copy whose
     ``row`` or ``volume`` differ is refused, as the learner never reads them (the data loader
     turned them into messages and slice images before the rollout). Samples not made by an
-    engine (empty ``prompt_source``) and edits of ``prompt_ids`` itself pass as they are."""
+    engine (empty ``prompt_source``) and edits of ``prompt_ids`` itself pass as they are.
+    Images replaced by images of the same sizes (a masked region) keep their ``prompt_ids``:
+    a processor's image tokens depend on the image's size, not its pixels."""
     out = []
     for s in samples:
         if not s.prompt_source:
@@ -71,9 +73,14 @@ def current_prompts(samples: list[Sample], encoder: PromptEncoder) -> list[Sampl
                 "was made from them before the rollout), so the edit would change nothing. "
                 "Edit the copy's messages or images instead (they are encoded again), or its "
                 "prompt_ids.")
-        out.append(dataclasses.replace(s, prompt_ids=encoder.prompt_ids(s),
-                                       prompt_source={**s.prompt_source, **now})
-                   if changed else s)
+        if not changed:
+            out.append(s)
+            continue
+        same_tokens = changed == ["images"] and "?" not in now["image_sizes"] \
+            and now["image_sizes"] == s.prompt_source.get("image_sizes")
+        out.append(dataclasses.replace(
+            s, prompt_ids=list(s.prompt_ids) if same_tokens else encoder.prompt_ids(s),
+            prompt_source={**s.prompt_source, **now}))
     return out
 
 

@@ -43,7 +43,7 @@ def test_an_unedited_copy_passes_untouched_and_an_edit_of_messages_is_encoded(ti
     tok = load_tokenizer(tiny_qwen2)
     encoder = PromptEncoder(tiny_qwen2)
     sample = engine_sample(tok)
-    assert set(sample.prompt_source) == {"messages", "images", "row", "volume"}
+    assert set(sample.prompt_source) == {"messages", "images", "row", "volume", "image_sizes"}
     copy = dataclasses.replace(sample)
     assert current_prompts([copy], encoder)[0] is copy
 
@@ -83,6 +83,7 @@ def test_an_edited_image_of_another_size_gets_its_own_image_tokens(tiny_qwen2_vl
     same_size = dataclasses.replace(sample, images=[Image.new("RGB", (56, 56), (0, 0, 0))])
     got = current_prompts([same_size], encoder)[0]
     assert got.prompt_ids == sample.prompt_ids and got.images == same_size.images
+    assert encoder._encoder is None  # same sizes, same image tokens: nothing re-encoded
     bigger = dataclasses.replace(sample, images=[Image.new("RGB", (112, 112), (0, 0, 0))])
     image_token = processor.image_token_id
     got = current_prompts([bigger], encoder)[0]
