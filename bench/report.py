@@ -3,7 +3,9 @@
 Every figure in ``BENCHMARKS.md`` sits between ``<!-- results:NAME -->`` and
 ``<!-- /results:NAME -->`` and is rewritten from ``bench/results/NAME.json`` by this module
 (``python -m bench.report``; ``python -m bench.run_all`` calls it at the end), so no number
-there is typed by hand. A block whose result file is missing says so.
+there is typed by hand. A block whose result file is not on this machine keeps what it
+holds (figures measured elsewhere are not wiped by a report on a fresh clone); a block never
+measured says so.
 """
 
 from __future__ import annotations
@@ -61,8 +63,11 @@ def update_markdown(path: Path = BENCHMARKS_MD, results_dir: Path = RESULTS_DIR)
     names = []
 
     def replace(match: re.Match) -> str:
-        names.append(match.group("name"))
-        return match.group(1) + render(match.group("name"), results_dir) + match.group(4)
+        name = match.group("name")
+        names.append(name)
+        if not (results_dir / f"{name}.json").is_file() and match.group("body").strip():
+            return match.group(0)  # measured elsewhere, or never: left as it is
+        return match.group(1) + render(name, results_dir) + match.group(4)
 
     path.write_text(BLOCK.sub(replace, text))
     return names

@@ -32,6 +32,7 @@ BENCHMARKS: list[tuple[str, str, list[str]]] = [
     # rubric reward vs a plain forward of its reward model; cost per step as G and criteria grow
     ("rubric", "bench.bench_rubric", []),
     ("repair", "bench.bench_repair", []),  # Difference Feedback: alignment, repair path per step
+    ("ccr", "bench.bench_ccr", []),  # CCR: the counterfactual reward vs one learner forward
     # the reward_model stage's Bradley-Terry step vs raw torch on the same pairs
     ("reward_model", "bench.bench_reward_model", []),
     # medrl eval: MedQA items/s, log-likelihood and generation, HF vs vLLM vs a plain forward

@@ -316,21 +316,29 @@ class Counterfactual:
         return out
 
     def _edited(self, sample: Sample, images: list[Image.Image],
-                masks: list[np.ndarray | None]) -> Sample:
-        new = [masked_image(im, m, self.fill, blur_radius=self.blur_radius) if m is not None
-               else original for im, m, original in zip(images, masks, sample.images)]
-        return dataclasses.replace(sample, images=new)
+                masks: list[np.ndarray | None]) -> list[Any]:
+        """The sample's images with each mask applied (an image without one as it was)."""
+        return [masked_image(im, m, self.fill, blur_radius=self.blur_radius) if m is not None
+                else original for im, m, original in zip(images, masks, sample.images)]
 
     def __call__(self, samples: list[Sample]) -> list[RewardResult]:
         results = [RewardResult(None) for _ in samples]
         todo = []  # (index, region area, pixels of the masked images)
         region_copies, control_copies, control_of = [], [], []
         unplaced = 0
+        # The G completions of a prompt share its images and row: its regions are found and
+        # masked once (a segmenter, which sees the sample, runs per sample).
+        per_prompt: dict[str, tuple[list, list, list]] = {}
         for i, s in enumerate(samples):
             if not s.images or not s.completion_ids:
                 continue
-            images = [_rgb(im, s) for im in s.images]
-            masks = self.regions(s, images)
+            key = s.group_id if self.segmenter is None else s.uid
+            if key not in per_prompt:
+                images = [_rgb(im, s) for im in s.images]
+                masks = self.regions(s, images)
+                per_prompt[key] = (images, masks, self._edited(s, images, masks) if masks
+                                   else [])
+            images, masks, masked = per_prompt[key]
             if not masks:
                 continue
             if self.original == "rollout" and len(s.rollout_logprobs) != len(s.completion_ids):
@@ -339,7 +347,7 @@ class Counterfactual:
                                 f" for {len(s.completion_ids)}); set kwargs.original: policy.")
             used = [m for m in masks if m is not None]
             todo.append((i, int(sum(m.sum() for m in used)), int(sum(m.size for m in used))))
-            region_copies.append(self._edited(s, images, masks))
+            region_copies.append(dataclasses.replace(s, images=masked))
             if self.control:
                 patches = [None if m is None else background_box(m, seed=self.seed, uid=s.uid)
                            for m in masks]
@@ -348,7 +356,8 @@ class Counterfactual:
                     control_of.append(None)
                 else:
                     control_of.append(len(control_copies))
-                    control_copies.append(self._edited(s, images, patches))
+                    control_copies.append(dataclasses.replace(
+                        s, images=self._edited(s, images, patches)))
         originals = [samples[i] for i, _, _ in todo] if self.original == "policy" else []
         batch = region_copies + control_copies + originals
         start = time.perf_counter()
