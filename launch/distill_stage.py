@@ -136,13 +136,12 @@ def run_distill(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = Non
     embedded or the given cluster), each with the frozen teacher, trains the student."""
     from medrl.align.models import load_tokenizer
     from medrl.align.stages.distill import DistillForward, DistillIO, run_stage
-    from medrl.launch.cluster import start_ray
     from medrl.launch.data import load_dataset_rows, load_media
     from medrl.launch.driver import learner_kwargs, monitor_for, policy_folder
-    from medrl.launch.learner_group import LearnerGroup
+    from medrl.launch.stages import StageLearner
     from medrl.launch.stream import PromptStream
 
-    d, ln, c = _config(recipe), recipe.learner, recipe.cluster
+    d, ln = _config(recipe), recipe.learner
     problem = learner_problem(recipe)
     if problem:
         raise UserError(problem)
@@ -158,15 +157,7 @@ def run_distill(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = Non
     # A micro-batch of learner.micro_batch_size rows is twice as many samples (two views each).
     kwargs = dict(learner_kwargs(recipe), reference="none", kl_coef=0.0,
                   micro_batch_size=2 * ln.micro_batch_size, temperature=1.0)
-    group: list[LearnerGroup] = []
-
-    def make_learner(total: int) -> LearnerGroup:
-        start_ray(recipe)
-        group.append(LearnerGroup(ln.num_workers, policy_dir, dict(kwargs, total_steps=total),
-                                  num_cpus_per_worker=c.learner_cpus,
-                                  num_gpus_per_worker=c.learner_gpus,
-                                  resources=c.learner_resources))
-        return group[0]
+    make_learner = StageLearner(recipe, policy_dir, kwargs)
 
     io = DistillIO(
         stream=stream,
@@ -181,5 +172,4 @@ def run_distill(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = Non
     try:
         return run_stage(io, run_dir, resume_from=resume_from)
     finally:
-        for g in group:
-            g.shutdown()
+        make_learner.close()

@@ -137,13 +137,12 @@ def run_dpo(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     from medrl.align.models import load_tokenizer
     from medrl.align.reference import Reference
     from medrl.align.stages.dpo import DPOIO, run_stage
-    from medrl.launch.cluster import start_ray
     from medrl.launch.driver import learner_kwargs, monitor_for, policy_folder
-    from medrl.launch.learner_group import LearnerGroup
+    from medrl.launch.stages import StageLearner
     from medrl.launch.recipe_dpo import DPOConfig
     from medrl.launch.stream import PromptStream
 
-    d, ln, c = recipe.dpo or DPOConfig(), recipe.learner, recipe.cluster
+    d, ln = recipe.dpo or DPOConfig(), recipe.learner
     problem = learner_problem(recipe)
     if problem:
         raise UserError(problem)
@@ -159,15 +158,7 @@ def run_dpo(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     # A micro-batch of learner.micro_batch_size pairs is twice as many responses.
     kwargs = dict(learner_kwargs(recipe), reference=reference, kl_coef=0.0,
                   micro_batch_size=2 * ln.micro_batch_size, temperature=1.0)
-    group: list[LearnerGroup] = []
-
-    def make_learner(total: int) -> LearnerGroup:
-        start_ray(recipe)
-        group.append(LearnerGroup(ln.num_workers, policy_dir, dict(kwargs, total_steps=total),
-                                  num_cpus_per_worker=c.learner_cpus,
-                                  num_gpus_per_worker=c.learner_gpus,
-                                  resources=c.learner_resources))
-        return group[0]
+    make_learner = StageLearner(recipe, policy_dir, kwargs)
 
     io = DPOIO(
         stream=stream, eval_pairs=held, make_learner=make_learner,
@@ -181,5 +172,4 @@ def run_dpo(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     try:
         return run_stage(io, run_dir, resume_from=resume_from)
     finally:
-        for g in group:
-            g.shutdown()
+        make_learner.close()

@@ -194,19 +194,45 @@ def reward_model_pairs(recipe: Recipe, recipe_dir: Path | str | None):
     return preference_pairs(train, **options), preference_pairs(held, **options)
 
 
+class StageLearner:
+    """A stage's learner group, started when the stage loop asks for it (it knows the total
+    steps only after reading its data): ``learner.num_workers`` ranks with the recipe's
+    cluster reservations, on the embedded or the given cluster; ``close()`` shuts it down.
+    kwargs: the learner's plain keyword arguments (``total_steps`` is added)."""
+
+    def __init__(self, recipe: Recipe, policy_dir: Path, kwargs: dict):
+        self.recipe, self.policy_dir, self.kwargs = recipe, policy_dir, kwargs
+        self.group = None
+
+    def __call__(self, total: int):
+        from medrl.launch.cluster import start_ray
+        from medrl.launch.learner_group import LearnerGroup
+
+        ln, c = self.recipe.learner, self.recipe.cluster
+        start_ray(self.recipe)
+        self.group = LearnerGroup(ln.num_workers, self.policy_dir,
+                                  dict(self.kwargs, total_steps=total),
+                                  num_cpus_per_worker=c.learner_cpus,
+                                  num_gpus_per_worker=c.learner_gpus,
+                                  resources=c.learner_resources)
+        return self.group
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+
+
 def run_reward_model(recipe: Recipe, run_dir: Path, *, resume_from: Path | None = None):
     """The reward_model stage: a learner group of ``learner.num_workers`` ranks (Ray actors,
     on the embedded or the given cluster) trains a value head on preference pairs."""
     from medrl.align.models import load_tokenizer
     from medrl.align.records import UserError
     from medrl.align.stages.reward_model import RewardModelIO, run_stage as run_rm_stage
-    from medrl.launch.cluster import start_ray
     from medrl.launch.driver import learner_kwargs, monitor_for, policy_folder
-    from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.recipe import RewardModelConfig
     from medrl.launch.stream import PromptStream
 
-    rm, ln, c = recipe.reward_model or RewardModelConfig(), recipe.learner, recipe.cluster
+    rm, ln = recipe.reward_model or RewardModelConfig(), recipe.learner
     if ln.max_tokens_per_micro_batch is not None:
         raise UserError("learner.max_tokens_per_micro_batch is not used by the reward_model "
                         "stage (a micro-batch holds whole preference pairs); set "
@@ -222,15 +248,7 @@ def run_reward_model(recipe: Recipe, run_dir: Path, *, resume_from: Path | None 
     # A micro-batch of learner.micro_batch_size pairs is twice as many texts.
     kwargs = dict(learner_kwargs(recipe), reference="none", kl_coef=0.0, head="value",
                   micro_batch_size=2 * ln.micro_batch_size, temperature=1.0)
-    group: list[LearnerGroup] = []
-
-    def make_learner(total: int) -> LearnerGroup:
-        start_ray(recipe)
-        group.append(LearnerGroup(ln.num_workers, policy_dir, dict(kwargs, total_steps=total),
-                                  num_cpus_per_worker=c.learner_cpus,
-                                  num_gpus_per_worker=c.learner_gpus,
-                                  resources=c.learner_resources))
-        return group[0]
+    make_learner = StageLearner(recipe, policy_dir, kwargs)
 
     io = RewardModelIO(
         stream=stream, eval_pairs=held, make_learner=make_learner,
@@ -242,5 +260,4 @@ def run_reward_model(recipe: Recipe, run_dir: Path, *, resume_from: Path | None 
     try:
         return run_rm_stage(io, run_dir, resume_from=resume_from)
     finally:
-        for g in group:
-            g.shutdown()
+        make_learner.close()
