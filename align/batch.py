@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from medrl.align.encode import sample_image
 from medrl.align.records import Sample, UserError
 
 
@@ -154,28 +154,6 @@ class TrainBatch:
         return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
 
 
-def sample_image(image: Any, sample: Sample):
-    """A PIL RGB image from a PIL image, an array, or a path (relative to the data folder)."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_absolute() and sample.data_dir:
-            path = Path(sample.data_dir) / path
-        if not path.is_file():
-            raise UserError(f"Sample {sample.uid}: image {str(image)!r} not found (looked at "
-                            f"{path}). Fix the image path in the data file.")
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    try:
-        import numpy as np
-
-        return Image.fromarray(np.asarray(image)).convert("RGB")
-    except (TypeError, ValueError) as err:
-        raise UserError(f"Sample {sample.uid}: image of type {type(image).__name__} cannot be "
-                        "read; give a path, a PIL image or an [H, W(, C)] array.") from err
 
 
 def _check(sample: Sample) -> None:

@@ -9,6 +9,7 @@ exact ids the model sees, and the pixel tensors come back beside them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from medrl.align.records import Sample, UserError
@@ -171,3 +172,27 @@ def end_of_turn_id(tokenizer_or_processor) -> int:
                         "end. Set eos_token in its tokenizer_config.json (the token the model "
                         "ends an answer with).")
     return int(tok.eos_token_id)
+
+
+def sample_image(image: Any, sample: Sample):
+    """A PIL RGB image from a PIL image, an array, or a path (relative to the data folder)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_absolute() and sample.data_dir:
+            path = Path(sample.data_dir) / path
+        if not path.is_file():
+            raise UserError(f"Sample {sample.uid}: image {str(image)!r} not found (looked at "
+                            f"{path}). Fix the image path in the data file.")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    try:
+        import numpy as np
+
+        return Image.fromarray(np.asarray(image)).convert("RGB")
+    except (TypeError, ValueError) as err:
+        raise UserError(f"Sample {sample.uid}: image of type {type(image).__name__} cannot be "
+                        "read; give a path, a PIL image or an [H, W(, C)] array.") from err

@@ -38,8 +38,7 @@ class PromptEncoder:
         return {"policy_dir": self.policy_dir, "_encoder": None}
 
     def prompt_ids(self, sample: Sample) -> list[int]:
-        from medrl.align.batch import sample_image
-        from medrl.align.encode import encode_prompt
+        from medrl.align.encode import encode_prompt, sample_image
         from medrl.align.models import load_tokenizer
 
         if self._encoder is None:

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from pydantic import Field
 
+from medrl.align.encode import sample_image
 from medrl.align.records import Sample, UserError
 from medrl.rewards.api import RewardContext, RewardResult, reward
 
@@ -198,20 +199,6 @@ def background_box(mask: np.ndarray, *, seed: int, uid: str, tries: int = 256
     return out
 
 
-def _rgb(image: Any, sample: Sample) -> Image.Image:
-    """One of the sample's images as an RGB PIL image (a path resolves against its data)."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_absolute() and sample.data_dir:
-            path = Path(sample.data_dir) / path
-        if not path.is_file():
-            raise UserError(f"sample {sample.uid}: image {str(image)!r} not found (looked at "
-                            f"{path}). Fix the image path in the data file.")
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    return Image.fromarray(np.asarray(image)).convert("RGB")
 
 
 def _segmenter(ref: str, base_dir: Path | None) -> Segmenter:
@@ -334,7 +321,7 @@ class Counterfactual:
                 continue
             key = s.group_id if self.segmenter is None else s.uid
             if key not in per_prompt:
-                images = [_rgb(im, s) for im in s.images]
+                images = [sample_image(im, s) for im in s.images]
                 masks = self.regions(s, images)
                 per_prompt[key] = (images, masks, self._edited(s, images, masks) if masks
                                    else [])
