@@ -92,20 +92,26 @@ def test_an_edited_image_of_another_size_gets_its_own_image_tokens(tiny_qwen2_vl
 
 def test_the_learner_scores_the_edited_prompt_not_the_stale_ids(tiny_qwen2):
     """What used to happen: the copy's messages changed, its prompt_ids did not, and the
-    learner scored the original prompt."""
+    learner scored the original prompt. Scored here as a learner rank does: medrl's collate,
+    then token_logprobs."""
     import torch
 
+    from medrl.align.batch import collate
     from medrl.align.encode import encode_prompt
-    from medrl.align.learner import Learner
+    from medrl.align.logprobs import token_logprobs
+    from medrl.align.models import load_model, load_tokenizer
 
-    learner = Learner(tiny_qwen2, zero_stage=0, micro_batch_size=4, lr=1e-3, temperature=1.0)
-    sample = engine_sample(learner.tokenizer)
+    tok, model = load_tokenizer(tiny_qwen2), load_model(tiny_qwen2).eval()
+    sample = engine_sample(tok)
     stale = reworded(sample, "Is the heart enlarged on this film?")
-    fresh = dataclasses.replace(stale, prompt_ids=encode_prompt(learner.tokenizer, stale)
-                                .prompt_ids[0], prompt_source={})
+    fresh = dataclasses.replace(stale, prompt_ids=encode_prompt(tok, stale).prompt_ids[0],
+                                prompt_source={})
 
     def logprobs(samples):
-        return learner.logprobs(learner.collate(samples))[:, :3]
+        batch = collate(samples, pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            return token_logprobs(model, batch.input_ids, batch.attention_mask,
+                                  num_completion_tokens=batch.num_completion_tokens)
 
     got = logprobs(current_prompts([stale], PromptEncoder(tiny_qwen2)))
     torch.testing.assert_close(got, logprobs([fresh]))
