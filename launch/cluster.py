@@ -21,6 +21,7 @@ import collections
 import ipaddress
 import os
 import warnings
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -220,3 +221,19 @@ def stop_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def started(*starts: Future) -> list:
+    """The groups of actors that ``starts`` (futures of their constructors) made, in order;
+    when one failed, the groups that did start are shut down and the first failure raised."""
+    groups, failures = [], []
+    for start in starts:
+        try:
+            groups.append(start.result())
+        except BaseException as exc:  # noqa: BLE001 (raised below, after the clean-up)
+            failures.append(exc)
+    if failures:
+        for group in groups:
+            group.shutdown()
+        raise failures[0]
+    return groups

@@ -14,7 +14,7 @@ same completions and compute the same losses.
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -178,22 +178,6 @@ def sampling_note(policy_dir: Path) -> str | None:
             "distribution.")
 
 
-def started(*starts: Future) -> list:
-    """The groups of actors that ``starts`` (futures of their constructors) made, in order;
-    when one failed, the groups that did start are shut down and the first failure raised."""
-    groups, failures = [], []
-    for start in starts:
-        try:
-            groups.append(start.result())
-        except BaseException as exc:  # noqa: BLE001 (raised below, after the clean-up)
-            failures.append(exc)
-    if failures:
-        for group in groups:
-            group.shutdown()
-        raise failures[0]
-    return groups
-
-
 def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None,
           timer: Timer) -> Components:
     """Start every component; with ``resume_from`` restore the checkpoint's exact state.
@@ -201,7 +185,7 @@ def build(recipe: Recipe, run_dir: Path, *, resume_from: Path | None,
     ``/rewards``, ``/restore``)."""
     from medrl.align.checkpoint import read_state
     from medrl.align.rng_state import restore_rng
-    from medrl.launch.cluster import placement
+    from medrl.launch.cluster import placement, started
     from medrl.launch.learner_group import LearnerGroup
     from medrl.launch.reward_hooks import GenerateHook, policy_hook
     from medrl.launch.rundir import PromptLog
